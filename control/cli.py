@@ -1,0 +1,264 @@
+"""`llmctl`: start | stop | status | restart (the CLI's own output uses print)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from control import config as config_mod
+from control.config import Config, ConfigError
+from control.procs import CONFIG_JSON_ENV, pid_alive
+
+EXIT_NOT_RUNNING = 3
+
+
+class ControlClient:
+    """A REQ to the supervisor's control socket, a fresh socket per call."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def call(self, cmd: str, timeout: float = 2.0, **args: Any) -> dict[str, Any] | None:
+        if not (self.cfg.run_dir / "control.sock").exists():
+            return None
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.cfg.control_endpoint)
+            sock.send_json({"cmd": cmd, **args})
+            if sock.poll(int(timeout * 1000)):
+                return sock.recv_json()
+            return None
+        finally:
+            sock.close(linger=0)
+
+
+def _read_pid(cfg: Config) -> int | None:
+    try:
+        pid = int(cfg.pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def _port_free(host: str, port: int) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return f"{host}:{port}: {exc.strerror}"
+    return None
+
+
+def _clean_run_dir(cfg: Config) -> None:
+    for name in ("supervisor.pid", "control.sock", "gateway.sock", "workers.sock"):
+        (cfg.run_dir / name).unlink(missing_ok=True)
+
+
+# ---- start ---------------------------------------------------------------------------
+
+def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
+    client = ControlClient(cfg)
+    pid = _read_pid(cfg)
+    if pid is not None:
+        print(f"llmctl is already running (supervisor pid {pid}); nothing changed.")
+        return 0
+    _clean_run_dir(cfg)
+    if not cfg.model_path.is_file():
+        print(f"error: model file not found: {cfg.model_path}\n"
+              f"  run `make setup` (or python -m tools.fetch_model) to fetch the default model",
+              file=sys.stderr)
+        return 2
+    busy = [e for e in (_port_free(cfg.gateway.host, cfg.gateway.port),
+                        _port_free(cfg.http.host, cfg.http.port) if cfg.http.enabled else None) if e]
+    if busy:
+        print("error: cannot listen on " + "; ".join(busy), file=sys.stderr)
+        return 2
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    if args.foreground:
+        from control.supervisor import main as supervisor_main
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s [supervisor] %(name)s: %(message)s")
+        return supervisor_main(cfg)
+
+    env = dict(os.environ, **{CONFIG_JSON_ENV: cfg.to_json()})
+    out = open(cfg.log_dir / "supervisor.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "control.daemon"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True)
+    out.close()
+    deadline = time.monotonic() + cfg.control.start_timeout_s
+    status: dict[str, Any] | None = None
+    why = f"not ready within {cfg.control.start_timeout_s:.0f}s"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            why = f"the supervisor exited ({proc.returncode})"
+            break
+        status = client.call("status", timeout=1.0)
+        if status and status.get("ok"):
+            gw = status["gateway"]
+            ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
+            if gw.get("listening") and ready:
+                print(f"llmctl started: supervisor pid {proc.pid}, gateway "
+                      f"{', '.join(gw['listening'])}, {len(ready)}/{len(status['workers'])} "
+                      f"worker(s) ready")
+                return 0
+            fatal = [c for c in [gw, *status["workers"]] if c["state"] == "fatal"]
+            if gw["state"] == "fatal" or len(fatal) == len(status["workers"]):
+                why = "processes failed: " + ", ".join(c.get("id", c.get("name", "?")) for c in fatal)
+                break
+        time.sleep(0.2)
+    print(f"error: llmctl did not start: {why}", file=sys.stderr)
+    if status:
+        for c in [status["gateway"], *status["workers"]]:
+            if c.get("stderr_tail") or c["state"] not in ("ready", "busy", "running"):
+                print(f"--- {c.get('id', c.get('name'))}: {c['state']} "
+                      f"({c.get('last_exit') or 'no exit'}); last output:", file=sys.stderr)
+                for line in c.get("stderr_tail", []):
+                    print(f"    {line}", file=sys.stderr)
+    _tail_file(cfg.log_dir / "supervisor.log", 10)
+    _stop(cfg, proc.pid, quiet=True)
+    return 1
+
+
+def _tail_file(path: Path, n: int) -> None:
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return
+    print(f"--- {path} (last {len(lines)} lines):", file=sys.stderr)
+    for line in lines:
+        print(f"    {line}", file=sys.stderr)
+
+
+# ---- stop ------------------------------------------------------------------------------
+
+def _stop(cfg: Config, pid: int, quiet: bool = False) -> None:
+    ControlClient(cfg).call("stop", timeout=2.0)
+    grace = cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5
+    deadline = time.monotonic() + grace
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        if not quiet:
+            print(f"supervisor {pid} did not stop within {grace:.0f}s: SIGKILL "
+                  "(its children die with it)", file=sys.stderr)
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        while pid_alive(pid):
+            time.sleep(0.05)
+    _clean_run_dir(cfg)
+
+
+def cmd_stop(cfg: Config, args: argparse.Namespace) -> int:
+    pid = _read_pid(cfg)
+    if pid is None:
+        _clean_run_dir(cfg)
+        print("llmctl is not running.")
+        return 0
+    print(f"stopping llmctl (supervisor pid {pid}): draining in-flight requests...")
+    _stop(cfg, pid)
+    print("llmctl stopped.")
+    return 0
+
+
+# ---- status ----------------------------------------------------------------------------
+
+def _fmt_uptime(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    st = ControlClient(cfg).call("status") if _read_pid(cfg) else None
+    if not st or not st.get("ok"):
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    st.pop("ok", None)
+    st["running"] = True
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    gw = st["gateway"]
+    console = Console()
+    console.print(f"[bold]llmctl[/] supervisor pid {st['pid']}, up {_fmt_uptime(st['uptime_s'])}, "
+                  f"model {os.path.basename(st['model'])}")
+    console.print(f"gateway pid {gw['pid']} [{gw['state']}] on {', '.join(gw['listening']) or '-'}"
+                  f"; queue {gw['queue']}, in flight {gw['inflight']}, "
+                  f"connections {gw['connections']}, restarts {gw['restarts']}")
+    t = Table("worker", "pid", "state", "uptime", "slots", "credits", "in flight", "served",
+              "restarts", "last exit")
+    for w in st["workers"]:
+        t.add_row(w["id"], str(w["pid"] or "-"), w["state"], _fmt_uptime(w["uptime_s"]),
+                  str(w.get("slots", "-")), str(w["credits"]), str(w["inflight"]),
+                  str(w.get("served", "-")), str(w["restarts"]), w["last_exit"] or "-")
+    console.print(t)
+    for c in [gw, *st["workers"]]:
+        if c.get("stderr_tail"):
+            console.print(f"[red]{c.get('id', c.get('name'))} last output:[/]")
+            for line in c["stderr_tail"]:
+                console.print(f"  {line}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
+    st = ControlClient(cfg).call("restart", workers=args.workers) if _read_pid(cfg) else None
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    print("restart requested" if st.get("ok") else f"error: {st.get('error')}")
+    return 0 if st.get("ok") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmctl", description="supervised LLM inference service")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=None,
+                        help=f"config file (default ${config_mod.CONFIG_ENV} or ./config.toml)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("start", parents=[common], help="start the service in the background")
+    p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("stop", parents=[common], help="drain and stop the service")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("status", parents=[common], help="show processes and their state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("restart", parents=[common], help="clear FATAL workers and restart them")
+    p.add_argument("workers", nargs="*")
+    p.set_defaults(func=cmd_restart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    path = Path(args.config) if args.config else config_mod.default_path()
+    try:
+        cfg = config_mod.load(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return args.func(cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The background supervisor process started by `llmctl start`.
+
+It receives the already-validated config as JSON from the CLI (parsed once), owns
+its event loop, signal handlers and logging (stderr, which the CLI points at
+``run_dir/logs/supervisor.log``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from control.config import Config
+from control.procs import CONFIG_JSON_ENV
+from control.supervisor import main as supervisor_main
+
+
+def main() -> int:
+    cfg = Config.from_json(os.environ.pop(CONFIG_JSON_ENV))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [supervisor] %(name)s: %(message)s")
+    return supervisor_main(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Typed errors of the data plane, mapped once to wire codes and HTTP statuses.
+
+Code elsewhere raises or returns these; the fronts translate them with
+``err.code`` (wire, PROTOCOL.md) and ``err.http_status`` (OpenAI front).  Nothing
+matches on exception text.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Code(str, Enum):
+    PROTOCOL = "protocol"
+    TOO_LARGE = "too_large"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+    TOO_MANY_STREAMS = "too_many_streams"
+    OVERLOADED = "overloaded"
+    NOT_READY = "not_ready"
+    SHUTTING_DOWN = "shutting_down"
+    TIMEOUT = "timeout"
+    WORKER_FAILED = "worker_failed"
+    INTERNAL = "internal"
+
+
+# code -> (closes the connection?, HTTP status, OpenAI error type)
+_TABLE: dict[Code, tuple[bool, int, str]] = {
+    Code.PROTOCOL: (True, 400, "invalid_request_error"),
+    Code.TOO_LARGE: (True, 413, "invalid_request_error"),
+    Code.UNAUTHORIZED: (True, 401, "authentication_error"),
+    Code.BAD_REQUEST: (False, 400, "invalid_request_error"),
+    Code.TOO_MANY_STREAMS: (False, 429, "rate_limit_error"),
+    Code.OVERLOADED: (False, 429, "rate_limit_error"),
+    Code.NOT_READY: (False, 503, "service_unavailable"),
+    Code.SHUTTING_DOWN: (False, 503, "service_unavailable"),
+    Code.TIMEOUT: (False, 504, "timeout"),
+    Code.WORKER_FAILED: (False, 502, "server_error"),
+    Code.INTERNAL: (False, 500, "server_error"),
+}
+
+
+def closes_connection(code: Code) -> bool:
+    return _TABLE[code][0]
+
+
+def http_status(code: Code) -> int:
+    return _TABLE[code][1]
+
+
+def openai_type(code: Code) -> str:
+    return _TABLE[code][2]
+
+
+class LlmctlError(Exception):
+    """Base of every error that reaches a client."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.code)
+
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"code": self.code.value, "message": self.message}
+        if self.code is Code.OVERLOADED:
+            d["retry_after_ms"] = int(self.retry_after_ms if self.retry_after_ms is not None else 250)
+        return d
+
+
+class ProtocolError(LlmctlError):
+    code = Code.PROTOCOL
+
+
+class FrameTooLarge(ProtocolError):
+    code = Code.TOO_LARGE
+
+
+class Unauthorized(LlmctlError):
+    code = Code.UNAUTHORIZED
+
+
+class BadRequest(LlmctlError):
+    code = Code.BAD_REQUEST
+
+
+class TooManyStreams(LlmctlError):
+    code = Code.TOO_MANY_STREAMS
+
+
+class Overloaded(LlmctlError):
+    code = Code.OVERLOADED
+
+
+class NotReady(LlmctlError):
+    code = Code.NOT_READY
+
+
+class ShuttingDown(LlmctlError):
+    code = Code.SHUTTING_DOWN
+
+
+class DeadlineExceeded(LlmctlError):
+    code = Code.TIMEOUT
+
+
+class WorkerFailed(LlmctlError):
+    code = Code.WORKER_FAILED
+
+
+class InternalError(LlmctlError):
+    code = Code.INTERNAL
+
+
+_BY_CODE: dict[Code, type[LlmctlError]] = {
+    cls.code: cls for cls in (ProtocolError, FrameTooLarge, Unauthorized, BadRequest,
+                              TooManyStreams, Overloaded, NotReady, ShuttingDown,
+                              DeadlineExceeded, WorkerFailed, InternalError)
+}
+
+
+def from_code(code: str, message: str, retry_after_ms: int | None = None) -> LlmctlError:
+    """Rebuild a typed error from a wire/internal code (unknown codes become internal)."""
+    try:
+        cls = _BY_CODE[Code(code)]
+    except ValueError:
+        return InternalError(f"{code}: {message}")
+    return cls(message, retry_after_ms=retry_after_ms)

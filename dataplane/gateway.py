@@ -1,0 +1,266 @@
+"""The gateway: one asyncio loop, a ZeroMQ ROUTER to the workers, the client fronts.
+
+It owns the scheduler (admission queue + credits) and every request's life: each
+accepted request ends in exactly one DONE or ERROR (``_finish``), whatever happens
+to its client or its worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from control.config import Config
+from dataplane import messages as m
+from dataplane.errors import (DeadlineExceeded, LlmctlError, WorkerFailed, from_code)
+from dataplane.protocol import Defaults, GenerateRequest
+from dataplane.scheduler import Request, Scheduler, Sink, WorkerState
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "llmctl/0.1"
+
+
+class Gateway:
+    def __init__(self, cfg: Config, ctx: zmq.asyncio.Context) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.sched = Scheduler(cfg.gateway.max_queue)
+        g = cfg.generation
+        self.defaults = Defaults(g.max_tokens, g.temperature, g.top_p, g.top_k, g.deadline_ms,
+                                 g.max_deadline_ms)
+        self.model_name = os.path.basename(cfg.model.path).removesuffix(".gguf")
+        self.interval = cfg.workers.heartbeat_interval_s
+        self.started = time.time()
+        self.listening: list[str] = []
+        self.connections = 0
+        self._outbox: deque[tuple[str, list[bytes]]] = deque()
+        self._wake = asyncio.Event()
+        self.router: zmq.asyncio.Socket | None = None
+        self.counters: dict[str, int] = {"admitted": 0, "done": 0, "cancelled": 0}
+        self.errors: dict[str, int] = {}
+
+    # ---- the fronts' interface ------------------------------------------------------
+    def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0) -> Request:
+        """Admit a request or raise NotReady / Overloaded / ShuttingDown."""
+        req = Request(params=params, sink=sink, stream=stream)
+        try:
+            self.sched.admit(req)
+        except LlmctlError as err:
+            self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
+            raise
+        self.counters["admitted"] += 1
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """The client cancelled, or went away: DONE(cancelled), free the work."""
+        if req.finished:
+            return
+        self.counters["cancelled"] += 1
+        self._stop_work(req)
+        self._finish(req, stats={"finish_reason": "cancelled", "prompt_tokens": 0,
+                                 "completion_tokens": req.pieces})
+
+    def _stop_work(self, req: Request) -> None:
+        if not self.sched.dequeue(req) and req.worker is not None:
+            self._send(req.worker, m.encode(m.Kind.CANCEL, req.rid))
+
+    def _finish(self, req: Request, stats: dict[str, Any] | None = None,
+                err: LlmctlError | None = None) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        if err is not None:
+            self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
+            req.sink.on_error(req, err)
+            return
+        now = time.monotonic()
+        assert stats is not None
+        out = dict(stats)
+        out["ttft_ms"] = round(((req.t_first or now) - req.t_admit) * 1000, 3)
+        out["total_ms"] = round((now - req.t_admit) * 1000, 3)
+        out["worker"] = req.worker or stats.get("worker", "")
+        self.counters["done"] += 1
+        req.sink.on_done(req, out)
+
+    # ---- worker side ----------------------------------------------------------------
+    def _send(self, wid: str, frames: list[bytes]) -> None:
+        self._outbox.append((wid, frames))
+        self._wake.set()
+
+    async def _sender(self) -> None:
+        assert self.router is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                wid, frames = self._outbox.popleft()
+                await self._route(wid, frames)
+            for w, req in self.sched.take():
+                body = req.params.worker_fields()
+                await self._route(w.id, m.encode(m.Kind.GENERATE, req.rid, body))
+
+    async def _route(self, wid: str, frames: list[bytes]) -> None:
+        assert self.router is not None
+        try:
+            await self.router.send_multipart([wid.encode(), *frames])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            log.warning("worker %s is unreachable: dropping it", wid)
+            self.worker_lost(wid, "unreachable")
+
+    def worker_lost(self, wid: str, why: str) -> None:
+        requeued, failed = self.sched.remove_worker(wid)
+        if requeued or failed:
+            log.warning("worker %s lost (%s): %d request(s) re-queued, %d failed",
+                        wid, why, len(requeued), len(failed))
+        for req in failed:
+            self._finish(req, err=WorkerFailed(f"worker {wid} failed ({why}) after output began"))
+        self._wake.set()
+
+    async def _receiver(self) -> None:
+        assert self.router is not None
+        while True:
+            frames = await self.router.recv_multipart()
+            wid = frames[0].decode(errors="replace")
+            try:
+                msg = m.decode(frames[1:])
+                self._on_worker(wid, msg)
+            except (m.MessageError, ValueError) as exc:
+                log.error("malformed message from worker %s: %s", wid, exc)
+
+    def _on_worker(self, wid: str, msg: m.Message) -> None:
+        w = self.sched.workers.get(wid)
+        if w is not None:
+            w.last_seen = time.monotonic()
+        kind = msg.kind
+        if kind is m.Kind.READY:
+            info = msg.json()
+            requeued, failed = self.sched.add_worker(WorkerState(
+                id=wid, slots=int(info["slots"]), pid=int(info.get("pid", 0)),
+                model=str(info.get("model", "")), device=str(info.get("device", "cpu")),
+                n_ctx=int(info.get("n_ctx", 0))))
+            for req in failed:
+                self._finish(req, err=WorkerFailed(f"worker {wid} restarted after output began"))
+            log.info("worker %s ready (pid %s, %s slot(s))", wid, info.get("pid"), info["slots"])
+            self._wake.set()
+        elif w is None:
+            if kind is not m.Kind.BYE:
+                # Traffic from a worker we do not know (we restarted): it must say READY.
+                log.info("unknown worker %s: asking it to reconnect", wid)
+        elif kind is m.Kind.TOKEN and msg.rid is not None:
+            req = w.inflight.get(msg.rid)
+            if req is not None and not req.finished:
+                if req.t_first is None:
+                    req.t_first = time.monotonic()
+                req.pieces += 1
+                req.sink.on_token(req, msg.text())
+        elif kind in (m.Kind.DONE, m.Kind.ERROR) and msg.rid is not None:
+            req = self.sched.complete(wid, msg.rid)
+            if req is not None:
+                body = msg.json()
+                if kind is m.Kind.DONE:
+                    body["worker"] = wid
+                    self._finish(req, stats=body)
+                else:
+                    self._finish(req, err=from_code(str(body.get("code")),
+                                                    str(body.get("message", ""))))
+            self._wake.set()
+        elif kind is m.Kind.BYE:
+            self.worker_lost(wid, "worker left")
+
+    async def _ticker(self) -> None:
+        """Heartbeats to workers, liveness of workers, deadlines."""
+        liveness = self.interval * self.cfg.workers.liveness
+        while True:
+            await asyncio.sleep(min(self.interval, 0.1))
+            now = time.monotonic()
+            for req in self.sched.expire_queued(now):
+                self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
+            for req in self.sched.expired_running(now):
+                self._stop_work(req)
+                self._finish(req, err=DeadlineExceeded("deadline passed while running"))
+            for w in list(self.sched.workers.values()):
+                if now - w.last_seen > liveness:
+                    self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
+            if now - getattr(self, "_last_hb", 0.0) >= self.interval:
+                self._last_hb = now
+                for wid in list(self.sched.workers):
+                    self._send(wid, m.encode(m.Kind.HEARTBEAT))
+
+    # ---- status ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "pid": os.getpid(), "listening": self.listening, "model": self.model_name,
+            "draining": self.sched.draining, "queue": len(self.sched.queue),
+            "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
+            "open": self.sched.open_count(), "connections": self.connections,
+            "counters": dict(self.counters), "errors": dict(self.errors),
+            "workers": [w.snapshot(now) for w in self.sched.workers.values()],
+        }
+
+    def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "drain":
+            self.sched.draining = True
+            log.info("draining: new requests are refused")
+            return {"ok": True, **self.status()}
+        if cmd == "worker_exited":
+            self.worker_lost(str(req.get("worker")), str(req.get("why", "exited")))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        from dataplane.tcp import serve_tcp
+
+        router = self.ctx.socket(zmq.ROUTER)
+        admin = self.ctx.socket(zmq.REP)
+        tasks: list[asyncio.Task] = []
+        server = None
+        try:
+            for s in (router, admin):
+                s.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unroutable = error, not a drop
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a restarted worker takes its id back
+            # Outbound per worker is bounded by its credits plus control messages.
+            router.setsockopt(zmq.SNDHWM, 10_000)
+            router.setsockopt(zmq.RCVHWM, 100_000)
+            router.bind(self.cfg.workers_endpoint)
+            self.router = router
+            server = await serve_tcp(self)
+            admin.bind(self.cfg.admin_endpoint)
+            tasks = [asyncio.create_task(c) for c in
+                     (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            if server is not None:
+                server.close()
+            router.close(linger=0)
+            admin.close(linger=0)
+
+    async def _admin(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            raw = await sock.recv()
+            try:
+                reply = self.handle_admin(m.parse(raw))
+            except m.MessageError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            await sock.send_json(reply)

@@ -1,0 +1,305 @@
+"""The client wire protocol, version 1 (see docs/protocol.md and ../shared/PROTOCOL.md).
+
+Pure encode/decode functions, no I/O.  A frame is
+
+    u32 length (big-endian, bytes after this field, >= 5) | u8 type | u32 stream | payload
+
+Decoding raises ``ProtocolError`` (code ``protocol``) or ``FrameTooLarge`` (code
+``too_large``); request validation raises ``BadRequest``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from dataplane.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError
+
+__all__ = [
+    "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",
+    "encode_frame", "check_length", "decode_body", "GenerateRequest", "Defaults",
+    "parse_hello", "parse_generate", "json_payload", "parse_json",
+]
+
+VERSION = 1
+DEFAULT_MAX_FRAME = 1 << 20
+HEADER_SIZE = 4            # the length field
+MIN_LENGTH = 5             # type + stream
+MAX_PING = 64
+MAX_STREAM = 0xFFFFFFFF
+
+_LEN = struct.Struct(">I")
+_BODY_HEAD = struct.Struct(">BI")
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    GENERATE = 0x02
+    CANCEL = 0x03
+    PING = 0x04
+    WELCOME = 0x81
+    TOKEN = 0x82
+    DONE = 0x83
+    ERROR = 0x84
+    PONG = 0x85
+
+
+CLIENT_TYPES = frozenset({FrameType.HELLO, FrameType.GENERATE, FrameType.CANCEL, FrameType.PING})
+SERVER_TYPES = frozenset(set(FrameType) - CLIENT_TYPES)
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    stream: int
+    payload: bytes = b""
+
+
+def encode_frame(ftype: int, stream: int, payload: bytes = b"") -> bytes:
+    if not 0 <= stream <= MAX_STREAM:
+        raise ValueError(f"stream id {stream} out of range")
+    return _LEN.pack(MIN_LENGTH + len(payload)) + _BODY_HEAD.pack(int(ftype), stream) + payload
+
+
+def check_length(header: bytes, max_frame: int) -> int:
+    """Validate the 4-byte length field before the rest of the frame is read."""
+    (length,) = _LEN.unpack(header)
+    if length > max_frame:
+        raise FrameTooLarge(f"frame length {length} exceeds max_frame {max_frame}")
+    if length < MIN_LENGTH:
+        raise ProtocolError(f"frame length {length} is below the minimum of {MIN_LENGTH}")
+    return length
+
+
+def decode_body(body: bytes, allowed: frozenset[FrameType] = CLIENT_TYPES) -> Frame:
+    """Decode type + stream + payload (the bytes the length field counted)."""
+    if len(body) < MIN_LENGTH:
+        raise ProtocolError("truncated frame")
+    ftype, stream = _BODY_HEAD.unpack_from(body)
+    try:
+        t = FrameType(ftype)
+    except ValueError:
+        raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
+    if t not in allowed:
+        raise ProtocolError(f"frame type {t.name} is not valid in this direction")
+    return Frame(t, stream, bytes(body[MIN_LENGTH:]))
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed(bytes)`` returns the complete frames so far."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME,
+                 allowed: frozenset[FrameType] = CLIENT_TYPES) -> None:
+        self.max_frame = max_frame
+        self.allowed = allowed
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= HEADER_SIZE:
+            length = check_length(bytes(self._buf[:HEADER_SIZE]), self.max_frame)
+            if len(self._buf) < HEADER_SIZE + length:
+                break
+            body = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
+            del self._buf[:HEADER_SIZE + length]
+            frames.append(decode_body(body, self.allowed))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+# ---- JSON payloads -----------------------------------------------------------------
+
+def json_payload(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_json(payload: bytes, error: type[LlmctlError] = ProtocolError) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise error(f"payload is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise error("payload must be a JSON object")
+    return obj
+
+
+def parse_hello(payload: bytes) -> dict[str, Any]:
+    hello = parse_json(payload)
+    version = hello.get("version")
+    if isinstance(version, bool) or version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version!r} (server speaks {VERSION})")
+    token = hello.get("token", "")
+    if not isinstance(token, str):
+        raise ProtocolError("HELLO token must be a string")
+    return hello
+
+
+@dataclass(frozen=True)
+class Defaults:
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    deadline_ms: int = 60_000
+    max_deadline_ms: int = 600_000
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    prompt: str | None
+    messages: tuple[tuple[str, str], ...] | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    deadline_ms: int
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def worker_fields(self) -> dict[str, Any]:
+        """What a worker needs to run it (the deadline is the gateway's business)."""
+        return {
+            "prompt": self.prompt,
+            "messages": [{"role": r, "content": c} for r, c in self.messages] if self.messages else None,
+            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop),
+        }
+
+
+MAX_STOP = 16
+MAX_MESSAGES = 4096
+
+
+def _int(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
+    v = obj.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRequest(f"{key} must be an integer")
+    if not lo <= v <= hi:
+        raise BadRequest(f"{key} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _num(obj: dict, key: str, default: float, lo: float, hi: float) -> float:
+    v = obj.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BadRequest(f"{key} must be a number")
+    if not lo <= v <= hi:
+        raise BadRequest(f"{key} must be in [{lo}, {hi}], got {v}")
+    return float(v)
+
+
+def _messages(v: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, list) or not v:
+        raise BadRequest("messages must be a non-empty list")
+    if len(v) > MAX_MESSAGES:
+        raise BadRequest(f"at most {MAX_MESSAGES} messages")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise BadRequest(f"messages[{i}].role must be a non-empty string")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        out.append((role, content))
+    return tuple(out)
+
+
+def _stop(v: Any) -> tuple[str, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or len(v) > MAX_STOP:
+        raise BadRequest(f"stop must be a string or a list of at most {MAX_STOP} strings")
+    if not all(isinstance(s, str) and s for s in v):
+        raise BadRequest("stop entries must be non-empty strings")
+    return tuple(v)
+
+
+def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
+    """Validate a GENERATE object (shared by the TCP and HTTP fronts)."""
+    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
+    if has_prompt == has_messages:
+        raise BadRequest("exactly one of prompt and messages is required")
+    prompt = obj.get("prompt")
+    if has_prompt and not isinstance(prompt, str):
+        raise BadRequest("prompt must be a string")
+    messages = _messages(obj["messages"]) if has_messages else None
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= 0xFFFFFFFF):
+        raise BadRequest("seed must be an integer in [0, 4294967295]")
+    return GenerateRequest(
+        prompt=prompt if has_prompt else None,
+        messages=messages,
+        max_tokens=_int(obj, "max_tokens", d.max_tokens, 1, 1 << 20),
+        temperature=_num(obj, "temperature", d.temperature, 0.0, 10.0),
+        top_p=_num(obj, "top_p", d.top_p, 0.0, 1.0),
+        top_k=_int(obj, "top_k", d.top_k, 0, 1 << 20),
+        seed=seed,
+        stop=_stop(obj.get("stop")),
+        deadline_ms=_int(obj, "deadline_ms", d.deadline_ms, 1, d.max_deadline_ms),
+    )
+
+
+def parse_generate(payload: bytes, d: Defaults) -> GenerateRequest:
+    return validate_generate(parse_json(payload, BadRequest), d)
+
+
+# ---- server frames -------------------------------------------------------------------
+
+def welcome(server: str, model: str, max_frame: int, max_streams: int) -> bytes:
+    return encode_frame(FrameType.WELCOME, 0, json_payload({
+        "version": VERSION, "server": server, "model": model,
+        "max_frame": max_frame, "max_streams": max_streams}))
+
+
+def token(stream: int, text: str) -> bytes:
+    return encode_frame(FrameType.TOKEN, stream, text.encode("utf-8"))
+
+
+def done(stream: int, stats: dict[str, Any]) -> bytes:
+    return encode_frame(FrameType.DONE, stream, json_payload(stats))
+
+
+def error(stream: int, err: LlmctlError) -> bytes:
+    return encode_frame(FrameType.ERROR, stream, json_payload(err.to_dict()))
+
+
+def pong(payload: bytes) -> bytes:
+    return encode_frame(FrameType.PONG, 0, payload)
+
+
+# ---- client frames (used by tools/ and tests) -----------------------------------------
+
+def hello(client: str = "llmctl/1.0", token_: str | None = None) -> bytes:
+    body: dict[str, Any] = {"version": VERSION, "client": client}
+    if token_:
+        body["token"] = token_
+    return encode_frame(FrameType.HELLO, 0, json_payload(body))
+
+
+def generate(stream: int, **fields: Any) -> bytes:
+    return encode_frame(FrameType.GENERATE, stream,
+                        json_payload({k: v for k, v in fields.items() if v is not None}))
+
+
+def cancel(stream: int) -> bytes:
+    return encode_frame(FrameType.CANCEL, stream)
+
+
+def ping(payload: bytes = b"") -> bytes:
+    return encode_frame(FrameType.PING, 0, payload)

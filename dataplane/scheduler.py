@@ -1,0 +1,195 @@
+"""Admission queue, worker credits and failover decisions: pure state, no I/O.
+
+Credit-based flow control (ZeroMQ guide, ch. 7): a worker's READY grants ``slots``
+credits; each request dispatched to it spends one, and the worker's DONE or ERROR
+for that request gives it back.  ``credits`` is derived (slots minus requests the
+worker still holds), so it can never go negative or above the slots.  Requests wait
+in one bounded FIFO until some worker has credit; the least recently used worker
+with credit gets the next one.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dataplane.errors import LlmctlError, NotReady, Overloaded, ShuttingDown
+from dataplane.protocol import GenerateRequest
+
+
+class Sink(Protocol):
+    """Where a request's output goes (a TCP stream, an HTTP response)."""
+
+    def on_token(self, req: "Request", text: str) -> None: ...
+    def on_done(self, req: "Request", stats: dict[str, Any]) -> None: ...
+    def on_error(self, req: "Request", err: LlmctlError) -> None: ...
+
+
+_rids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    params: GenerateRequest
+    sink: Sink
+    stream: int = 0
+    rid: int = field(default_factory=lambda: next(_rids))
+    t_admit: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    worker: str | None = None       # the worker holding it, while it holds it
+    pieces: int = 0                 # TOKEN pieces sent to the client
+    t_first: float | None = None
+    finished: bool = False          # the client has had its DONE or ERROR
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.deadline:
+            self.deadline = self.t_admit + self.params.deadline_ms / 1000.0
+
+
+@dataclass(eq=False)
+class WorkerState:
+    id: str
+    slots: int
+    pid: int = 0
+    model: str = ""
+    device: str = "cpu"
+    n_ctx: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    last_dispatch: int = 0
+    inflight: dict[int, Request] = field(default_factory=dict)
+    served: int = 0
+
+    @property
+    def credits(self) -> int:
+        return self.slots - len(self.inflight)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {"id": self.id, "pid": self.pid, "state": "ready" if self.credits else "busy",
+                "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
+                "served": self.served, "device": self.device, "model": self.model,
+                "last_seen_s": round(now - self.last_seen, 3)}
+
+
+class Scheduler:
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.queue: deque[Request] = deque()
+        self.workers: dict[str, WorkerState] = {}
+        self.draining = False
+        self._tick = itertools.count(1)
+        self._done_times: deque[float] = deque(maxlen=64)
+
+    # ---- workers --------------------------------------------------------------------
+    def add_worker(self, w: WorkerState) -> tuple[list[Request], list[Request]]:
+        """A READY: a new worker, or a known one that restarted (its old work is lost)."""
+        orphans = self.remove_worker(w.id)
+        self.workers[w.id] = w
+        return orphans
+
+    def remove_worker(self, wid: str) -> tuple[list[Request], list[Request]]:
+        """Forget a dead worker.  Returns (requeued, failed): requests that had sent
+        nothing go back to the head of the queue; the others have failed."""
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return [], []
+        requeued, failed = [], []
+        for req in w.inflight.values():
+            req.worker = None
+            if req.finished:
+                continue
+            if req.pieces == 0:
+                requeued.append(req)
+            else:
+                failed.append(req)
+        for req in reversed(requeued):
+            self.queue.appendleft(req)
+        return requeued, failed
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.workers)
+
+    # ---- admission ------------------------------------------------------------------
+    def admit(self, req: Request) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is draining for a stop")
+        if not self.workers:
+            raise NotReady("no worker is ready")
+        if len(self.queue) >= self.max_queue and not self._free_credit():
+            raise Overloaded("the admission queue is full", retry_after_ms=self.retry_after_ms())
+        self.queue.append(req)
+
+    def _free_credit(self) -> bool:
+        return any(w.credits > 0 for w in self.workers.values()) and not self.queue
+
+    def retry_after_ms(self) -> int:
+        """How long until a queue place is likely free, from the measured drain rate."""
+        times = self._done_times
+        if len(times) >= 2 and times[-1] > times[0]:
+            per_request = (times[-1] - times[0]) / (len(times) - 1)
+        else:
+            per_request = 0.25
+        return int(min(60_000, max(10, per_request * 1000)))
+
+    def dequeue(self, req: Request) -> bool:
+        try:
+            self.queue.remove(req)
+            return True
+        except ValueError:
+            return False
+
+    # ---- dispatch -------------------------------------------------------------------
+    def take(self) -> list[tuple[WorkerState, Request]]:
+        """Pair queued requests with workers holding credit, LRU first."""
+        out = []
+        while self.queue:
+            candidates = [w for w in self.workers.values() if w.credits > 0]
+            if not candidates:
+                break
+            w = min(candidates, key=lambda x: x.last_dispatch)
+            req = self.queue.popleft()
+            if req.finished:
+                continue
+            w.last_dispatch = next(self._tick)
+            w.inflight[req.rid] = req
+            req.worker = w.id
+            req.attempts += 1
+            out.append((w, req))
+        return out
+
+    def complete(self, wid: str, rid: int) -> Request | None:
+        """The worker ended ``rid`` (DONE or ERROR): its credit comes back."""
+        w = self.workers.get(wid)
+        if w is None:
+            return None
+        req = w.inflight.pop(rid, None)
+        if req is not None:
+            req.worker = None
+            w.served += 1
+            self._done_times.append(time.monotonic())
+        return req
+
+    def lookup(self, wid: str, rid: int) -> Request | None:
+        w = self.workers.get(wid)
+        return w.inflight.get(rid) if w else None
+
+    # ---- deadlines ------------------------------------------------------------------
+    def expire_queued(self, now: float) -> list[Request]:
+        expired = [r for r in self.queue if r.deadline <= now]
+        for r in expired:
+            self.queue.remove(r)
+        return expired
+
+    def expired_running(self, now: float) -> list[Request]:
+        return [r for w in self.workers.values() for r in w.inflight.values()
+                if not r.finished and r.deadline <= now]
+
+    def inflight_count(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
+
+    def open_count(self) -> int:
+        return len(self.queue) + sum(1 for w in self.workers.values()
+                                     for r in w.inflight.values() if not r.finished)

@@ -1,0 +1,160 @@
+"""The raw TCP front: PROTOCOL.md version 1 over asyncio streams."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dataplane import protocol as p
+from dataplane.errors import (BadRequest, LlmctlError, ProtocolError, TooManyStreams,
+                              Unauthorized, closes_connection)
+from dataplane.protocol import Frame, FrameType
+from dataplane.scheduler import Request
+
+if TYPE_CHECKING:
+    from dataplane.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class _Closed(Exception):
+    """The peer went away."""
+
+
+class Connection:
+    """One client connection; the sink of its streams' output."""
+
+    def __init__(self, gw: "Gateway", reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.gw = gw
+        self.cfg = gw.cfg.gateway
+        self.reader = reader
+        self.writer = writer
+        self.streams: dict[int, Request] = {}
+        self.peer = writer.get_extra_info("peername")
+
+    # ---- output (Sink) --------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+    def on_token(self, req: Request, text: str) -> None:
+        self._write(p.token(req.stream, text))
+
+    def on_done(self, req: Request, stats: dict[str, Any]) -> None:
+        self.streams.pop(req.stream, None)
+        self._write(p.done(req.stream, stats))
+
+    def on_error(self, req: Request, err: LlmctlError) -> None:
+        self.streams.pop(req.stream, None)
+        self._write(p.error(req.stream, err))
+
+    # ---- input ----------------------------------------------------------------------
+    async def _read_frame(self) -> Frame:
+        try:
+            header = await self.reader.readexactly(p.HEADER_SIZE)
+            length = p.check_length(header, self.cfg.max_frame)  # before reading the payload
+            body = await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise _Closed() from None
+        return p.decode_body(body)
+
+    async def run(self) -> None:
+        self.gw.connections += 1
+        try:
+            try:
+                frame = await asyncio.wait_for(self._read_frame(), self.cfg.handshake_timeout_s)
+            except asyncio.TimeoutError:
+                log.info("%s: no HELLO within %.1fs: closing", self.peer,
+                         self.cfg.handshake_timeout_s)
+                return
+            self._handshake(frame)
+            while True:
+                frame = await self._read_frame()
+                self._on_frame(frame)
+                await self.writer.drain()
+        except LlmctlError as err:
+            # Connection-level errors: answer on stream 0, then close.
+            self._write(p.error(0, err))
+            log.info("%s: %s: %s", self.peer, err.code.value, err.message)
+        except _Closed:
+            pass
+        finally:
+            self.gw.connections -= 1
+            for req in list(self.streams.values()):
+                self.gw.cancel(req)
+            self.streams.clear()
+            await self._close()
+
+    async def _close(self) -> None:
+        try:
+            if not self.writer.is_closing():
+                await asyncio.wait_for(self.writer.drain(), 1.0)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+
+    def _handshake(self, frame: Frame) -> None:
+        if frame.type is not FrameType.HELLO or frame.stream != 0:
+            raise ProtocolError("the first frame must be HELLO on stream 0")
+        hello = p.parse_hello(frame.payload)
+        if self.cfg.token and not hmac.compare_digest(
+                str(hello.get("token", "")).encode(), self.cfg.token.encode()):
+            raise Unauthorized("missing or wrong token")
+        self._write(p.welcome(f"llmctl/{_version()}", self.gw.model_name,
+                              self.cfg.max_frame, self.cfg.max_streams))
+
+    def _on_frame(self, frame: Frame) -> None:
+        t = frame.type
+        if t is FrameType.GENERATE:
+            if frame.stream == 0:
+                raise ProtocolError("GENERATE needs a stream id > 0")
+            self._generate(frame)
+        elif t is FrameType.CANCEL:
+            req = self.streams.get(frame.stream)
+            if req is not None:
+                self.gw.cancel(req)
+        elif t is FrameType.PING:
+            if frame.stream != 0 or len(frame.payload) > p.MAX_PING:
+                raise ProtocolError("PING must be on stream 0 with at most 64 bytes")
+            self._write(p.pong(frame.payload))
+        else:  # a second HELLO
+            raise ProtocolError(f"unexpected {t.name} after the handshake")
+
+    def _generate(self, frame: Frame) -> None:
+        stream = frame.stream
+        try:
+            if stream in self.streams:
+                raise BadRequest(f"stream {stream} is already open")
+            if len(self.streams) >= self.cfg.max_streams:
+                raise TooManyStreams(f"at most {self.cfg.max_streams} open streams per connection")
+            params = p.parse_generate(frame.payload, self.gw.defaults)
+            self.streams[stream] = self.gw.submit(params, self, stream)
+        except LlmctlError as err:
+            assert not closes_connection(err.code)
+            self._write(p.error(stream, err))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmctl")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def serve_tcp(gw: "Gateway") -> asyncio.AbstractServer:
+    cfg = gw.cfg.gateway
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await Connection(gw, reader, writer).run()
+
+    server = await asyncio.start_server(handle, cfg.host, cfg.port, reuse_address=True)
+    gw.listening = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets]
+    log.info("binary protocol listening on %s", ", ".join(gw.listening))
+    return server

@@ -1,0 +1,196 @@
+"""The inference engine of one worker: a GGUF model loaded with llama-cpp-python.
+
+The engine is stepped by the worker's loop: ``step()`` does one bounded unit of
+work (one prefill chunk of ``n_batch`` tokens, or one decoded token) and returns
+the events it produced, so that the loop can read CANCELs and heartbeats between
+units.  This engine runs one sequence at a time (``capacity == 1``); the KV cache
+of the previous request is kept, so a request that shares a prefix with it (a
+system prompt, a chat history) only evaluates the rest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataplane.errors import BadRequest, InternalError
+from worker.text import TextStream
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
+
+
+@dataclass
+class Event:
+    rid: int
+    text: str = ""                         # a TOKEN piece, if non-empty
+    done: dict[str, Any] | None = None     # the DONE stats, when the sequence ended
+
+
+@dataclass
+class Sequence:
+    rid: int
+    tokens: list[int]
+    max_tokens: int
+    sampler: Any
+    stream: TextStream
+    cached: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    t_start: float = field(default_factory=time.monotonic)
+    t_prefill_done: float | None = None
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+class Engine:
+    capacity = 1
+
+    def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int,
+                 n_batch: int) -> None:
+        import llama_cpp  # heavy import, only in worker processes
+
+        self._llama_cpp = llama_cpp
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if n_gpu_layers != 0 and not self.gpu_offload:
+            log.warning("n_gpu_layers=%d but this llama-cpp-python build has no GPU offload: "
+                        "all layers run on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)",
+                        n_gpu_layers)
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
+                n_threads_batch=threads, n_batch=n_batch, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+        self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
+        self.n_ctx = self.llm.n_ctx()
+        self.n_batch = n_batch
+        self.model_name = str(self.llm.metadata.get("general.name") or path.rsplit("/", 1)[-1])
+        self._vocab = self.llm._model.vocab
+        self._formatter = self._chat_formatter()
+        self.active: Sequence | None = None
+
+    # ---- prompt preparation ---------------------------------------------------------
+    def _chat_formatter(self) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = self.llm._model
+
+        def text_of(tok: int) -> str:
+            return model.token_get_text(tok) if tok != -1 else ""
+
+        return Jinja2ChatFormatter(template=template, eos_token=text_of(self.llm.token_eos()),
+                                   bos_token=text_of(self.llm.token_bos()))
+
+    def tokenize_request(self, fields: dict[str, Any]) -> list[int]:
+        messages = fields.get("messages")
+        if messages:
+            if self._formatter is None:
+                raise BadRequest("this model has no chat template: send a prompt instead")
+            try:
+                rendered = self._formatter(messages=messages)
+            except Exception as exc:  # jinja raises many types for bad conversations
+                raise BadRequest(f"chat template rejected the messages: {exc}") from None
+            add_bos = not getattr(rendered, "added_special", False)
+            return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        return self.llm.tokenize(fields["prompt"].encode("utf-8"), add_bos=True, special=False)
+
+    def _sampler(self, fields: dict[str, Any]) -> Any:
+        from llama_cpp._internals import LlamaSampler
+
+        sampler = LlamaSampler()
+        temp = float(fields.get("temperature", 0.0))
+        if temp <= 0.0:
+            sampler.add_greedy()
+        else:
+            seed = fields.get("seed")
+            if fields.get("top_k"):
+                sampler.add_top_k(int(fields["top_k"]))
+            sampler.add_top_p(float(fields.get("top_p", 1.0)), 1)
+            sampler.add_temp(temp)
+            sampler.add_dist(RANDOM_SEED if seed is None else int(seed))
+        return sampler
+
+    def prepare(self, rid: int, fields: dict[str, Any]) -> Sequence:
+        """Validate against the model and build a sequence; raises BadRequest."""
+        tokens = self.tokenize_request(fields)
+        if not tokens:
+            raise BadRequest("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_tokens = min(int(fields["max_tokens"]), self.n_ctx - len(tokens))
+        return Sequence(rid=rid, tokens=tokens, max_tokens=max_tokens,
+                        sampler=self._sampler(fields),
+                        stream=TextStream(tuple(fields.get("stop") or ())))
+
+    # ---- running --------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return 0 if self.active else 1
+
+    def start(self, seq: Sequence) -> None:
+        if self.active is not None:
+            raise InternalError("engine is busy: a GENERATE arrived without credit")
+        llm = self.llm
+        # Reuse the KV cache of the common prefix; the last prompt token is always
+        # evaluated again so that its logits are fresh.
+        common = 0
+        limit = min(llm.n_tokens, len(seq.tokens) - 1)
+        ids = llm.input_ids
+        while common < limit and ids[common] == seq.tokens[common]:
+            common += 1
+        llm.n_tokens = common
+        seq.cached = seq.prefilled = common
+        self.active = seq
+
+    def cancel(self, rid: int) -> Event | None:
+        seq = self.active
+        if seq is None or seq.rid != rid:
+            return None
+        return self._finish(seq, "cancelled", flush=False)
+
+    def step(self) -> list[Event]:
+        seq = self.active
+        if seq is None:
+            return []
+        llm = self.llm
+        if seq.prefilled < len(seq.tokens):
+            chunk = seq.tokens[seq.prefilled:seq.prefilled + self.n_batch]
+            llm.eval(chunk)
+            seq.prefilled += len(chunk)
+            if seq.prefilled == len(seq.tokens):
+                seq.t_prefill_done = time.monotonic()
+            return []
+        tok = seq.sampler.sample(llm._ctx, -1)
+        if self._llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            return [self._finish(seq, "stop")]
+        seq.generated += 1
+        text = seq.stream.push(llm._model.detokenize([tok]))
+        if seq.stream.stopped:
+            return [Event(seq.rid, text), self._finish(seq, "stop")] if text else [self._finish(seq, "stop")]
+        if seq.generated >= seq.max_tokens:
+            return [Event(seq.rid, text), self._finish(seq, "length")] if text else [self._finish(seq, "length")]
+        llm.eval([tok])
+        return [Event(seq.rid, text)] if text else []
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> Event:
+        self.active = None
+        tail = seq.stream.finish() if flush else ""
+        now = time.monotonic()
+        prefill_end = seq.t_prefill_done or now
+        stats = {
+            "finish_reason": reason,
+            "prompt_tokens": len(seq.tokens),
+            "completion_tokens": seq.generated,
+            "cached_tokens": seq.cached,
+            "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
+            "decode_ms": round((now - prefill_end) * 1000, 3),
+        }
+        return Event(seq.rid, tail, stats)

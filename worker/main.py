@@ -1,0 +1,198 @@
+"""Worker process: loads the model, connects a DEALER to the gateway's ROUTER, serves.
+
+The loop alternates between the socket and one engine step, so CANCEL, DRAIN and
+heartbeats are read between prefill chunks and between decoded tokens.  The worker
+announces its credits (free slots) in READY; each DONE or ERROR gives one back.
+
+Liveness (Paranoid Pirate): the worker sends HEARTBEAT every interval when it has
+sent nothing else; if it hears nothing from the gateway for ``liveness`` intervals
+it drops what it runs, reconnects and sends READY again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from control.config import Config
+from control.procs import CONFIG_JSON_ENV, setup_child_logging
+from dataplane import messages as m
+from dataplane.errors import LlmctlError
+from worker.engine import Engine, Event, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: Engine) -> None:
+        self.cfg = cfg
+        self.id = worker_id
+        self.endpoint = endpoint
+        self.engine = engine
+        self.stop_requested = False
+        self.draining = False
+        self.interval = cfg.workers.heartbeat_interval_s
+        self.liveness = cfg.workers.liveness
+        self._ppid = os.getppid()
+
+    # ---- socket lifecycle -------------------------------------------------------------
+    def _connect(self, ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, self.id.encode())
+        # Our outbound traffic is bounded by our slots; keep the HWMs generous but finite.
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _ready_msg(self) -> list[bytes]:
+        e = self.engine
+        return m.encode(m.Kind.READY, None, {
+            "worker": self.id, "pid": os.getpid(), "slots": e.free_slots, "model": e.model_name,
+            "n_ctx": e.n_ctx, "device": e.device})
+
+    def run(self) -> int:
+        ctx = zmq.Context()
+        sock = self._connect(ctx)
+        try:
+            sock.send_multipart(self._ready_msg())
+            log.info("worker %s ready: model %s, device %s, %d slot(s), gateway %s",
+                     self.id, self.engine.model_name, self.engine.device,
+                     self.engine.capacity, self.endpoint)
+            sock = self._loop(ctx, sock)
+            sock.send_multipart(m.encode(m.Kind.BYE), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("socket error at exit: %s", exc)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        return 0
+
+    def _loop(self, ctx: zmq.Context, sock: zmq.Socket) -> zmq.Socket:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        last_sent = last_heard = time.monotonic()
+        while not self.stop_requested:
+            busy = self.engine.active is not None
+            timeout_ms = 0 if busy else int(self.interval * 1000 / 2)
+            events = dict(poller.poll(timeout_ms))
+            now = time.monotonic()
+            if sock in events:
+                while True:
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    last_heard = now
+                    for out in self._handle(frames):
+                        sock.send_multipart(out)
+                        last_sent = now
+            for ev in self.engine.step():
+                for out in self._event_frames(ev):
+                    sock.send_multipart(out)
+                last_sent = time.monotonic()
+            now = time.monotonic()
+            if now - last_sent >= self.interval:
+                sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
+                last_sent = now
+            if os.getppid() != self._ppid:
+                log.error("supervisor is gone: exiting")
+                break
+            if now - last_heard > self.interval * self.liveness:
+                log.warning("gateway silent for %.1fs: reconnecting", now - last_heard)
+                self._drop_active()
+                poller.unregister(sock)
+                sock.close(linger=0)
+                sock = self._connect(ctx)
+                poller.register(sock, zmq.POLLIN)
+                sock.send_multipart(self._ready_msg())
+                last_sent = last_heard = time.monotonic()
+        return sock
+
+    def _drop_active(self) -> None:
+        if self.engine.active is not None:
+            self.engine.cancel(self.engine.active.rid)
+
+    # ---- messages ---------------------------------------------------------------------
+    def _handle(self, frames: list[bytes]) -> list[list[bytes]]:
+        try:
+            msg = m.decode(frames)
+        except m.MessageError as exc:
+            log.error("dropping malformed message from gateway: %s", exc)
+            return []
+        if msg.kind is m.Kind.GENERATE and msg.rid is not None:
+            return self._generate(msg)
+        if msg.kind is m.Kind.CANCEL and msg.rid is not None:
+            ev = self.engine.cancel(msg.rid)
+            return self._event_frames(ev) if ev else []
+        if msg.kind is m.Kind.DRAIN:
+            self.draining = True
+        return []  # HEARTBEAT: liveness already noted
+
+    def _generate(self, msg: m.Message) -> list[list[bytes]]:
+        try:
+            seq = self.engine.prepare(msg.rid, msg.json())
+            self.engine.start(seq)
+        except LlmctlError as exc:
+            return [m.encode(m.Kind.ERROR, msg.rid, exc.to_dict())]
+        return []
+
+    @staticmethod
+    def _event_frames(ev: Event) -> list[list[bytes]]:
+        out = []
+        if ev.text:
+            out.append(m.encode(m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
+        if ev.done is not None:
+            out.append(m.encode(m.Kind.DONE, ev.rid, ev.done))
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llmctl-worker")
+    p.add_argument("--id", required=True)
+    p.add_argument("--endpoint", required=True)
+    args = p.parse_args(argv)
+    cfg = Config.from_json(os.environ[CONFIG_JSON_ENV])
+    setup_child_logging(f"worker {args.id}")
+
+    worker: Worker | None = None
+    stop = {"flag": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["flag"] = True
+        if worker is not None:
+            worker.stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    threads = cfg.worker_threads()
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d)", cfg.model.path,
+             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads)
+    t0 = time.monotonic()
+    try:
+        engine = Engine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
+                        cfg.model.n_batch)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        return 2
+    # Warm-up: one real token, so READY means "serves", not only "loaded".
+    warm = engine.prepare(0, {"prompt": "Hello", "max_tokens": 1, "temperature": 0.0})
+    engine.start(warm)
+    while engine.active is not None:
+        engine.step()
+    log.info("model loaded and warmed up in %.2fs", time.monotonic() - t0)
+    if stop["flag"]:
+        return 0
+    worker = Worker(cfg, args.id, args.endpoint, engine)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
