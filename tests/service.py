@@ -1,0 +1,105 @@
+"""Start and stop a real llmctl (supervisor, gateway, workers, real model) for tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tools.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+class Service:
+    def __init__(self, **sections: dict[str, Any]) -> None:
+        assert MODEL.is_file(), f"the model is missing: run `make setup` ({MODEL})"
+        # A short directory: ipc:// socket paths must stay under ~100 characters.
+        self.dir = Path(tempfile.mkdtemp(prefix="llmctl-"))
+        self.port = free_port()
+        base: dict[str, dict[str, Any]] = {
+            "model": {"path": str(MODEL), "n_ctx": 1024, "threads": 1},
+            "workers": {"count": 1, "slots": 1, "heartbeat_interval_s": 0.5, "liveness": 4},
+            "gateway": {"port": self.port, "handshake_timeout_s": 1.0},
+            "control": {"run_dir": str(self.dir / "run"), "start_timeout_s": 120.0,
+                        "drain_timeout_s": 10.0, "stop_timeout_s": 3.0},
+        }
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        self.config = self.dir / "config.toml"
+        self.config.write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
+            for name, values in base.items()))
+        self.pids: set[int] = set()
+
+    def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "control", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def start(self) -> subprocess.CompletedProcess:
+        r = self.llmctl("start")
+        if r.returncode == 0:
+            self.remember_pids()
+        return r
+
+    def status(self) -> dict[str, Any]:
+        r = self.llmctl("status", "--json")
+        st = json.loads(r.stdout)
+        st["exit_code"] = r.returncode
+        return st
+
+    def remember_pids(self) -> None:
+        st = self.status()
+        if st.get("running"):
+            self.pids |= {p for p in [st["pid"], st["gateway"]["pid"],
+                                      *(w["pid"] for w in st["workers"])] if p}
+
+    def client(self, hello: bool = True, timeout: float = 60.0) -> Client:
+        c = Client("127.0.0.1", self.port, timeout=timeout)
+        if hello:
+            c.hello()
+        return c
+
+    def stop(self) -> subprocess.CompletedProcess:
+        if self.pids:
+            try:
+                self.remember_pids()
+            except (ValueError, KeyError, subprocess.TimeoutExpired):
+                pass
+        r = self.llmctl("stop")
+        for pid in self.pids:   # whatever a failed test left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return r
