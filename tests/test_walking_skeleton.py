@@ -176,12 +176,18 @@ def test_bad_requests_keep_the_connection(svc):
 
 def test_duplicate_stream_and_too_many_streams(svc):
     with svc.client() as c:
-        for s in (1, 2, 3, 4):
+        # Stream 1 stays open (long) until the refusals have come back.
+        c.generate(1, prompt="Tell me a long story.", max_tokens=1000)
+        for s in (2, 3, 4):
             c.generate(s, prompt="Tell me a story.", max_tokens=8)
         c.generate(1, prompt="dup", max_tokens=8)       # stream 1 is open
         c.generate(9, prompt="fifth", max_tokens=8)     # max_streams = 4
         ends: dict[int, list[str]] = {}
+        cancelled = False
         while sorted(ends) != [1, 2, 3, 4, 9] or len(ends[1]) < 2:
+            if not cancelled and 9 in ends and ends.get(1) == ["bad_request"]:
+                c.send(p.cancel(1))
+                cancelled = True
             f = c.recv_frame()
             if f.type is FrameType.DONE:
                 ends.setdefault(f.stream, []).append("done")
@@ -242,7 +248,7 @@ def test_token_required_when_configured(make_service):
 
 def test_closing_the_connection_frees_the_worker(svc):
     c = svc.client()
-    c.generate(1, prompt="Write a long story about the sea.", max_tokens=400)
+    c.generate(1, prompt="Once upon a time", max_tokens=400, temperature=0.0)
     f = c.recv_frame()
     assert f.type is FrameType.TOKEN
     c.sock.shutdown(socket.SHUT_RDWR)

@@ -36,6 +36,7 @@ class Client:
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, timeout: float = 60.0,
                  max_frame: int = 1 << 24) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = FrameDecoder(max_frame, allowed=p.SERVER_TYPES)
         self._pending: list[Frame] = []
         self.welcome: dict[str, Any] = {}
