@@ -72,8 +72,12 @@ class GatewayConfig:
     max_frame: int = _f(1 << 20, 64, 1 << 30, doc="largest frame accepted (bytes after the length field)")
     handshake_timeout_s: float = _f(5.0, 0.1, 3600.0, doc="time a client has to send HELLO")
     token: str = _f("", doc="if set, clients must send it in HELLO")
-    write_buffer_bytes: int = _f(256 * 1024, 1024, 1 << 30, doc="per-connection write buffer high-water mark")
-    slow_client_timeout_s: float = _f(30.0, 0.1, 86_400.0, doc="a client that reads nothing this long is disconnected")
+    write_buffer_bytes: int = _f(256 * 1024, 1024, 1 << 30,
+                                 doc="per-connection write buffer (user space high-water mark and kernel SO_SNDBUF)")
+    slow_client_timeout_s: float = _f(30.0, 0.1, 86_400.0,
+                                      doc="a client whose full write buffer does not drain this long is disconnected")
+    token_window: int = _f(16, 1, 100_000,
+                           doc="TOKEN messages a worker may send ahead of what a stream's client has taken")
 
 
 @dataclass(frozen=True)

@@ -273,6 +273,9 @@ class Supervisor:
     async def _command(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "status":
+            fresh = await self._gateway_call({"cmd": "status"}, timeout=0.5)
+            if fresh is not None:
+                self.gw_status = fresh
             return {"ok": True, **self.status()}
         if cmd == "stop":
             self.stop_event.set()

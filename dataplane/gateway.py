@@ -43,7 +43,10 @@ class Gateway:
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._wake = asyncio.Event()
         self.router: zmq.asyncio.Socket | None = None
-        self.counters: dict[str, int] = {"admitted": 0, "done": 0, "cancelled": 0}
+        self.counters: dict[str, int] = dict.fromkeys((
+            "admitted", "dispatched", "done", "cancelled", "cancelled_queued",
+            "cancelled_prefill", "cancelled_decode", "expired_queued", "expired_running",
+            "requeued", "slow_clients"), 0)
         self.errors: dict[str, int] = {}
 
     # ---- the fronts' interface ------------------------------------------------------
@@ -64,13 +67,24 @@ class Gateway:
         if req.finished:
             return
         self.counters["cancelled"] += 1
-        self._stop_work(req)
+        if not self._stop_work(req):
+            self.counters["cancelled_queued"] += 1
         self._finish(req, stats={"finish_reason": "cancelled", "prompt_tokens": 0,
                                  "completion_tokens": req.pieces})
 
-    def _stop_work(self, req: Request) -> None:
-        if not self.sched.dequeue(req) and req.worker is not None:
+    def grant(self, req: Request, n: int) -> None:
+        """The client's connection took ``n`` of this stream's tokens: more may come."""
+        if n > 0 and req.worker is not None and not req.finished:
+            self._send(req.worker, m.encode(m.Kind.CREDIT, req.rid, {"n": n}))
+
+    def _stop_work(self, req: Request) -> bool:
+        """Take the request back from the queue or its worker; True if a worker had it."""
+        if self.sched.dequeue(req):
+            return False
+        if req.worker is not None:
             self._send(req.worker, m.encode(m.Kind.CANCEL, req.rid))
+            return True
+        return False
 
     def _finish(self, req: Request, stats: dict[str, Any] | None = None,
                 err: LlmctlError | None = None) -> None:
@@ -105,6 +119,8 @@ class Gateway:
                 await self._route(wid, frames)
             for w, req in self.sched.take():
                 body = req.params.worker_fields()
+                body["window"] = self.cfg.gateway.token_window
+                self.counters["dispatched"] += 1
                 await self._route(w.id, m.encode(m.Kind.GENERATE, req.rid, body))
 
     async def _route(self, wid: str, frames: list[bytes]) -> None:
@@ -119,6 +135,7 @@ class Gateway:
 
     def worker_lost(self, wid: str, why: str) -> None:
         requeued, failed = self.sched.remove_worker(wid)
+        self.counters["requeued"] += len(requeued)
         if requeued or failed:
             log.warning("worker %s lost (%s): %d request(s) re-queued, %d failed",
                         wid, why, len(requeued), len(failed))
@@ -167,6 +184,10 @@ class Gateway:
             req = self.sched.complete(wid, msg.rid)
             if req is not None:
                 body = msg.json()
+                if req.finished and body.get("finish_reason") == "cancelled":
+                    phase = body.get("phase")   # where the worker was when it stopped
+                    if phase in ("prefill", "decode"):
+                        self.counters[f"cancelled_{phase}"] += 1
                 if kind is m.Kind.DONE:
                     body["worker"] = wid
                     self._finish(req, stats=body)
@@ -184,8 +205,10 @@ class Gateway:
             await asyncio.sleep(min(self.interval, 0.1))
             now = time.monotonic()
             for req in self.sched.expire_queued(now):
+                self.counters["expired_queued"] += 1
                 self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
             for req in self.sched.expired_running(now):
+                self.counters["expired_running"] += 1
                 self._stop_work(req)
                 self._finish(req, err=DeadlineExceeded("deadline passed while running"))
             for w in list(self.sched.workers.values()):

@@ -11,6 +11,11 @@ Flow control (credit-based, ZeroMQ guide ch. 7): a worker grants the gateway
 ``slots`` credits in READY; the gateway spends one per GENERATE and gets it back with
 the DONE or ERROR that ends the request.  The gateway never sends work without
 credit, so no request waits inside a ZeroMQ pipe.
+
+Per stream, a second credit carries a slow client's back-pressure to the worker: a
+GENERATE grants a window of ``window`` TOKEN messages; the gateway returns CREDIT as
+the client's connection takes the tokens.  A sequence whose window is spent pauses
+(its slot stays held) while the worker's other sequences go on.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class Kind(bytes, Enum):
     ERROR = b"E"       # worker -> gateway: rid, body {code, message} (returns a credit)
     BYE = b"B"         # worker -> gateway: leaving; no more credits
     DRAIN = b"X"       # gateway -> worker: finish what you have, take nothing new
+    CREDIT = b"K"      # gateway -> worker: rid, body {"n": k}: k more TOKEN messages may be sent
 
 
 class MessageError(ValueError):

@@ -43,6 +43,7 @@ class Request:
     t_first: float | None = None
     finished: bool = False          # the client has had its DONE or ERROR
     attempts: int = 0
+    owed: int = 0                   # token credits to give back to the worker
 
     def __post_init__(self) -> None:
         if not self.deadline:
@@ -118,12 +119,12 @@ class Scheduler:
             raise ShuttingDown("the server is draining for a stop")
         if not self.workers:
             raise NotReady("no worker is ready")
-        if len(self.queue) >= self.max_queue and not self._free_credit():
+        # Queued requests up to the free credits are about to be dispatched: they
+        # do not count against max_queue.
+        free = sum(w.credits for w in self.workers.values())
+        if len(self.queue) >= self.max_queue + free:
             raise Overloaded("the admission queue is full", retry_after_ms=self.retry_after_ms())
         self.queue.append(req)
-
-    def _free_credit(self) -> bool:
-        return any(w.credits > 0 for w in self.workers.values()) and not self.queue
 
     def retry_after_ms(self) -> int:
         """How long until a queue place is likely free, from the measured drain rate."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 from dataplane import protocol as p
@@ -33,14 +34,62 @@ class Connection:
         self.writer = writer
         self.streams: dict[int, Request] = {}
         self.peer = writer.get_extra_info("peername")
+        self._owed = asyncio.Event()
+        # Bound what this connection may hold: asyncio's buffer pauses at the
+        # high-water mark (drain() then waits), and the kernel's send buffer is
+        # capped too, so a client that stops reading stops its streams quickly.
+        limit = self.cfg.write_buffer_bytes
+        writer.transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+        self._hard_limit = 4 * limit + p.MAX_PING + 1024
 
     # ---- output (Sink) --------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
+        if self.writer.is_closing():
+            return
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() > self._hard_limit:
+            # Only frames that are not token-credited (PONG, errors) can get here.
+            log.warning("%s: write buffer over %d bytes: dropping the client", self.peer,
+                        self._hard_limit)
+            self._drop_slow_client()
+
+    def _drop_slow_client(self) -> None:
+        self.gw.counters["slow_clients"] += 1
+        for req in list(self.streams.values()):
+            self.gw.cancel(req)
+        self.writer.transport.abort()
 
     def on_token(self, req: Request, text: str) -> None:
         self._write(p.token(req.stream, text))
+        req.owed += 1
+        self._owed.set()
+
+    async def _return_credit(self) -> None:
+        """Give token credit back to the workers as the client takes its tokens.
+
+        ``drain()`` returns at once while the write buffer is below its high-water
+        mark; when the client stops reading it waits, the credits stay here, and the
+        worker pauses those sequences.  A client stuck that long is dropped."""
+        timeout = self.cfg.slow_client_timeout_s
+        while True:
+            await self._owed.wait()
+            self._owed.clear()
+            try:
+                await asyncio.wait_for(self.writer.drain(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s: took no output for %.1fs: cancelling its %d stream(s) and "
+                            "disconnecting", self.peer, timeout, len(self.streams))
+                self._drop_slow_client()
+                return
+            except ConnectionError:
+                return
+            for req in self.streams.values():
+                if req.owed:
+                    self.gw.grant(req, req.owed)
+                    req.owed = 0
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
         self.streams.pop(req.stream, None)
@@ -62,6 +111,7 @@ class Connection:
 
     async def run(self) -> None:
         self.gw.connections += 1
+        crediter = asyncio.create_task(self._return_credit())
         try:
             try:
                 frame = await asyncio.wait_for(self._read_frame(), self.cfg.handshake_timeout_s)
@@ -73,7 +123,6 @@ class Connection:
             while True:
                 frame = await self._read_frame()
                 self._on_frame(frame)
-                await self.writer.drain()
         except LlmctlError as err:
             # Connection-level errors: answer on stream 0, then close.
             self._write(p.error(0, err))
@@ -81,6 +130,7 @@ class Connection:
         except _Closed:
             pass
         finally:
+            crediter.cancel()
             self.gw.connections -= 1
             for req in list(self.streams.values()):
                 self.gw.cancel(req)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,15 @@ from tools.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    """Poll a condition (not a sleep as synchronisation: it returns as soon as it holds)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -89,6 +99,14 @@ class Service:
         if hello:
             c.hello()
         return c
+
+    def counters(self) -> dict[str, int]:
+        return self.status()["gateway"]["counters"]
+
+    def idle(self) -> bool:
+        st = self.status()
+        return st["gateway"]["inflight"] == 0 and st["gateway"]["queue"] == 0 and all(
+            w["inflight"] == 0 for w in st["workers"])
 
     def stop(self) -> subprocess.CompletedProcess:
         if self.pids:

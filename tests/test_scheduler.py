@@ -30,12 +30,16 @@ def test_admission_limits():
     with pytest.raises(NotReady):
         s.admit(req())
     s.add_worker(WorkerState("w0", slots=1))
-    s.admit(req())
+    s.admit(req())          # about to take the free credit: not counted against the queue
+    s.admit(req())          # queued
     with pytest.raises(Overloaded) as exc:
         s.admit(req())
     assert exc.value.retry_after_ms and exc.value.retry_after_ms > 0
     assert len(s.take()) == 1 and s.workers["w0"].credits == 0
-    s.admit(req())          # the queue has room again
+    with pytest.raises(Overloaded):
+        s.admit(req())      # one running, one queued: full
+    s.complete("w0", next(iter(s.workers["w0"].inflight)))
+    s.admit(req())          # a credit came back: room again
     s.draining = True
     with pytest.raises(ShuttingDown):
         s.admit(req())

@@ -12,19 +12,10 @@ import pytest
 
 from dataplane import protocol as p
 from dataplane.protocol import FrameType
-from tests.service import Service, port_is_free
+from tests.service import Service, port_is_free, wait_until
 from tools.client import ServerError
 
 pytestmark = pytest.mark.integration
-
-
-def wait_until(cond, timeout: float, what: str) -> None:
-    """Poll a condition (not a sleep as synchronisation: it returns as soon as it holds)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def pid_gone(pid: int) -> bool:
@@ -254,7 +245,4 @@ def test_closing_the_connection_frees_the_worker(svc):
     c.sock.shutdown(socket.SHUT_RDWR)
     c.close()
 
-    def idle() -> bool:
-        st = svc.status()
-        return all(w["inflight"] == 0 for w in st["workers"]) and st["gateway"]["inflight"] == 0
-    wait_until(idle, 10.0, "the cancelled request to leave its worker")
+    wait_until(svc.idle, 10.0, "the cancelled request to leave its worker")

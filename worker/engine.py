@@ -36,6 +36,7 @@ class Sequence:
     max_tokens: int
     sampler: Any
     stream: TextStream
+    window: int = 1 << 30                  # TOKEN messages it may still send
     cached: int = 0
     prefilled: int = 0
     generated: int = 0
@@ -126,7 +127,8 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
         max_tokens = min(int(fields["max_tokens"]), self.n_ctx - len(tokens))
-        return Sequence(rid=rid, tokens=tokens, max_tokens=max_tokens,
+        window = int(fields.get("window") or 0) or 1 << 30
+        return Sequence(rid=rid, tokens=tokens, max_tokens=max_tokens, window=window,
                         sampler=self._sampler(fields),
                         stream=TextStream(tuple(fields.get("stop") or ())))
 
@@ -134,6 +136,17 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return 0 if self.active else 1
+
+    @property
+    def runnable(self) -> bool:
+        """Is there work that a step would advance (not only paused sequences)?"""
+        seq = self.active
+        return seq is not None and (seq.prefilled < len(seq.tokens) or seq.window > 0)
+
+    def grant(self, rid: int, n: int) -> None:
+        """The client took ``n`` more TOKEN messages: the sequence may send n more."""
+        if self.active is not None and self.active.rid == rid:
+            self.active.window += n
 
     def start(self, seq: Sequence) -> None:
         if self.active is not None:
@@ -158,7 +171,7 @@ class Engine:
 
     def step(self) -> list[Event]:
         seq = self.active
-        if seq is None:
+        if seq is None or not self.runnable:
             return []
         llm = self.llm
         if seq.prefilled < len(seq.tokens):
@@ -178,7 +191,10 @@ class Engine:
         if seq.generated >= seq.max_tokens:
             return [Event(seq.rid, text), self._finish(seq, "length")] if text else [self._finish(seq, "length")]
         llm.eval([tok])
-        return [Event(seq.rid, text)] if text else []
+        if text:
+            seq.window -= 1
+            return [Event(seq.rid, text)]
+        return []
 
     def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> Event:
         self.active = None
@@ -190,6 +206,7 @@ class Engine:
             "prompt_tokens": len(seq.tokens),
             "completion_tokens": seq.generated,
             "cached_tokens": seq.cached,
+            "phase": "prefill" if seq.t_prefill_done is None else "decode",
             "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
             "decode_ms": round((now - prefill_end) * 1000, 3),
         }

@@ -79,8 +79,9 @@ class Worker:
         poller.register(sock, zmq.POLLIN)
         last_sent = last_heard = time.monotonic()
         while not self.stop_requested:
-            busy = self.engine.active is not None
-            timeout_ms = 0 if busy else int(self.interval * 1000 / 2)
+            # Block on the socket only when no step would make progress (idle, or
+            # every sequence paused for want of token credit).
+            timeout_ms = 0 if self.engine.runnable else int(self.interval * 1000 / 2)
             events = dict(poller.poll(timeout_ms))
             now = time.monotonic()
             if sock in events:
@@ -131,6 +132,9 @@ class Worker:
         if msg.kind is m.Kind.CANCEL and msg.rid is not None:
             ev = self.engine.cancel(msg.rid)
             return self._event_frames(ev) if ev else []
+        if msg.kind is m.Kind.CREDIT and msg.rid is not None:
+            self.engine.grant(msg.rid, int(msg.json().get("n", 0)))
+            return []
         if msg.kind is m.Kind.DRAIN:
             self.draining = True
         return []  # HEARTBEAT: liveness already noted
