@@ -93,7 +93,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         return supervisor_main(cfg)
 
     env = dict(os.environ, **{CONFIG_JSON_ENV: cfg.to_json()})
-    out = open(cfg.log_dir / "supervisor.log", "ab")
+    out = open(cfg.log_dir / "supervisor.out", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "control.daemon"], env=env,
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True, close_fds=True)
@@ -128,6 +128,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
                 for line in c.get("stderr_tail", []):
                     print(f"    {line}", file=sys.stderr)
     _tail_file(cfg.log_dir / "supervisor.log", 10)
+    _tail_file(cfg.log_dir / "supervisor.out", 10)
     _stop(cfg, proc.pid, quiet=True)
     return 1
 
@@ -229,6 +230,79 @@ def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if st.get("ok") else 1
 
 
+def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    client = ControlClient(cfg)
+    st = client.call("reload") if _read_pid(cfg) else None
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if not st.get("ok"):
+        print(f"error: {st.get('error')}", file=sys.stderr)
+        return 1
+    print("changed: " + (", ".join(st["changed"]) or "nothing"))
+    if st["not_applied"]:
+        print("NOT applied (needs `llmctl stop` and `llmctl start`): "
+              + ", ".join(st["not_applied"]))
+    print("rolling the workers one at a time...")
+    last = ""
+    deadline = time.monotonic() + cfg.workers.ready_timeout_s * (cfg.workers.count + 2) \
+        + cfg.control.drain_timeout_s * cfg.workers.count
+    while time.monotonic() < deadline:
+        status = client.call("status")
+        if status is None:
+            print("error: the supervisor stopped answering", file=sys.stderr)
+            return 1
+        r = status["reload"]
+        if r.get("step") and r["step"] != last:
+            last = r["step"]
+            print(f"  {last}")
+        if r["state"] == "done":
+            print("reload done.")
+            return 0
+        if r["state"] == "failed":
+            print(f"error: reload failed: {r['error']}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print("error: reload did not finish in time", file=sys.stderr)
+    return 1
+
+
+def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
+    path = cfg.log_dir / f"{args.name}.log"
+    if not path.exists():
+        names = sorted(p.stem for p in cfg.log_dir.glob("*.log"))
+        print(f"no log {path}; available: {', '.join(names) or 'none'}", file=sys.stderr)
+        return 1
+    lines = path.read_text(errors="replace").splitlines()[-args.lines:]
+    for line in lines:
+        print(line)
+    if not args.follow:
+        return 0
+    f = path.open("rb")
+    f.seek(0, os.SEEK_END)
+    ino = os.fstat(f.fileno()).st_ino
+    try:
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+                continue
+            try:
+                if os.stat(path).st_ino != ino:      # rotated: follow the new file
+                    f.close()
+                    f = path.open("rb")
+                    ino = os.fstat(f.fileno()).st_ino
+                    continue
+            except FileNotFoundError:
+                pass
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        f.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmctl", description="supervised LLM inference service")
     common = argparse.ArgumentParser(add_help=False)
@@ -246,6 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", parents=[common], help="clear FATAL workers and restart them")
     p.add_argument("workers", nargs="*")
     p.set_defaults(func=cmd_restart)
+    p = sub.add_parser("reload", parents=[common],
+                       help="re-read the config and roll the workers one at a time")
+    p.set_defaults(func=cmd_reload)
+    p = sub.add_parser("logs", parents=[common], help="show a process's log")
+    p.add_argument("name", nargs="?", default="supervisor",
+                   help="supervisor, gateway, w0, w1, ... (default supervisor)")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=cmd_logs)
     return parser
 
 

@@ -51,6 +51,9 @@ class WorkersConfig:
     heartbeat_interval_s: float = _f(1.0, 0.05, 60.0, doc="heartbeat period, both ways")
     liveness: int = _f(3, 1, 100, doc="missed heartbeat intervals before a worker is declared dead")
     ready_timeout_s: float = _f(120.0, 1.0, 3600.0, doc="time a worker may take to load and send READY")
+    probe_interval_s: float = _f(30.0, 0.0, 86_400.0,
+                                 doc="an idle worker gets a deep probe (1-token generation) this often; 0 = never")
+    probe_timeout_s: float = _f(10.0, 0.1, 3600.0, doc="a deep probe that takes longer fails the worker")
 
 
 @dataclass(frozen=True)

@@ -1,176 +1,60 @@
 """The supervisor: a reconcile loop over its child processes.
 
 Desired state: one gateway and ``workers.count`` workers, all running.  Every tick
-the loop compares that with what runs, restarts what died (exponential backoff,
-reset after a stable period), and gives up on what flaps (FATAL, with the last
-lines of its stderr kept for ``llmctl status``).  Readiness comes from the gateway:
-a worker is ready once it has sent READY there.
+the loop compares that with what runs, restarts what died (``ChildProcess``'s
+policy), kills what the gateway declared dead while it still runs (a hung worker),
+and gives up on what flaps (FATAL).  Readiness comes from the gateway: a worker is
+ready once its READY reached the gateway (matched by pid).
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import logging.handlers
 import os
 import signal
 import stat
-import sys
 import time
-from collections import deque
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from control.config import Config
-from control.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, terminate
+from control import config as config_mod
+from control.child import ChildProcess, WorkerProcess
+from control.config import Config, ConfigError
+from control.procs import describe_exit
 from dataplane import messages as m
 
 log = logging.getLogger(__name__)
 
-TAIL_LINES = 40
 TICK_S = 0.2
 STATUS_POLL_S = 0.5
-
-
-class ChildProcess:
-    """One supervised process (the gateway, or a worker) and its restart policy."""
-
-    def __init__(self, name: str, argv: list[str], cfg: Config) -> None:
-        self.name = name
-        self.argv = argv
-        self.cfg = cfg
-        self.proc: asyncio.subprocess.Process | None = None
-        self.state = "stopped"          # starting | running | backoff | fatal | stopped
-        self.restarts = 0
-        self.started_at = 0.0           # wall clock, for display
-        self._started_mono = 0.0
-        self.last_exit: int | None = None
-        self.crashes: deque[float] = deque()
-        self.failures_in_row = 0
-        self.next_start = 0.0
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._pump: asyncio.Task | None = None
-        self._log = self._make_log()
-
-    def _make_log(self) -> logging.Logger:
-        c = self.cfg.control
-        lg = logging.Logger(f"child.{self.name}")
-        handler = logging.handlers.RotatingFileHandler(
-            self.cfg.log_dir / f"{self.name}.log", maxBytes=c.log_max_bytes,
-            backupCount=c.log_backups)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        lg.addHandler(handler)
-        return lg
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.returncode is None else None
-
-    @property
-    def uptime(self) -> float:
-        return time.monotonic() - self._started_mono if self.pid else 0.0
-
-    async def start(self) -> None:
-        env = dict(os.environ)
-        env[CONFIG_JSON_ENV] = self.cfg.to_json()
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        self.state = "starting" if self.name != "gateway" else "running"
-        self.started_at = time.time()
-        self._started_mono = time.monotonic()
-        self._pump = asyncio.create_task(self._pump_output(self.proc))
-        log.info("%s started: pid %d", self.name, self.proc.pid)
-
-    async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                return
-            text = line.decode("utf-8", errors="replace").rstrip("\n")
-            self.tail.append(text)
-            self._log.info(text)
-
-    def exited(self) -> bool:
-        """Notice an exit once; True if the process just died unexpectedly."""
-        if self.proc is None or self.proc.returncode is None or self.state in ("backoff", "fatal",
-                                                                                "stopped"):
-            return False
-        c = self.cfg.control
-        now = time.monotonic()
-        self.last_exit = self.proc.returncode
-        if now - self._started_mono >= c.stable_after_s:
-            self.failures_in_row = 0
-        self.failures_in_row += 1
-        self.crashes.append(now)
-        while self.crashes and now - self.crashes[0] > c.restart_window_s:
-            self.crashes.popleft()
-        if len(self.crashes) > c.max_restarts:
-            self.state = "fatal"
-            log.error("%s is FATAL: %d crashes within %.0fs; last: %s", self.name,
-                      len(self.crashes), c.restart_window_s, describe_exit(self.last_exit))
-            return True
-        delay = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (self.failures_in_row - 1))
-        self.state = "backoff"
-        self.next_start = now + delay
-        log.warning("%s died (%s); restarting in %.2fs", self.name,
-                    describe_exit(self.last_exit), delay)
-        return True
-
-    async def maybe_restart(self) -> None:
-        if self.state == "backoff" and time.monotonic() >= self.next_start:
-            self.restarts += 1
-            await self.start()
-
-    async def stop(self, timeout: float) -> None:
-        self.state = "stopped"
-        if self.proc is not None:
-            self.last_exit = await terminate(self.proc, timeout)
-        if self._pump is not None:
-            try:
-                await asyncio.wait_for(self._pump, 1.0)
-            except asyncio.TimeoutError:
-                self._pump.cancel()
-
-    def reset(self) -> None:
-        """`llmctl restart`: forget the crash history of a FATAL process."""
-        self.crashes.clear()
-        self.failures_in_row = 0
-        if self.state == "fatal":
-            self.state = "backoff"
-            self.next_start = 0.0
-
-    def snapshot(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": self.pid, "state": self.state,
-                "uptime_s": round(self.uptime, 3), "restarts": self.restarts,
-                "last_exit": describe_exit(self.last_exit) if self.last_exit is not None else None,
-                "stderr_tail": list(self.tail)[-10:] if self.state in ("fatal", "backoff")
-                else []}
+# Sections a rolling reload applies; the rest needs a restart of the gateway.
+ROLLING = ("model", "workers", "generation")
+GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
 class WorkerGroup:
-    """The workers: ``count`` of them, named w0, w1, ..."""
+    """The workers, named w0, w1, ...; replaced one at a time by a reload."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.procs = [
-            ChildProcess(f"w{i}", [sys.executable, "-m", "worker", "--id", f"w{i}",
-                                   "--endpoint", cfg.workers_endpoint], cfg)
-            for i in range(cfg.workers.count)]
+        self.procs: list[WorkerProcess] = [WorkerProcess(f"w{i}", cfg)
+                                           for i in range(cfg.workers.count)]
+        self.retiring: list[WorkerProcess] = []   # draining during a reload
 
 
 class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.gateway = ChildProcess("gateway", [sys.executable, "-m", "dataplane"], cfg)
+        self.gateway = ChildProcess("gateway", cfg)
         self.workers = WorkerGroup(cfg)
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.gw_status: dict[str, Any] = {}
         self.stopping = False
+        self.reload_state: dict[str, Any] = {"state": "idle"}
+        self._reload_task: asyncio.Task | None = None
         self.ctx: zmq.asyncio.Context | None = None
 
     @property
@@ -184,9 +68,8 @@ class Supervisor:
         control.setsockopt(zmq.LINGER, 0)
         tasks: list[asyncio.Task] = []
         try:
-            sock_path = self.cfg.run_dir / "control.sock"
             control.bind(self.cfg.control_endpoint)
-            os.chmod(sock_path, stat.S_IRUSR | stat.S_IWUSR)
+            os.chmod(self.cfg.run_dir / "control.sock", stat.S_IRUSR | stat.S_IWUSR)
             for child in self.children:
                 await child.start()
             tasks = [asyncio.create_task(self._serve_control(control)),
@@ -199,30 +82,51 @@ class Supervisor:
                     pass
             await self._shutdown()
         finally:
+            if self._reload_task is not None:
+                self._reload_task.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             control.close(linger=0)
-            for child in self.children:   # on an exception path, leave nothing behind
-                if child.pid:
+            for child in [*self.children, *self.workers.retiring]:
+                if child.pid:   # on an exception path, leave nothing behind
                     await child.stop(self.cfg.control.stop_timeout_s)
             self.ctx.term()
+
+    def _live(self) -> dict[int, dict[str, Any]]:
+        """The gateway's view of its workers, by pid."""
+        return {w["pid"]: w for w in self.gw_status.get("workers", [])}
 
     async def _reconcile(self) -> None:
         for child in self.children:
             if child.exited() and child is not self.gateway:
-                await self._gateway_call({"cmd": "worker_exited", "worker": child.name,
+                await self._gateway_call({"cmd": "worker_exited", "worker": child.routing_id,
                                           "why": describe_exit(child.last_exit)}, timeout=0.5)
             await child.maybe_restart()
-        ready = {w["id"] for w in self.gw_status.get("workers", [])}
+        live = self._live()
+        lost = {v["pid"]: (k, v["why"]) for k, v in self.gw_status.get("lost", {}).items()}
         for w in self.workers.procs:
-            if w.state == "starting" and w.name in ready:
+            pid = w.pid
+            if pid is None:
+                continue
+            if pid in lost and w.state in ("starting", "running"):
+                log.error("%s (pid %d) is alive but the gateway declared it dead (%s): "
+                          "killing it", w.name, pid, lost[pid][1])
+                self._kill(w)
+            elif w.state == "starting" and pid in live:
                 w.state = "running"
             elif w.state == "starting" and w.uptime > self.cfg.workers.ready_timeout_s:
                 log.error("%s sent no READY within %.0fs: killing it", w.name,
                           self.cfg.workers.ready_timeout_s)
-                assert w.proc is not None
-                w.proc.kill()
+                self._kill(w)
+
+    @staticmethod
+    def _kill(w: ChildProcess) -> None:
+        try:
+            assert w.proc is not None
+            w.proc.kill()
+        except ProcessLookupError:
+            pass
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -235,9 +139,90 @@ class Supervisor:
             st = await self._gateway_call({"cmd": "status"})
         if st and st.get("open", 0) > 0:
             log.warning("drain timeout: %d request(s) still open", st["open"])
-        await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in self.workers.procs))
+        workers = [*self.workers.procs, *self.workers.retiring]
+        await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in workers))
         await self.gateway.stop(c.stop_timeout_s)
         log.info("all children stopped")
+
+    # ---- rolling reload -----------------------------------------------------------------
+    def start_reload(self) -> dict[str, Any]:
+        if self._reload_task is not None and not self._reload_task.done():
+            return {"ok": False, "error": "a reload is already running"}
+        try:
+            new = config_mod.load(self.cfg.source)
+        except ConfigError as exc:
+            return {"ok": False, "error": str(exc)}
+        changed, not_applied = diff_configs(self.cfg, new)
+        applied = {s: getattr(new, s) for s in ROLLING}
+        if any(k.startswith("workers.") and k.split(".", 1)[1] in GATEWAY_WORKER_KEYS
+               for k in not_applied):
+            applied["workers"] = dataclasses.replace(
+                new.workers, **{k: getattr(self.cfg.workers, k) for k in GATEWAY_WORKER_KEYS})
+        target = dataclasses.replace(self.cfg, **applied)
+        self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
+                             "step": "", "error": None}
+        self._reload_task = asyncio.create_task(self._roll(target))
+        return {"ok": True, **self.reload_state}
+
+    async def _roll(self, target: Config) -> None:
+        try:
+            if target.generation != self.cfg.generation:
+                await self._gateway_call({"cmd": "set_defaults",
+                                          "defaults": _defaults(target)})
+            old = list(self.workers.procs)
+            n = max(len(old), target.workers.count)
+            for i in range(n):
+                if i < target.workers.count:
+                    self.reload_state["step"] = f"starting new w{i}"
+                    new = WorkerProcess(f"w{i}", target)
+                    await new.start()
+                    if not await self._wait_ready(new):
+                        tail = "\n".join(list(new.tail)[-10:])
+                        await new.stop(self.cfg.control.stop_timeout_s)
+                        raise RuntimeError(f"new w{i} did not become ready; last output:\n{tail}")
+                    new.state = "running"
+                if i < len(old):
+                    self.reload_state["step"] = f"draining old w{i}"
+                    self.workers.retiring.append(old[i])
+                    idx = self.workers.procs.index(old[i])
+                    if i < target.workers.count:
+                        self.workers.procs[idx] = new
+                    else:
+                        self.workers.procs.remove(old[i])
+                    await self._retire(old[i])
+                else:
+                    self.workers.procs.append(new)
+            self.cfg = target
+            self.reload_state.update(state="done", step="")
+            log.info("reload done: %s", ", ".join(self.reload_state["changed"]) or "no change")
+        except Exception as exc:  # report it; the old workers keep serving
+            log.error("reload failed: %s", exc)
+            self.reload_state.update(state="failed", error=str(exc))
+
+    async def _wait_ready(self, w: WorkerProcess) -> bool:
+        deadline = time.monotonic() + self.cfg.workers.ready_timeout_s
+        while time.monotonic() < deadline:
+            if w.pid is None:
+                return False
+            st = await self._gateway_call({"cmd": "status"})
+            if st and any(x["pid"] == w.pid for x in st.get("workers", [])):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def _retire(self, w: WorkerProcess) -> None:
+        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
+        deadline = time.monotonic() + self.cfg.control.drain_timeout_s
+        while time.monotonic() < deadline:
+            st = await self._gateway_call({"cmd": "status"})
+            me = [x for x in (st or {}).get("workers", []) if x["pid"] == w.pid]
+            if not me or me[0]["inflight"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        await w.stop(self.cfg.control.stop_timeout_s)
+        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id,
+                                  "why": "retired by reload"})
+        self.workers.retiring.remove(w)
 
     # ---- the gateway's view -------------------------------------------------------------
     async def _gateway_call(self, req: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
@@ -282,37 +267,65 @@ class Supervisor:
             return {"ok": True, "stopping": True, "pid": os.getpid()}
         if cmd == "restart":
             names = req.get("workers") or [w.name for w in self.workers.procs]
+            unknown = set(names) - {w.name for w in self.workers.procs}
+            if unknown:
+                return {"ok": False, "error": f"no such worker: {', '.join(sorted(unknown))}"}
             for w in self.workers.procs:
                 if w.name in names:
                     w.reset()
-            return {"ok": True}
+            return {"ok": True, "restarted": names}
+        if cmd == "reload":
+            return self.start_reload()
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def status(self) -> dict[str, Any]:
         gw = self.gw_status
-        by_id = {w["id"]: w for w in gw.get("workers", [])}
+        live = self._live()
         workers = []
-        for w in self.workers.procs:
+        for w in [*self.workers.procs, *self.workers.retiring]:
             snap = w.snapshot()
-            live = by_id.get(w.name)
-            if live and w.state == "running" and live.get("pid") == w.pid:
-                snap.update({k: live[k] for k in ("slots", "credits", "inflight", "served",
+            snap["id"] = snap.pop("name")
+            info = live.get(w.pid) if w.pid else None
+            if info and w.state == "running":
+                snap.update({k: info[k] for k in ("slots", "credits", "inflight", "served",
                                                   "device")})
-                snap["state"] = live["state"]
+                snap["state"] = info["state"]
             else:
                 snap.update({"inflight": 0, "credits": 0})
-            snap["id"] = snap.pop("name")
+            if w in self.workers.retiring:
+                snap["state"] = "draining"
             workers.append(snap)
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "config": self.cfg.source, "model": self.cfg.model.path,
-            "stopping": self.stopping,
+            "stopping": self.stopping, "reload": self.reload_state,
             "gateway": {**self.gateway.snapshot(), "listening": gw.get("listening", []),
                         "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
                         "connections": gw.get("connections", 0),
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
             "workers": workers,
         }
+
+
+def _defaults(cfg: Config) -> dict[str, Any]:
+    g = cfg.generation
+    return {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
+            "top_k": g.top_k, "deadline_ms": g.deadline_ms, "max_deadline_ms": g.max_deadline_ms}
+
+
+def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(every changed key, the changed keys a rolling reload cannot apply)."""
+    changed, not_applied = [], []
+    for section in ("model", "workers", "generation", "gateway", "http", "control"):
+        a, b = getattr(old, section), getattr(new, section)
+        for f in dataclasses.fields(a):
+            if getattr(a, f.name) != getattr(b, f.name):
+                key = f"{section}.{f.name}"
+                changed.append(key)
+                if section not in ROLLING or (section == "workers"
+                                              and f.name in GATEWAY_WORKER_KEYS):
+                    not_applied.append(key)
+    return changed, not_applied
 
 
 def main(cfg: Config) -> int:

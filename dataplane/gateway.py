@@ -37,6 +37,10 @@ class Gateway:
                                  g.max_deadline_ms)
         self.model_name = os.path.basename(cfg.model.path).removesuffix(".gguf")
         self.interval = cfg.workers.heartbeat_interval_s
+        self.probe_interval = cfg.workers.probe_interval_s
+        self._probe_params = GenerateRequest(
+            prompt="Hello", messages=None, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
+            seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
         self.listening: list[str] = []
         self.connections = 0
@@ -46,7 +50,10 @@ class Gateway:
         self.counters: dict[str, int] = dict.fromkeys((
             "admitted", "dispatched", "done", "cancelled", "cancelled_queued",
             "cancelled_prefill", "cancelled_decode", "expired_queued", "expired_running",
-            "requeued", "slow_clients"), 0)
+            "requeued", "worker_failed", "slow_clients", "probes", "probes_failed"), 0)
+        # Workers declared dead here, by routing id: the supervisor kills the process
+        # if it still runs (hung), then restarts it.
+        self.lost: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, int] = {}
 
     # ---- the fronts' interface ------------------------------------------------------
@@ -91,6 +98,10 @@ class Gateway:
         if req.finished:
             return
         req.finished = True
+        if req.internal:
+            if err is not None:
+                req.sink.on_error(req, err)
+            return
         if err is not None:
             self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
             req.sink.on_error(req, err)
@@ -134,8 +145,14 @@ class Gateway:
             self.worker_lost(wid, "unreachable")
 
     def worker_lost(self, wid: str, why: str) -> None:
+        w = self.sched.workers.get(wid)
+        if w is not None:
+            self.lost[wid] = {"pid": w.pid, "why": why}
+            log.warning("worker %s (pid %d) declared dead: %s", wid, w.pid, why)
         requeued, failed = self.sched.remove_worker(wid)
+        requeued = [r for r in requeued if not r.internal]
         self.counters["requeued"] += len(requeued)
+        self.counters["worker_failed"] += len(failed)
         if requeued or failed:
             log.warning("worker %s lost (%s): %d request(s) re-queued, %d failed",
                         wid, why, len(requeued), len(failed))
@@ -162,11 +179,13 @@ class Gateway:
         if kind is m.Kind.READY:
             info = msg.json()
             requeued, failed = self.sched.add_worker(WorkerState(
-                id=wid, slots=int(info["slots"]), pid=int(info.get("pid", 0)),
+                id=wid, slots=int(info["slots"]), name=str(info.get("name", wid)),
+                pid=int(info.get("pid", 0)),
                 model=str(info.get("model", "")), device=str(info.get("device", "cpu")),
                 n_ctx=int(info.get("n_ctx", 0))))
             for req in failed:
                 self._finish(req, err=WorkerFailed(f"worker {wid} restarted after output began"))
+            self.lost.pop(wid, None)
             log.info("worker %s ready (pid %s, %s slot(s))", wid, info.get("pid"), info["slots"])
             self._wake.set()
         elif w is None:
@@ -189,7 +208,7 @@ class Gateway:
                     if phase in ("prefill", "decode"):
                         self.counters[f"cancelled_{phase}"] += 1
                 if kind is m.Kind.DONE:
-                    body["worker"] = wid
+                    body["worker"] = w.name
                     self._finish(req, stats=body)
                 else:
                     self._finish(req, err=from_code(str(body.get("code")),
@@ -208,16 +227,27 @@ class Gateway:
                 self.counters["expired_queued"] += 1
                 self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
             for req in self.sched.expired_running(now):
-                self.counters["expired_running"] += 1
+                if not req.internal:
+                    self.counters["expired_running"] += 1
                 self._stop_work(req)
                 self._finish(req, err=DeadlineExceeded("deadline passed while running"))
             for w in list(self.sched.workers.values()):
                 if now - w.last_seen > liveness:
                     self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
+                elif self.probe_interval and not w.inflight and not w.draining \
+                        and now - w.last_busy >= self.probe_interval:
+                    self._probe(w)
             if now - getattr(self, "_last_hb", 0.0) >= self.interval:
                 self._last_hb = now
                 for wid in list(self.sched.workers):
                     self._send(wid, m.encode(m.Kind.HEARTBEAT))
+
+    def _probe(self, w: WorkerState) -> None:
+        """Deep probe of an idle worker: a real 1-token generation with a deadline."""
+        req = Request(params=self._probe_params, sink=_ProbeSink(self, w.id), internal=True)
+        self.sched.assign(w, req)
+        self.counters["probes"] += 1
+        self._send(w.id, m.encode(m.Kind.GENERATE, req.rid, req.params.worker_fields()))
 
     # ---- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -229,6 +259,7 @@ class Gateway:
             "open": self.sched.open_count(), "connections": self.connections,
             "counters": dict(self.counters), "errors": dict(self.errors),
             "workers": [w.snapshot(now) for w in self.sched.workers.values()],
+            "lost": dict(self.lost),
         }
 
     def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +272,17 @@ class Gateway:
             return {"ok": True, **self.status()}
         if cmd == "worker_exited":
             self.worker_lost(str(req.get("worker")), str(req.get("why", "exited")))
+            self.lost.pop(str(req.get("worker")), None)   # the supervisor knows already
+            return {"ok": True}
+        if cmd == "drain_worker":
+            w = self.sched.workers.get(str(req.get("worker")))
+            if w is None:
+                return {"ok": False, "error": f"no worker {req.get('worker')!r}"}
+            w.draining = True
+            self._send(w.id, m.encode(m.Kind.DRAIN))
+            return {"ok": True, "inflight": len(w.inflight)}
+        if cmd == "set_defaults":
+            self.defaults = Defaults(**req["defaults"])
             return {"ok": True}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -256,7 +298,6 @@ class Gateway:
             for s in (router, admin):
                 s.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unroutable = error, not a drop
-            router.setsockopt(zmq.ROUTER_HANDOVER, 1)    # a restarted worker takes its id back
             # Outbound per worker is bounded by its credits plus control messages.
             router.setsockopt(zmq.SNDHWM, 10_000)
             router.setsockopt(zmq.RCVHWM, 100_000)
@@ -287,3 +328,21 @@ class Gateway:
             except m.MessageError as exc:
                 reply = {"ok": False, "error": str(exc)}
             await sock.send_json(reply)
+
+
+class _ProbeSink:
+    """Receives a deep probe's outcome: any error means the worker cannot serve."""
+
+    def __init__(self, gw: Gateway, wid: str) -> None:
+        self.gw = gw
+        self.wid = wid
+
+    def on_token(self, req: Request, text: str) -> None:
+        pass
+
+    def on_done(self, req: Request, stats: dict[str, Any]) -> None:
+        pass
+
+    def on_error(self, req: Request, err: LlmctlError) -> None:
+        self.gw.counters["probes_failed"] += 1
+        self.gw.worker_lost(self.wid, f"deep probe failed: {err.code.value}: {err.message}")

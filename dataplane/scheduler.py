@@ -44,6 +44,7 @@ class Request:
     finished: bool = False          # the client has had its DONE or ERROR
     attempts: int = 0
     owed: int = 0                   # token credits to give back to the worker
+    internal: bool = False          # a deep probe, not a client's request
 
     def __post_init__(self) -> None:
         if not self.deadline:
@@ -52,8 +53,9 @@ class Request:
 
 @dataclass(eq=False)
 class WorkerState:
-    id: str
+    id: str                         # the ZeroMQ routing id (unique per spawn)
     slots: int
+    name: str = ""                  # w0, w1, ...
     pid: int = 0
     model: str = ""
     device: str = "cpu"
@@ -62,13 +64,24 @@ class WorkerState:
     last_dispatch: int = 0
     inflight: dict[int, Request] = field(default_factory=dict)
     served: int = 0
+    draining: bool = False          # finishing what it has; gets nothing new
+    last_busy: float = field(default_factory=time.monotonic)
 
     @property
     def credits(self) -> int:
         return self.slots - len(self.inflight)
 
+    @property
+    def available(self) -> int:
+        """Credits the scheduler may spend now."""
+        return 0 if self.draining else self.credits
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.draining else "ready" if self.credits else "busy"
+
     def snapshot(self, now: float) -> dict[str, Any]:
-        return {"id": self.id, "pid": self.pid, "state": "ready" if self.credits else "busy",
+        return {"id": self.id, "name": self.name, "pid": self.pid, "state": self.state,
                 "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
                 "served": self.served, "device": self.device, "model": self.model,
                 "last_seen_s": round(now - self.last_seen, 3)}
@@ -111,17 +124,17 @@ class Scheduler:
 
     @property
     def ready(self) -> bool:
-        return bool(self.workers)
+        return any(not w.draining for w in self.workers.values())
 
     # ---- admission ------------------------------------------------------------------
     def admit(self, req: Request) -> None:
         if self.draining:
             raise ShuttingDown("the server is draining for a stop")
-        if not self.workers:
+        if not self.ready:
             raise NotReady("no worker is ready")
         # Queued requests up to the free credits are about to be dispatched: they
         # do not count against max_queue.
-        free = sum(w.credits for w in self.workers.values())
+        free = sum(w.available for w in self.workers.values())
         if len(self.queue) >= self.max_queue + free:
             raise Overloaded("the admission queue is full", retry_after_ms=self.retry_after_ms())
         self.queue.append(req)
@@ -147,19 +160,25 @@ class Scheduler:
         """Pair queued requests with workers holding credit, LRU first."""
         out = []
         while self.queue:
-            candidates = [w for w in self.workers.values() if w.credits > 0]
+            candidates = [w for w in self.workers.values() if w.available > 0]
             if not candidates:
                 break
             w = min(candidates, key=lambda x: x.last_dispatch)
             req = self.queue.popleft()
             if req.finished:
                 continue
-            w.last_dispatch = next(self._tick)
-            w.inflight[req.rid] = req
-            req.worker = w.id
-            req.attempts += 1
+            self.assign(w, req)
             out.append((w, req))
         return out
+
+    def assign(self, w: WorkerState, req: Request) -> None:
+        """Spend one of ``w``'s credits on ``req``."""
+        assert w.credits > 0
+        w.last_dispatch = next(self._tick)
+        w.last_busy = time.monotonic()
+        w.inflight[req.rid] = req
+        req.worker = w.id
+        req.attempts += 1
 
     def complete(self, wid: str, rid: int) -> Request | None:
         """The worker ended ``rid`` (DONE or ERROR): its credit comes back."""
@@ -170,6 +189,7 @@ class Scheduler:
         if req is not None:
             req.worker = None
             w.served += 1
+            w.last_busy = time.monotonic()
             self._done_times.append(time.monotonic())
         return req
 

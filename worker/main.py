@@ -54,7 +54,7 @@ class Worker:
     def _ready_msg(self) -> list[bytes]:
         e = self.engine
         return m.encode(m.Kind.READY, None, {
-            "worker": self.id, "pid": os.getpid(), "slots": e.free_slots, "model": e.model_name,
+            "worker": self.id, "name": self.id.split(".")[0], "pid": os.getpid(), "slots": e.free_slots, "model": e.model_name,
             "n_ctx": e.n_ctx, "device": e.device})
 
     def run(self) -> int:
