@@ -9,6 +9,7 @@ crashes within ``restart_window_s``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import logging.handlers
 import os
@@ -25,6 +26,7 @@ from control.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, termi
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 40
+_SPAWN_IDS = itertools.count(1)
 
 
 class ChildProcess:
@@ -36,6 +38,7 @@ class ChildProcess:
         self.name = name
         self.cfg = cfg
         self.spawns = 0
+        self._spawn_id = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.state = "stopped"          # starting | running | backoff | fatal | stopped
         self.restarts = 0
@@ -72,9 +75,9 @@ class ChildProcess:
 
     @property
     def routing_id(self) -> str:
-        """The ZeroMQ identity of this spawn (unique, so that an old and a new
-        process of the same name can coexist during a rolling reload)."""
-        return f"{self.name}.{self.spawns}"
+        """The ZeroMQ identity of this spawn, unique within the supervisor, so that an
+        old and a new process of the same name coexist during a rolling reload."""
+        return f"{self.name}.{self._spawn_id}"
 
     def rss(self) -> int | None:
         pid = self.pid
@@ -87,6 +90,7 @@ class ChildProcess:
 
     async def start(self) -> None:
         self.spawns += 1
+        self._spawn_id = next(_SPAWN_IDS)
         env = dict(os.environ)
         env[CONFIG_JSON_ENV] = self.cfg.to_json()
         env["PYTHONUNBUFFERED"] = "1"

@@ -12,22 +12,10 @@ import pytest
 
 from dataplane import protocol as p
 from dataplane.protocol import FrameType
-from tests.service import Service, port_is_free, wait_until
+from tests.service import Service, pid_gone, port_is_free, wait_until
 from tools.client import ServerError
 
 pytestmark = pytest.mark.integration
-
-
-def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @pytest.fixture(scope="module")
