@@ -23,7 +23,7 @@ from control.gpu_estimate import (DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, K
 
 __all__ = [
     "GpuConfig", "VramReader", "NvmlReader", "FakeReader", "Action", "GpuMonitor", "check",
-    "plan_for_config", "check_main", "warn_if_no_gpu", "NO_GPU_MESSAGE",
+    "plan_for_config", "startup_plan", "check_main", "warn_if_no_gpu", "NO_GPU_MESSAGE",
     "Estimate", "ModelInfo", "ModelInfoError", "Plan", "VramBudgetError", "estimate", "plan",
     "read_model", "gpu_layout", "effective_gpu_layers", "MiB",
 ]
@@ -386,6 +386,26 @@ class GpuMonitor:
         return kept
 
 
+# ---- `llmctl start` and `llmctl check` ----------------------------------------------------------
+
+def startup_plan(cfg: Any, gpu: GpuConfig | None = None,
+                 reader: VramReader | None = None) -> Plan | None:
+    """The plan ``llmctl start`` enforces before it spawns workers, or None when there is
+    nothing to enforce (no NVIDIA GPU: said once in the log; or n_gpu_layers = 0).
+
+    Raises VramBudgetError when the configuration does not fit and ``fit`` is false;
+    with ``fit`` the caller starts ``plan.apply(cfg)`` and reports ``plan.changes``.
+    """
+    rd = reader if reader is not None else NvmlReader()
+    try:
+        if not warn_if_no_gpu(rd) or cfg.model.n_gpu_layers == 0:
+            return None
+    finally:
+        if reader is None:
+            rd.close()      # type: ignore[attr-defined]
+    return plan_for_config(cfg, gpu)
+
+
 # ---- `llmctl check` -------------------------------------------------------------------------------
 
 def check_main(cfg: Any, gpu: GpuConfig | None = None, reader: VramReader | None = None) -> str:
@@ -402,6 +422,8 @@ def check_main(cfg: Any, gpu: GpuConfig | None = None, reader: VramReader | None
     else:
         why = getattr(rd, "why", "")
         device = f"GPU: none ({why or 'no NVIDIA GPU'}): {NO_GPU_MESSAGE}"
+    if reader is None:
+        rd.close()          # type: ignore[attr-defined]
     try:
         p = plan_for_config(cfg, g)
     except VramBudgetError as exc:

@@ -415,3 +415,19 @@ def test_monitor_warns_when_nvml_sees_none_of_the_worker_pids(caplog, monkeypatc
         mon.sample(PIDS)
     assert s["total_mib"] == 0.0 and s["device_used_mib"] == 900.0
     assert sum("none of the workers' pids" in r.message for r in caplog.records) == 1
+
+
+@needs_model
+def test_startup_plan_enforces_only_with_a_gpu(monkeypatch):
+    monkeypatch.setattr(gpu, "_SAID", set())
+    cfg = config.load(Path(__file__).parent.parent / "config.toml")
+    small = GpuConfig(vram_budget_mb=200)
+    assert gpu.startup_plan(cfg, small, FakeReader(available=False)) is None     # not enforced
+    if not NvmlReader().available():                                             # this machine
+        assert gpu.startup_plan(cfg, small) is None
+    with pytest.raises(VramBudgetError):
+        gpu.startup_plan(cfg, small, FakeReader())
+    cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_gpu_layers=0))
+    assert gpu.startup_plan(cpu, small, FakeReader()) is None
+    p = gpu.startup_plan(cfg, GpuConfig(vram_budget_mb=300, fit=True), FakeReader())
+    assert p is not None and p.changes == ("model.n_ctx 2048 -> 256",)
