@@ -361,7 +361,7 @@ class GpuMonitor:
         if self._pending is not None:
             w, old = self._pending
             new = worker_pids.get(w)
-            if new is not None and new != old:
+            if w not in worker_pids or (new is not None and new != old):
                 self._pending = None
         est = self.estimate
         actions = check(self.per_pid, self.budget, worker_pids, self.gpu.on_breach,
