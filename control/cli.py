@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from control import config as config_mod
+from control import gpu
 from control.config import Config, ConfigError
 from control.procs import CONFIG_JSON_ENV, pid_alive
 
@@ -80,6 +81,15 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
               f"  run `make setup` (or python -m tools.fetch_model) to fetch the default model",
               file=sys.stderr)
         return 2
+    try:
+        plan = gpu.startup_plan(cfg)
+    except (gpu.VramBudgetError, gpu.ModelInfoError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if plan is not None and plan.changes:
+        print("the configuration does not fit [gpu] vram_budget_mb; with [gpu] fit = true it "
+              "was shrunk:\n  " + "\n  ".join(plan.changes))
+        cfg = plan.apply(cfg)
     busy = [e for e in (_port_free(cfg.gateway.host, cfg.gateway.port),
                         _port_free(cfg.http.host, cfg.http.port) if cfg.http.enabled else None) if e]
     if busy:
@@ -203,15 +213,24 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]llmctl[/] supervisor pid {st['pid']}, up {_fmt_uptime(st['uptime_s'])}, "
                   f"model {os.path.basename(st['model'])}")
-    console.print(f"gateway pid {gw['pid']} [{gw['state']}] on {', '.join(gw['listening']) or '-'}"
+    console.print(f"gateway pid {gw['pid']} \\[{gw['state']}] on {', '.join(gw['listening']) or '-'}"
                   f"; queue {gw['queue']}, in flight {gw['inflight']}, "
                   f"connections {gw['connections']}, restarts {gw['restarts']}")
+    g = st.get("gpu")
+    if g and g.get("enforced"):
+        console.print(f"device {g['device']}: VRAM {g['total_mib']:.0f} / {g['budget_mib']:.0f} MiB "
+                      f"budget{' [red]OVER BUDGET[/]' if g['breach'] else ''}")
+    else:
+        console.print("device cpu (no NVIDIA GPU: VRAM budget not enforced)")
     t = Table("worker", "pid", "state", "uptime", "slots", "credits", "in flight", "served",
-              "restarts", "last exit")
+              "restarts", "RSS MiB", "VRAM MiB", "last exit")
     for w in st["workers"]:
+        rss = f"{w['rss'] / 2**20:.0f}" if w.get("rss") else "-"
+        vram = f"{w['vram_mib']:.0f}" if w.get("vram_mib") is not None else "-"
         t.add_row(w["id"], str(w["pid"] or "-"), w["state"], _fmt_uptime(w["uptime_s"]),
                   str(w.get("slots", "-")), str(w["credits"]), str(w["inflight"]),
-                  str(w.get("served", "-")), str(w["restarts"]), w["last_exit"] or "-")
+                  str(w.get("served", "-")), str(w["restarts"]), rss, vram,
+                  w["last_exit"] or "-")
     console.print(t)
     for c in [gw, *st["workers"]]:
         if c.get("stderr_tail"):
@@ -228,6 +247,18 @@ def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     print("restart requested" if st.get("ok") else f"error: {st.get('error')}")
     return 0 if st.get("ok") else 1
+
+
+def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        print(gpu.check_main(cfg))
+    except gpu.VramBudgetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except gpu.ModelInfoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
@@ -320,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", parents=[common], help="clear FATAL workers and restart them")
     p.add_argument("workers", nargs="*")
     p.set_defaults(func=cmd_restart)
+    p = sub.add_parser("check", parents=[common],
+                       help="print the GPU memory plan (estimate vs budget); starts nothing")
+    p.set_defaults(func=cmd_check)
     p = sub.add_parser("reload", parents=[common],
                        help="re-read the config and roll the workers one at a time")
     p.set_defaults(func=cmd_reload)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from control.gpu import GpuConfig
+
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "LLMCTL_CONFIG"
 
@@ -114,6 +116,7 @@ class Config:
     gateway: GatewayConfig = GatewayConfig()
     http: HttpConfig = HttpConfig()
     control: ControlConfig = ControlConfig()
+    gpu: GpuConfig = GpuConfig()
     source: str = ""  # the file it came from ("" = defaults)
 
     # ---- derived, absolute paths -------------------------------------------------
@@ -162,11 +165,12 @@ class Config:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "workers": WorkersConfig, "generation": GenerationConfig,
-    "gateway": GatewayConfig, "http": HttpConfig, "control": ControlConfig,
+    "gateway": GatewayConfig, "http": HttpConfig, "control": ControlConfig, "gpu": GpuConfig,
 }
 
 
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TYPES: dict[Any, type] = {"int": int, "float": float, "str": str, "bool": bool,
+                           int: int, float: float, str: str, bool: bool}
 
 
 def _check_value(where: str, f: dataclasses.Field, value: Any) -> Any:

@@ -21,6 +21,7 @@ import zmq
 import zmq.asyncio
 
 from control import config as config_mod
+from control import gpu
 from control.child import ChildProcess, WorkerProcess
 from control.config import Config, ConfigError
 from control.procs import describe_exit
@@ -56,6 +57,7 @@ class Supervisor:
         self.reload_state: dict[str, Any] = {"state": "idle"}
         self._reload_task: asyncio.Task | None = None
         self.ctx: zmq.asyncio.Context | None = None
+        self.gpu: gpu.GpuMonitor | None = None
 
     @property
     def children(self) -> list[ChildProcess]:
@@ -64,6 +66,8 @@ class Supervisor:
     # ---- main loop --------------------------------------------------------------------
     async def run(self) -> None:
         self.ctx = zmq.asyncio.Context()
+        # NVML or not, said once; cheap (no GGUF read) so status has it from the start.
+        self.gpu = gpu.GpuMonitor(self.cfg.gpu, n_gpu_layers=self.cfg.model.n_gpu_layers)
         control = self.ctx.socket(zmq.REP)
         control.setsockopt(zmq.LINGER, 0)
         tasks: list[asyncio.Task] = []
@@ -73,7 +77,8 @@ class Supervisor:
             for child in self.children:
                 await child.start()
             tasks = [asyncio.create_task(self._serve_control(control)),
-                     asyncio.create_task(self._poll_gateway())]
+                     asyncio.create_task(self._poll_gateway()),
+                     asyncio.create_task(self._watch_vram())]
             while not self.stop_event.is_set():
                 await self._reconcile()
                 try:
@@ -210,19 +215,56 @@ class Supervisor:
             await asyncio.sleep(0.1)
         return False
 
-    async def _retire(self, w: WorkerProcess) -> None:
-        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
+    async def _wait_drained(self, w: WorkerProcess) -> None:
         deadline = time.monotonic() + self.cfg.control.drain_timeout_s
         while time.monotonic() < deadline:
             st = await self._gateway_call({"cmd": "status"})
             me = [x for x in (st or {}).get("workers", []) if x["pid"] == w.pid]
             if not me or me[0]["inflight"] == 0:
-                break
+                return
             await asyncio.sleep(0.1)
+
+    async def _retire(self, w: WorkerProcess) -> None:
+        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
+        await self._wait_drained(w)
         await w.stop(self.cfg.control.stop_timeout_s)
         await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id,
                                   "why": "retired by reload"})
         self.workers.retiring.remove(w)
+
+    # ---- GPU memory -----------------------------------------------------------------------
+    async def _watch_vram(self) -> None:
+        """Sample per-worker VRAM (NVML); act on a breach of the budget."""
+        if self.gpu is None or not self.gpu.enforced:
+            return
+        # With a GPU, read the GGUF for the estimate (seconds: off the event loop).
+        self.gpu = await asyncio.to_thread(gpu.GpuMonitor.for_config, self.cfg)
+        while True:
+            pids = {w.name: w.pid for w in self.workers.procs}
+            for action in await asyncio.to_thread(self.gpu.poll, pids):
+                if action.kind == "restart" and action.n_gpu_layers is not None:
+                    await self._restart_with_layers(action.worker or "", action.n_gpu_layers)
+            await asyncio.sleep(self.cfg.gpu.sample_interval_s)
+
+    async def _restart_with_layers(self, name: str, layers: int) -> None:
+        w = next((x for x in self.workers.procs if x.name == name), None)
+        if w is None:
+            return
+        log.warning("restarting %s with n_gpu_layers=%d to get under the VRAM budget",
+                    name, layers)
+        w.cfg = dataclasses.replace(w.cfg, model=dataclasses.replace(w.cfg.model,
+                                                                      n_gpu_layers=layers))
+        await self._retire_in_place(w)
+
+    async def _retire_in_place(self, w: WorkerProcess) -> None:
+        """Drain a worker, stop it and start it again at once (not a crash)."""
+        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
+        await self._wait_drained(w)
+        await w.stop(self.cfg.control.stop_timeout_s)
+        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id,
+                                  "why": "restarted by the VRAM governor"})
+        w.restarts += 1
+        await w.start()
 
     # ---- the gateway's view -------------------------------------------------------------
     async def _gateway_call(self, req: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
@@ -294,11 +336,14 @@ class Supervisor:
                 snap.update({"inflight": 0, "credits": 0})
             if w in self.workers.retiring:
                 snap["state"] = "draining"
+            vram = self.gpu.last["workers"].get(w.name) if self.gpu else None
+            snap["vram_mib"] = vram if self.gpu and self.gpu.last["enforced"] else None
             workers.append(snap)
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "config": self.cfg.source, "model": self.cfg.model.path,
             "stopping": self.stopping, "reload": self.reload_state,
+            "gpu": self.gpu.last if self.gpu else None,
             "gateway": {**self.gateway.snapshot(), "listening": gw.get("listening", []),
                         "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
                         "connections": gw.get("connections", 0),
@@ -316,7 +361,7 @@ def _defaults(cfg: Config) -> dict[str, Any]:
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
-    for section in ("model", "workers", "generation", "gateway", "http", "control"):
+    for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu"):
         a, b = getattr(old, section), getattr(new, section)
         for f in dataclasses.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
