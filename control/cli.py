@@ -206,6 +206,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -222,15 +223,15 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                       f"budget{' [red]OVER BUDGET[/]' if g['breach'] else ''}")
     else:
         console.print("device cpu (no NVIDIA GPU: VRAM budget not enforced)")
-    t = Table("worker", "pid", "state", "uptime", "slots", "credits", "in flight", "served",
-              "restarts", "RSS MiB", "VRAM MiB", "last exit")
+    # Fits 80 columns: busy = in flight / slots.
+    t = Table("worker", "pid", "state", "up", "busy", "served", "rst", "RSS", "VRAM",
+              "last exit", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for w in st["workers"]:
-        rss = f"{w['rss'] / 2**20:.0f}" if w.get("rss") else "-"
-        vram = f"{w['vram_mib']:.0f}" if w.get("vram_mib") is not None else "-"
+        rss = f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-"
+        vram = f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-"
         t.add_row(w["id"], str(w["pid"] or "-"), w["state"], _fmt_uptime(w["uptime_s"]),
-                  str(w.get("slots", "-")), str(w["credits"]), str(w["inflight"]),
-                  str(w.get("served", "-")), str(w["restarts"]), rss, vram,
-                  w["last_exit"] or "-")
+                  f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
+                  str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
     for c in [gw, *st["workers"]]:
         if c.get("stderr_tail"):
