@@ -39,6 +39,7 @@ class ChildProcess:
         self.cfg = cfg
         self.spawns = 0
         self._spawn_id = 0
+        self._psutil: psutil.Process | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.state = "stopped"          # starting | running | backoff | fatal | stopped
         self.restarts = 0
@@ -79,12 +80,29 @@ class ChildProcess:
         old and a new process of the same name coexist during a rolling reload."""
         return f"{self.name}.{self._spawn_id}"
 
-    def rss(self) -> int | None:
+    def _ps(self) -> psutil.Process | None:
         pid = self.pid
         if pid is None:
             return None
+        if self._psutil is None or self._psutil.pid != pid:
+            try:
+                self._psutil = psutil.Process(pid)
+            except psutil.Error:
+                return None
+        return self._psutil
+
+    def rss(self) -> int | None:
+        ps = self._ps()
         try:
-            return psutil.Process(pid).memory_info().rss
+            return ps.memory_info().rss if ps else None
+        except psutil.Error:
+            return None
+
+    def cpu_percent(self) -> float | None:
+        """CPU use since the previous call (psutil's interval=None semantics)."""
+        ps = self._ps()
+        try:
+            return ps.cpu_percent(None) if ps else None
         except psutil.Error:
             return None
 

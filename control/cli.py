@@ -91,7 +91,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
               "was shrunk:\n  " + "\n  ".join(plan.changes))
         cfg = plan.apply(cfg)
     busy = [e for e in (_port_free(cfg.gateway.host, cfg.gateway.port),
-                        _port_free(cfg.http.host, cfg.http.port) if cfg.http.enabled else None) if e]
+                        _port_free(cfg.http.host, cfg.http.port)) if e]   # HTTP: always /metrics
     if busy:
         print("error: cannot listen on " + "; ".join(busy), file=sys.stderr)
         return 2
@@ -233,6 +233,20 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                   f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
                   str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
+    mt = st.get("metrics") or {}
+    if mt:
+        from control.top import _ms
+        w = mt["window_s"]
+        console.print(f"p50/p95/p99   last {w}s           since start", highlight=False)
+        for label, key in (("TTFT", "ttft_ms"), ("latency", "latency_ms")):
+            win, tot = mt[key]["window"], mt[key]["total"]
+            console.print(f"{label:12}  " + "/".join(_ms(win[k]) for k in ("p50", "p95", "p99"))
+                          + f" n={win['count']}".ljust(8) + "  "
+                          + "/".join(_ms(tot[k]) for k in ("p50", "p95", "p99"))
+                          + f" n={tot['count']}", highlight=False)
+        errs = ", ".join(f"{k} {v}" for k, v in sorted(gw.get("errors", {}).items())) or "none"
+        console.print(f"throughput last {w}s: {mt['requests_per_s']:.2f} req/s, "
+                      f"{mt['tokens_per_s']:.1f} tok/s; errors: {errs}", highlight=False)
     for c in [gw, *st["workers"]]:
         if c.get("stderr_tail"):
             console.print(f"[red]{c.get('id', c.get('name'))} last output:[/]")
@@ -248,6 +262,18 @@ def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
         return EXIT_NOT_RUNNING
     print("restart requested" if st.get("ok") else f"error: {st.get('error')}")
     return 0 if st.get("ok") else 1
+
+
+def cmd_top(cfg: Config, args: argparse.Namespace) -> int:
+    from control.top import run
+
+    client = ControlClient(cfg)
+
+    def fetch() -> dict[str, Any] | None:
+        st = client.call("status", timeout=1.0) if _read_pid(cfg) else None
+        return st if st and st.get("ok") else None
+
+    return run(fetch, refresh_s=args.interval)
 
 
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
@@ -352,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", parents=[common], help="clear FATAL workers and restart them")
     p.add_argument("workers", nargs="*")
     p.set_defaults(func=cmd_restart)
+    p = sub.add_parser("top", parents=[common], help="live dashboard (q or Ctrl-C quits)")
+    p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds")
+    p.set_defaults(func=cmd_top)
     p = sub.add_parser("check", parents=[common],
                        help="print the GPU memory plan (estimate vs budget); starts nothing")
     p.set_defaults(func=cmd_check)

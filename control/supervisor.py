@@ -17,6 +17,7 @@ import stat
 import time
 from typing import Any
 
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -58,6 +59,7 @@ class Supervisor:
         self._reload_task: asyncio.Task | None = None
         self.ctx: zmq.asyncio.Context | None = None
         self.gpu: gpu.GpuMonitor | None = None
+        self._cpu: dict[str, float | None] = {}
 
     @property
     def children(self) -> list[ChildProcess]:
@@ -282,10 +284,39 @@ class Supervisor:
             sock.close(linger=0)
 
     async def _poll_gateway(self) -> None:
+        """Keep the gateway's view here, and push the process figures there (the one
+        place that aggregates metrics)."""
+        me = psutil.Process()
         while True:
             st = await self._gateway_call({"cmd": "status"})
             self.gw_status = st or {}
+            if st is not None:
+                procs = {
+                    "supervisor": {"pid": me.pid, "rss": me.memory_info().rss,
+                                   "cpu": me.cpu_percent(None)},
+                    "gateway": {"pid": self.gateway.pid, "rss": self.gateway.rss(),
+                                "cpu": self.gateway.cpu_percent()},
+                    "workers": [{"name": w.name, "pid": w.pid, "state": self._state_of(w),
+                                 "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
+                                 "vram_mib": self._vram_of(w)} for w in self.workers.procs],
+                    "gpu": self.gpu.last if self.gpu else None,
+                }
+                self._cpu = {"supervisor": procs["supervisor"]["cpu"],
+                             "gateway": procs["gateway"]["cpu"],
+                             **{w["name"]: w["cpu"] for w in procs["workers"]}}
+                await self._gateway_call({"cmd": "procs", "procs": procs}, timeout=0.5)
             await asyncio.sleep(STATUS_POLL_S)
+
+    def _state_of(self, w: WorkerProcess) -> str:
+        info = self._live().get(w.pid) if w.pid else None
+        if w in self.workers.retiring:
+            return "draining"
+        return info["state"] if info and w.state == "running" else w.state
+
+    def _vram_of(self, w: WorkerProcess) -> float | None:
+        if self.gpu is None or not self.gpu.last.get("enforced"):
+            return None
+        return self.gpu.last["workers"].get(w.name)
 
     # ---- control socket -----------------------------------------------------------------
     async def _serve_control(self, sock: zmq.asyncio.Socket) -> None:
@@ -324,6 +355,7 @@ class Supervisor:
         gw = self.gw_status
         live = self._live()
         workers = []
+        wm = gw.get("metrics", {}).get("workers", {})
         for w in [*self.workers.procs, *self.workers.retiring]:
             snap = w.snapshot()
             snap["id"] = snap.pop("name")
@@ -331,20 +363,22 @@ class Supervisor:
             if info and w.state == "running":
                 snap.update({k: info[k] for k in ("slots", "credits", "inflight", "served",
                                                   "device")})
-                snap["state"] = info["state"]
             else:
                 snap.update({"inflight": 0, "credits": 0})
-            if w in self.workers.retiring:
-                snap["state"] = "draining"
-            vram = self.gpu.last["workers"].get(w.name) if self.gpu else None
-            snap["vram_mib"] = vram if self.gpu and self.gpu.last["enforced"] else None
+            snap["state"] = self._state_of(w)
+            snap["vram_mib"] = self._vram_of(w)
+            snap["cpu"] = self._cpu.get(w.name)
+            snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
             workers.append(snap)
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "config": self.cfg.source, "model": self.cfg.model.path,
             "stopping": self.stopping, "reload": self.reload_state,
             "gpu": self.gpu.last if self.gpu else None,
+            "metrics": gw.get("metrics", {}),
+            "free_credits": gw.get("free_credits", 0),
             "gateway": {**self.gateway.snapshot(), "listening": gw.get("listening", []),
+                        "http_listening": gw.get("http_listening", ""),
                         "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
                         "connections": gw.get("connections", 0),
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},

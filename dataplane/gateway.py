@@ -20,6 +20,7 @@ from control.config import Config
 from dataplane import messages as m
 from dataplane.errors import (DeadlineExceeded, LlmctlError, WorkerFailed, from_code)
 from dataplane.protocol import Defaults, GenerateRequest
+from dataplane.metrics import GatewayMetrics
 from dataplane.scheduler import Request, Scheduler, Sink, WorkerState
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Gateway:
             seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
         self.listening: list[str] = []
+        self.http_listening = ""
         self.connections = 0
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._wake = asyncio.Event()
@@ -54,6 +56,8 @@ class Gateway:
         # Workers declared dead here, by routing id: the supervisor kills the process
         # if it still runs (hung), then restarts it.
         self.lost: dict[str, dict[str, Any]] = {}
+        self.metrics = GatewayMetrics()
+        self.procs: dict[str, Any] = {}     # process figures pushed by the supervisor
         self.errors: dict[str, int] = {}
 
     # ---- the fronts' interface ------------------------------------------------------
@@ -63,11 +67,15 @@ class Gateway:
         try:
             self.sched.admit(req)
         except LlmctlError as err:
-            self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
+            self.note_error(err)
             raise
         self.counters["admitted"] += 1
         self._wake.set()
         return req
+
+    def note_error(self, err: LlmctlError) -> None:
+        """Count an error answered to a client (by code), whichever front sent it."""
+        self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
 
     def cancel(self, req: Request) -> None:
         """The client cancelled, or went away: DONE(cancelled), free the work."""
@@ -103,7 +111,7 @@ class Gateway:
                 req.sink.on_error(req, err)
             return
         if err is not None:
-            self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
+            self.note_error(err)
             req.sink.on_error(req, err)
             return
         now = time.monotonic()
@@ -113,6 +121,7 @@ class Gateway:
         out["total_ms"] = round((now - req.t_admit) * 1000, 3)
         out["worker"] = req.worker or stats.get("worker", "")
         self.counters["done"] += 1
+        self.metrics.on_done(str(out["worker"]), out, now)
         req.sink.on_done(req, out)
 
     # ---- worker side ----------------------------------------------------------------
@@ -129,6 +138,7 @@ class Gateway:
                 wid, frames = self._outbox.popleft()
                 await self._route(wid, frames)
             for w, req in self.sched.take():
+                self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
                 body = req.params.worker_fields()
                 body["window"] = self.cfg.gateway.token_window
                 self.counters["dispatched"] += 1
@@ -195,8 +205,13 @@ class Gateway:
         elif kind is m.Kind.TOKEN and msg.rid is not None:
             req = w.inflight.get(msg.rid)
             if req is not None and not req.finished:
+                now = time.monotonic()
                 if req.t_first is None:
-                    req.t_first = time.monotonic()
+                    req.t_first = now
+                gap = (now - req.t_last) * 1000 if req.t_last is not None else None
+                req.t_last = now
+                if not req.internal:
+                    self.metrics.on_token(w.name, gap, now)
                 req.pieces += 1
                 req.sink.on_token(req, msg.text())
         elif kind in (m.Kind.DONE, m.Kind.ERROR) and msg.rid is not None:
@@ -254,12 +269,15 @@ class Gateway:
         now = time.monotonic()
         return {
             "pid": os.getpid(), "listening": self.listening, "model": self.model_name,
+            "http_listening": self.http_listening,
             "draining": self.sched.draining, "queue": len(self.sched.queue),
             "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
             "open": self.sched.open_count(), "connections": self.connections,
             "counters": dict(self.counters), "errors": dict(self.errors),
             "workers": [w.snapshot(now) for w in self.sched.workers.values()],
             "lost": dict(self.lost),
+            "metrics": self.metrics.snapshot(now),
+            "free_credits": sum(w.available for w in self.sched.workers.values()),
         }
 
     def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -281,6 +299,9 @@ class Gateway:
             w.draining = True
             self._send(w.id, m.encode(m.Kind.DRAIN))
             return {"ok": True, "inflight": len(w.inflight)}
+        if cmd == "procs":
+            self.procs = dict(req.get("procs", {}))
+            return {"ok": True}
         if cmd == "set_defaults":
             self.defaults = Defaults(**req["defaults"])
             return {"ok": True}
@@ -288,12 +309,14 @@ class Gateway:
 
     # ---- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        from dataplane.prom import serve_metrics_only
         from dataplane.tcp import serve_tcp
 
         router = self.ctx.socket(zmq.ROUTER)
         admin = self.ctx.socket(zmq.REP)
         tasks: list[asyncio.Task] = []
         server = None
+        http = None
         try:
             for s in (router, admin):
                 s.setsockopt(zmq.LINGER, 0)
@@ -304,6 +327,8 @@ class Gateway:
             router.bind(self.cfg.workers_endpoint)
             self.router = router
             server = await serve_tcp(self)
+            http = await serve_metrics_only(self)
+            self.http_listening = f"{self.cfg.http.host}:{self.cfg.http.port}"
             admin.bind(self.cfg.admin_endpoint)
             tasks = [asyncio.create_task(c) for c in
                      (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]
@@ -317,6 +342,8 @@ class Gateway:
                 t.cancel()
             if server is not None:
                 server.close()
+            if http is not None:
+                await http.cleanup()
             router.close(linger=0)
             admin.close(linger=0)
 

@@ -41,6 +41,7 @@ class Request:
     worker: str | None = None       # the worker holding it, while it holds it
     pieces: int = 0                 # TOKEN pieces sent to the client
     t_first: float | None = None
+    t_last: float | None = None     # the last TOKEN (inter-token latency)
     finished: bool = False          # the client has had its DONE or ERROR
     attempts: int = 0
     owed: int = 0                   # token credits to give back to the worker

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from dataplane import protocol as p
 from dataplane.errors import (BadRequest, LlmctlError, ProtocolError, TooManyStreams,
-                              Unauthorized, closes_connection)
+                              Unauthorized)
 from dataplane.protocol import Frame, FrameType
 from dataplane.scheduler import Request
 
@@ -125,6 +125,7 @@ class Connection:
                 self._on_frame(frame)
         except LlmctlError as err:
             # Connection-level errors: answer on stream 0, then close.
+            self.gw.note_error(err)
             self._write(p.error(0, err))
             log.info("%s: %s: %s", self.peer, err.code.value, err.message)
         except _Closed:
@@ -184,9 +185,13 @@ class Connection:
             if len(self.streams) >= self.cfg.max_streams:
                 raise TooManyStreams(f"at most {self.cfg.max_streams} open streams per connection")
             params = p.parse_generate(frame.payload, self.gw.defaults)
-            self.streams[stream] = self.gw.submit(params, self, stream)
         except LlmctlError as err:
-            assert not closes_connection(err.code)
+            self.gw.note_error(err)
+            self._write(p.error(stream, err))
+            return
+        try:
+            self.streams[stream] = self.gw.submit(params, self, stream)
+        except LlmctlError as err:          # not ready, overloaded, shutting down: counted
             self._write(p.error(stream, err))
 
 

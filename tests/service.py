@@ -69,10 +69,12 @@ class Service:
         # A short directory: ipc:// socket paths must stay under ~100 characters.
         self.dir = Path(tempfile.mkdtemp(prefix="llmctl-"))
         self.port = free_port()
+        self.http_port = free_port()
         base: dict[str, dict[str, Any]] = {
             "model": {"path": str(MODEL), "n_ctx": 1024, "threads": 1},
             "workers": {"count": 1, "slots": 1, "heartbeat_interval_s": 0.5, "liveness": 4},
             "gateway": {"port": self.port, "handshake_timeout_s": 1.0},
+            "http": {"port": self.http_port},
             "control": {"run_dir": str(self.dir / "run"), "start_timeout_s": 120.0,
                         "drain_timeout_s": 10.0, "stop_timeout_s": 3.0},
         }

@@ -1,0 +1,151 @@
+"""Prometheus exposition of the gateway's figures (``GET /metrics`` on the HTTP port).
+
+A collector reads the gateway at scrape time (no global registry, nothing updated
+twice): request counters and errors by code, histograms of TTFT, end-to-end
+latency, queue wait and inter-token latency, gauges of queue and credits, and the
+process figures (states, restarts, RSS, CPU, VRAM) the supervisor pushes.
+Every name is prefixed ``llmctl_``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from dataplane.metrics import PROM_BUCKETS_S, Windowed
+
+if TYPE_CHECKING:
+    from dataplane.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+WORKER_STATES = ("starting", "ready", "busy", "draining", "backoff", "fatal", "stopped")
+
+
+def _histogram(name: str, doc: str, w: Windowed) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for le, n in zip((*PROM_BUCKETS_S, float("inf")), w.prom):
+        cumulative += n
+        buckets.append(("+Inf" if le == float("inf") else repr(le), cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=w.total.sum / 1000.0)
+
+
+class GatewayCollector:
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[Metric]:
+        gw, mt = self.gw, self.gw.metrics
+        c = CounterMetricFamily("llmctl_requests", "Requests by outcome", labels=["outcome"])
+        for key in ("admitted", "dispatched", "done", "cancelled", "requeued", "worker_failed",
+                    "expired_queued", "expired_running"):
+            c.add_metric([key], gw.counters.get(key, 0))
+        yield c
+        e = CounterMetricFamily("llmctl_errors", "Errors answered, by code", labels=["code"])
+        for code, n in sorted(gw.errors.items()):
+            e.add_metric([code], n)
+        yield e
+        yield CounterMetricFamily("llmctl_prompt_tokens", "Prompt tokens of finished requests",
+                                  value=mt.prompt_tokens)
+        yield CounterMetricFamily("llmctl_completion_tokens", "Tokens generated (finished requests)",
+                                  value=mt.completion_tokens)
+        yield CounterMetricFamily("llmctl_cached_prompt_tokens",
+                                  "Prompt tokens served from a worker's KV cache",
+                                  value=mt.cached_tokens)
+        yield CounterMetricFamily("llmctl_streamed_tokens", "TOKEN pieces streamed to clients",
+                                  value=mt.tokens_out.total)
+        yield CounterMetricFamily("llmctl_slow_clients", "Clients dropped for not reading",
+                                  value=gw.counters.get("slow_clients", 0))
+        yield _histogram("llmctl_ttft_seconds", "Time to first token, admission to first TOKEN",
+                         mt.ttft)
+        yield _histogram("llmctl_request_duration_seconds", "End-to-end latency of finished "
+                         "requests", mt.e2e)
+        yield _histogram("llmctl_queue_wait_seconds", "Time from admission to dispatch",
+                         mt.queue_wait)
+        yield _histogram("llmctl_inter_token_seconds", "Time between consecutive TOKENs",
+                         mt.itl)
+        st = gw.sched
+        yield GaugeMetricFamily("llmctl_queue_depth", "Requests waiting for credit",
+                                value=len(st.queue))
+        yield GaugeMetricFamily("llmctl_inflight", "Requests held by workers",
+                                value=st.inflight_count())
+        yield GaugeMetricFamily("llmctl_free_credits", "Dispatch credits not in use",
+                                value=sum(w.available for w in st.workers.values()))
+        yield GaugeMetricFamily("llmctl_connections", "Open TCP client connections",
+                                value=gw.connections)
+        yield GaugeMetricFamily("llmctl_tokens_per_second", "Tokens streamed per second over "
+                                "the window", value=mt.tokens_out.rate())
+        yield from self._processes()
+
+    def _processes(self) -> Iterator[Metric]:
+        procs: dict[str, Any] = self.gw.procs
+        workers = procs.get("workers", [])
+        state = GaugeMetricFamily("llmctl_worker_state", "1 for the worker's current state",
+                                  labels=["worker", "state"])
+        restarts = CounterMetricFamily("llmctl_worker_restarts", "Restarts of a worker",
+                                       labels=["worker"])
+        rss = GaugeMetricFamily("llmctl_process_rss_bytes", "Resident memory",
+                                labels=["process"])
+        cpu = GaugeMetricFamily("llmctl_process_cpu_percent", "CPU use", labels=["process"])
+        vram = GaugeMetricFamily("llmctl_worker_vram_bytes", "GPU memory (NVML)",
+                                 labels=["worker"])
+        busy = GaugeMetricFamily("llmctl_worker_busy_slots", "Slots in use", labels=["worker"])
+        live = {w.name: w for w in self.gw.sched.workers.values()}
+        for w in workers:
+            name = w["name"]
+            # The gateway's own view is fresher than the supervisor's last push.
+            now = live[name].state if name in live and w.get("state") in ("ready", "busy",
+                                                                              "draining") \
+                else w.get("state")
+            for s in WORKER_STATES:
+                state.add_metric([name, s], 1.0 if now == s else 0.0)
+            restarts.add_metric([name], w.get("restarts", 0))
+            if w.get("vram_mib") is not None:
+                vram.add_metric([name], w["vram_mib"] * 2 ** 20)
+            busy.add_metric([name], len(live[name].inflight) if name in live else 0)
+        for name, p in [("supervisor", procs.get("supervisor")), ("gateway", procs.get("gateway")),
+                        *((w["name"], w) for w in workers)]:
+            if p and p.get("rss") is not None:
+                rss.add_metric([name], p["rss"])
+            if p and p.get("cpu") is not None:
+                cpu.add_metric([name], p["cpu"])
+        yield from (state, restarts, rss, cpu, vram, busy)
+        g = procs.get("gpu") or {}
+        yield GaugeMetricFamily("llmctl_vram_budget_bytes", "The VRAM budget",
+                                value=float(g.get("budget_mib", 0.0)) * 2 ** 20)
+        yield GaugeMetricFamily("llmctl_vram_used_bytes", "VRAM used by the workers (NVML)",
+                                value=float(g.get("total_mib", 0.0)) * 2 ** 20)
+
+
+def registry_for(gw: "Gateway") -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(GatewayCollector(gw))  # type: ignore[arg-type]
+    return reg
+
+
+def add_metrics_route(app: web.Application, gw: "Gateway") -> None:
+    registry = registry_for(gw)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
+
+
+async def serve_metrics_only(gw: "Gateway") -> web.AppRunner:
+    """With the OpenAI front disabled, the HTTP port still serves /metrics."""
+    app = web.Application()
+    add_metrics_route(app, gw)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    cfg = gw.cfg.http
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    await site.start()
+    log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.port)
+    return runner
