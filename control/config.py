@@ -51,7 +51,7 @@ class WorkersConfig:
     count: int = _f(1, 1, 64, doc="number of worker processes")
     slots: int = _f(1, 1, 64, doc="concurrent sequences per worker (= its dispatch credits)")
     heartbeat_interval_s: float = _f(1.0, 0.05, 60.0, doc="heartbeat period, both ways")
-    liveness: int = _f(3, 1, 100, doc="missed heartbeat intervals before a worker is declared dead")
+    liveness: int = _f(5, 1, 100, doc="missed heartbeat intervals before a worker is declared dead")
     ready_timeout_s: float = _f(120.0, 1.0, 3600.0, doc="time a worker may take to load and send READY")
     probe_interval_s: float = _f(30.0, 0.0, 86_400.0,
                                  doc="an idle worker gets a deep probe (1-token generation) this often; 0 = never")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,4 +135,6 @@ class Service:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if r.returncode == 0 and os.environ.get("LLMCTL_KEEP_TEST_DIRS") != "1":
+            shutil.rmtree(self.dir, ignore_errors=True)
         return r

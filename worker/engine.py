@@ -175,7 +175,11 @@ class Engine:
             return []
         llm = self.llm
         if seq.prefilled < len(seq.tokens):
-            chunk = seq.tokens[seq.prefilled:seq.prefilled + self.n_batch]
+            # The last prompt token is always evaluated alone, so its logits come out
+            # of the same computation whether the prefix was cached or not (llama.cpp's
+            # kernels differ by batch size): temperature 0 is reproducible across hits.
+            end = len(seq.tokens) - 1 if seq.prefilled < len(seq.tokens) - 1 else len(seq.tokens)
+            chunk = seq.tokens[seq.prefilled:min(end, seq.prefilled + self.n_batch)]
             llm.eval(chunk)
             seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.tokens):

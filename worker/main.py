@@ -83,28 +83,19 @@ class Worker:
             # every sequence paused for want of token credit).
             timeout_ms = 0 if self.engine.runnable else int(self.interval * 1000 / 2)
             events = dict(poller.poll(timeout_ms))
-            now = time.monotonic()
             if sock in events:
                 while True:
                     try:
                         frames = sock.recv_multipart(flags=zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    last_heard = now
+                    last_heard = time.monotonic()
                     for out in self._handle(frames):
                         sock.send_multipart(out)
-                        last_sent = now
-            for ev in self.engine.step():
-                for out in self._event_frames(ev):
-                    sock.send_multipart(out)
-                last_sent = time.monotonic()
+                        last_sent = time.monotonic()
             now = time.monotonic()
-            if now - last_sent >= self.interval:
-                sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
-                last_sent = now
-            if os.getppid() != self._ppid:
-                log.error("supervisor is gone: exiting")
-                break
+            # Judge the gateway only after reading what is queued: a long step of
+            # our own is not the gateway's silence.
             if now - last_heard > self.interval * self.liveness:
                 log.warning("gateway silent for %.1fs: reconnecting", now - last_heard)
                 self._drop_active()
@@ -114,6 +105,17 @@ class Worker:
                 poller.register(sock, zmq.POLLIN)
                 sock.send_multipart(self._ready_msg())
                 last_sent = last_heard = time.monotonic()
+                continue
+            if now - last_sent >= self.interval:      # before a step that may be long
+                sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
+                last_sent = now
+            for ev in self.engine.step():
+                for out in self._event_frames(ev):
+                    sock.send_multipart(out)
+                last_sent = time.monotonic()
+            if os.getppid() != self._ppid:
+                log.error("supervisor is gone: exiting")
+                break
         return sock
 
     def _drop_active(self) -> None:
