@@ -42,7 +42,8 @@ class Gateway:
             prompt="Hello", messages=None, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
             seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
-        self.listening: list[str] = []
+        self.listening: list[str] = []        # the TCP front
+        self.http_listening: list[str] = []   # the HTTP front, when [http] enabled
         self.connections = 0
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._wake = asyncio.Event()
@@ -253,7 +254,8 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
-            "pid": os.getpid(), "listening": self.listening, "model": self.model_name,
+            "pid": os.getpid(), "listening": self.listening,
+            "http_listening": self.http_listening, "model": self.model_name,
             "draining": self.sched.draining, "queue": len(self.sched.queue),
             "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
             "open": self.sched.open_count(), "connections": self.connections,
@@ -288,12 +290,14 @@ class Gateway:
 
     # ---- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        from dataplane.http import serve_http
         from dataplane.tcp import serve_tcp
 
         router = self.ctx.socket(zmq.ROUTER)
         admin = self.ctx.socket(zmq.REP)
         tasks: list[asyncio.Task] = []
         server = None
+        http = None
         try:
             for s in (router, admin):
                 s.setsockopt(zmq.LINGER, 0)
@@ -304,6 +308,8 @@ class Gateway:
             router.bind(self.cfg.workers_endpoint)
             self.router = router
             server = await serve_tcp(self)
+            if self.cfg.http.enabled:
+                http = await serve_http(self)
             admin.bind(self.cfg.admin_endpoint)
             tasks = [asyncio.create_task(c) for c in
                      (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]
@@ -317,6 +323,8 @@ class Gateway:
                 t.cancel()
             if server is not None:
                 server.close()
+            if http is not None:
+                await http.cleanup()
             router.close(linger=0)
             admin.close(linger=0)
 
