@@ -345,6 +345,7 @@ class Supervisor:
             "stopping": self.stopping, "reload": self.reload_state,
             "gpu": self.gpu.last if self.gpu else None,
             "gateway": {**self.gateway.snapshot(), "listening": gw.get("listening", []),
+                        "http_listening": gw.get("http_listening", []),
                         "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
                         "connections": gw.get("connections", 0),
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
