@@ -119,9 +119,10 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         if status and status.get("ok"):
             gw = status["gateway"]
             ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
-            if gw.get("listening") and ready:
+            http_up = gw.get("http_listening") or not cfg.http.enabled
+            if gw.get("listening") and http_up and ready:
                 print(f"llmctl started: supervisor pid {proc.pid}, gateway "
-                      f"{', '.join(gw['listening'])}, {len(ready)}/{len(status['workers'])} "
+                      f"{_addresses(gw)}, {len(ready)}/{len(status['workers'])} "
                       f"worker(s) ready")
                 return 0
             fatal = [c for c in [gw, *status["workers"]] if c["state"] == "fatal"]
@@ -141,6 +142,13 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     _tail_file(cfg.log_dir / "supervisor.out", 10)
     _stop(cfg, proc.pid, quiet=True)
     return 1
+
+
+def _addresses(gw: dict[str, Any]) -> str:
+    """The gateway's TCP addresses, then its HTTP ones (when the HTTP front is on)."""
+    tcp = ", ".join(gw.get("listening") or []) or "-"
+    http = ", ".join(f"http://{a}" for a in gw.get("http_listening") or [])
+    return f"{tcp}, {http}" if http else tcp
 
 
 def _tail_file(path: Path, n: int) -> None:
@@ -217,6 +225,9 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     console.print(f"gateway pid {gw['pid']} \\[{gw['state']}] on {', '.join(gw['listening']) or '-'}"
                   f"; queue {gw['queue']}, in flight {gw['inflight']}, "
                   f"connections {gw['connections']}, restarts {gw['restarts']}")
+    if gw.get("http_listening"):
+        console.print("OpenAI-compatible API on "
+                      + ", ".join(f"http://{a}/v1" for a in gw["http_listening"]))
     g = st.get("gpu")
     if g and g.get("enforced"):
         console.print(f"device {g['device']}: VRAM {g['total_mib']:.0f} / {g['budget_mib']:.0f} MiB "

@@ -90,7 +90,8 @@ class HttpConfig:
     enabled: bool = _f(False, doc="serve the OpenAI-compatible HTTP front")
     host: str = _f("127.0.0.1", doc="HTTP address")
     port: int = _f(8081, 0, 65535, doc="HTTP port")
-    api_key: str = _f("", doc="if set, a required Bearer token (or env LLMCTL_API_KEY)")
+    api_key: str = _f("", doc="if set, /v1 routes require `Authorization: Bearer KEY`; "
+                              "env LLMCTL_API_KEY, when set and non-empty, overrides it")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ class Gateway:
             prompt="Hello", messages=None, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
             seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
-        self.listening: list[str] = []
-        self.http_listening = ""
+        self.listening: list[str] = []        # the TCP front
+        self.http_listening: list[str] = []   # the HTTP front, when [http] enabled
+        self.metrics_url = ""
         self.connections = 0
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._wake = asyncio.Event()
@@ -268,8 +269,9 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         return {
-            "pid": os.getpid(), "listening": self.listening, "model": self.model_name,
-            "http_listening": self.http_listening,
+            "pid": os.getpid(), "listening": self.listening,
+            "http_listening": self.http_listening, "model": self.model_name,
+            "metrics_url": self.metrics_url,
             "draining": self.sched.draining, "queue": len(self.sched.queue),
             "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
             "open": self.sched.open_count(), "connections": self.connections,
@@ -309,7 +311,10 @@ class Gateway:
 
     # ---- lifecycle ------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        from dataplane.prom import serve_metrics_only
+        from aiohttp import web
+
+        from dataplane.http import build_app, serve_http
+        from dataplane.prom import add_metrics_route
         from dataplane.tcp import serve_tcp
 
         router = self.ctx.socket(zmq.ROUTER)
@@ -327,8 +332,13 @@ class Gateway:
             router.bind(self.cfg.workers_endpoint)
             self.router = router
             server = await serve_tcp(self)
-            http = await serve_metrics_only(self)
-            self.http_listening = f"{self.cfg.http.host}:{self.cfg.http.port}"
+            # One HTTP server: the OpenAI front when enabled, /metrics always.
+            app = build_app(self) if self.cfg.http.enabled else web.Application()
+            add_metrics_route(app, self)
+            http = await serve_http(self, app)
+            self.metrics_url = f"http://{self.cfg.http.host}:{self.cfg.http.port}/metrics"
+            if not self.cfg.http.enabled:
+                self.http_listening = []
             admin.bind(self.cfg.admin_endpoint)
             tasks = [asyncio.create_task(c) for c in
                      (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]

@@ -136,16 +136,3 @@ def add_metrics_route(app: web.Application, gw: "Gateway") -> None:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", metrics)
-
-
-async def serve_metrics_only(gw: "Gateway") -> web.AppRunner:
-    """With the OpenAI front disabled, the HTTP port still serves /metrics."""
-    app = web.Application()
-    add_metrics_route(app, gw)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    cfg = gw.cfg.http
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
-    await site.start()
-    log.info("metrics on http://%s:%d/metrics", cfg.host, cfg.port)
-    return runner

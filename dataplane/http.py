@@ -1,0 +1,436 @@
+"""The OpenAI-compatible HTTP front: aiohttp on the gateway's own event loop.
+
+It is a second front on the one data plane: requests are validated by
+``protocol.validate_generate`` (as on the TCP front), admitted by ``Gateway.submit``
+(the same queue, credits and deadlines), cancelled by ``Gateway.cancel`` when the
+client goes away, and their token credit is given back (``Gateway.grant``) only once
+a token has been written and the connection's write buffer has drained, so a slow
+HTTP reader pauses its sequence on the worker exactly like a slow TCP one.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``.  ``build_app(gw)`` returns the
+application, so more routes (``/metrics``) can be added before it is served.
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with
+the status of ``errors.http_status``; an error after a stream began is one SSE
+``data: {"error": ...}`` event, then ``data: [DONE]``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from dataplane.errors import (BadRequest, Code, FrameTooLarge, InternalError, LlmctlError,
+                              NotReady, ShuttingDown, Unauthorized, http_status, openai_type)
+from dataplane.protocol import Defaults, GenerateRequest, parse_json, validate_generate
+from dataplane.scheduler import Request
+
+if TYPE_CHECKING:
+    from dataplane.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "LLMCTL_API_KEY"
+GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+SHUTDOWN_TIMEOUT_S = 1.0    # open responses get this long when the gateway stops
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE_EVENT = b"data: [DONE]\n\n"
+# OpenAI fields whose other values would change the answer's shape: refused, not ignored.
+_ONLY = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "suffix": ""}
+
+
+def api_key(cfg_key: str) -> str:
+    """The required Bearer key: ``$LLMCTL_API_KEY`` if set and non-empty, else the config's."""
+    return os.environ.get(API_KEY_ENV) or cfg_key
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _bad(message: str, param: str | None) -> BadRequest:
+    err = BadRequest(message)
+    err.param = param  # type: ignore[attr-defined]
+    return err
+
+
+def error_body(err: LlmctlError) -> dict[str, Any]:
+    return {"error": {"message": err.message, "type": openai_type(err.code),
+                      "param": getattr(err, "param", None), "code": err.code.value}}
+
+
+def error_response(err: LlmctlError) -> web.Response:
+    headers = {}
+    if err.code is Code.OVERLOADED:
+        ms = err.retry_after_ms if err.retry_after_ms is not None else 250
+        headers["Retry-After"] = str(max(1, math.ceil(ms / 1000)))
+    elif err.code is Code.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return web.json_response(error_body(err), status=err.http_status, headers=headers,
+                             dumps=_dumps)
+
+
+# ---- request -> GenerateRequest ---------------------------------------------------------
+
+def _text_content(content: Any, i: int) -> Any:
+    """A message's content: a string, or a list of text parts (joined by newlines)."""
+    if not isinstance(content, list):
+        return content     # validate_generate checks it is a string
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" \
+                or not isinstance(part.get("text"), str):
+            raise _bad(f"messages[{i}].content: only text parts are supported", "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def to_generate(body: dict[str, Any], defaults: Defaults,
+                chat: bool) -> tuple[GenerateRequest, bool, bool]:
+    """(the GenerateRequest, stream?, include_usage?) of an OpenAI request body."""
+    for key, only in _ONLY.items():
+        v = body.get(key)
+        if v is not None and (v != only or type(v) is not type(only)):
+            raise _bad(f"{key} is not supported: only {_dumps(only)}", key)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream must be a boolean", "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    include_usage = (opts or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise _bad("stream_options.include_usage must be a boolean", "stream_options")
+    # Server defaults ([generation]) apply to what is left out, as on the TCP front;
+    # top_k and deadline_ms are extensions to OpenAI's fields.
+    obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
+                                    "deadline_ms")}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("messages must be a non-empty list", "messages")
+        obj["messages"] = [{**m, "content": _text_content(m.get("content"), i)}
+                           if isinstance(m, dict) else m for i, m in enumerate(messages)]
+        mct = body.get("max_completion_tokens")
+        obj["max_tokens"] = mct if mct is not None else body.get("max_tokens")
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _bad("prompt must be a string (or a list of one string)", "prompt")
+        obj["prompt"] = prompt
+        obj["max_tokens"] = body.get("max_tokens")
+    return validate_generate(obj, defaults), bool(stream), bool(include_usage)
+
+
+# ---- response shapes ----------------------------------------------------------------------
+
+class Reply:
+    """OpenAI's response objects for one request (chat or text completion)."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
+            else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(stats: dict[str, Any]) -> dict[str, int]:
+        p, c = int(stats.get("prompt_tokens", 0)), int(stats.get("completion_tokens", 0))
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @staticmethod
+    def finish_reason(stats: dict[str, Any]) -> str:
+        return str(stats.get("finish_reason", "stop"))   # the worker's stop / length
+
+    def full(self, text: str, stats: dict[str, Any]) -> dict[str, Any]:
+        fr = self.finish_reason(stats)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": fr}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fr}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None,
+                      "finish_reason": finish_reason}
+        return {**self._head(True), "choices": [choice]}
+
+    def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": self.usage(stats)}
+
+
+# ---- the sink ---------------------------------------------------------------------------
+
+class HttpSink:
+    """A request's output, queued for its handler.  The queue is bounded by the
+    worker's token window: tokens the handler has not written hold their credit."""
+
+    def __init__(self) -> None:
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def on_token(self, req: Request, text: str) -> None:
+        self.events.put_nowait(("token", text))
+
+    def on_done(self, req: Request, stats: dict[str, Any]) -> None:
+        self.events.put_nowait(("done", stats))
+
+    def on_error(self, req: Request, err: LlmctlError) -> None:
+        self.events.put_nowait(("error", err))
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _Exchange:
+    """One generation request on its way from submit to the client."""
+
+    def __init__(self, gw: "Gateway", request: web.Request, chat: bool) -> None:
+        self.gw = gw
+        self.request = request
+        self.reply = Reply(chat, gw.model_name)
+        self.sink = HttpSink()
+        self.req: Request | None = None
+
+    async def run(self, params: GenerateRequest, stream: bool,
+                  include_usage: bool) -> web.StreamResponse:
+        self.req = self.gw.submit(params, self.sink)   # NotReady / Overloaded / ShuttingDown
+        try:
+            if stream:
+                return await self._stream(include_usage)
+            return await self._collect()
+        finally:
+            # The client went away (the handler is cancelled, or a write failed) or
+            # the gateway stops: the request gives its slot back.
+            self.gw.cancel(self.req)
+
+    async def _collect(self) -> web.Response:
+        assert self.req is not None
+        parts: list[str] = []
+        while True:
+            kind, val = await self.sink.events.get()
+            if kind == "token":
+                parts.append(val)
+                self.gw.grant(self.req, 1)   # held in memory, bounded by max_tokens
+            elif kind == "done":
+                return web.json_response(self.reply.full("".join(parts), val), dumps=_dumps)
+            else:
+                raise val
+
+    async def _stream(self, include_usage: bool) -> web.StreamResponse:
+        assert self.req is not None
+        resp: web.StreamResponse | None = None
+        try:
+            while True:
+                kind, val = await self.sink.events.get()
+                if resp is None:
+                    if kind == "error":
+                        raise val   # nothing sent yet: a plain JSON error with its status
+                    resp = await self._start()
+                    if self.reply.chat:    # OpenAI's first chat chunk: the role
+                        await self._send(resp, self.reply.chunk("", role=True))
+                if kind == "token":
+                    await self._send(resp, self.reply.chunk(val))
+                    self.gw.grant(self.req, 1)     # written and drained: one more may come
+                elif kind == "done":
+                    await self._send(resp, self.reply.chunk(
+                        None, finish_reason=self.reply.finish_reason(val)))
+                    if include_usage:
+                        await self._send(resp, self.reply.usage_chunk(val))
+                    break
+                else:
+                    await self._send(resp, error_body(val))
+                    break
+            await self._write(resp, _DONE_EVENT)
+            await resp.write_eof()
+        except (_ClientGone, ConnectionError):
+            pass
+        return resp  # type: ignore[return-value]
+
+    async def _start(self) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        # Bound what a connection may hold, as the TCP front does: past this the
+        # writes wait, the credits stay here and the worker pauses the sequence.
+        transport = self.request.transport
+        limit = self.gw.cfg.gateway.write_buffer_bytes
+        if transport is not None:
+            transport.set_write_buffer_limits(high=limit, low=limit // 2)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+        await resp.prepare(self.request)
+        return resp
+
+    async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+        await self._write(resp, f"data: {_dumps(obj)}\n\n".encode("utf-8"))
+
+    async def _write(self, resp: web.StreamResponse, data: bytes) -> None:
+        """Write and wait until the connection's buffer is below its high-water mark;
+        a client that takes nothing for slow_client_timeout_s is disconnected."""
+        timeout = self.gw.cfg.gateway.slow_client_timeout_s
+
+        async def write() -> None:
+            await resp.write(data)
+            await self.request.writer.drain()
+
+        try:
+            await asyncio.wait_for(write(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s: took no output for %.1fs: cancelling and disconnecting",
+                        self.request.remote, timeout)
+            self.gw.counters["slow_clients"] += 1
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise _ClientGone() from None
+
+
+# ---- handlers -----------------------------------------------------------------------------
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise FrameTooLarge(f"request body over {request.client_max_size} bytes") from None
+    return parse_json(raw, BadRequest)
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
+    params, stream, include_usage = to_generate(await _body(request), gw.defaults, chat)
+    return await _Exchange(gw, request, chat).run(params, stream, include_usage)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+def _model_card(gw: "Gateway") -> dict[str, Any]:
+    return {"id": gw.model_name, "object": "model", "created": int(gw.started),
+            "owned_by": "llmctl"}
+
+
+async def models(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    return web.json_response({"object": "list", "data": [_model_card(gw)]}, dumps=_dumps)
+
+
+async def model(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    if request.match_info["model"] != gw.model_name:
+        err = _bad(f"the model {request.match_info['model']!r} does not exist", "model")
+        return web.json_response(error_body(err), status=404, dumps=_dumps)
+    return web.json_response(_model_card(gw), dumps=_dumps)
+
+
+async def health(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    sched = gw.sched
+    err: LlmctlError | None = None
+    if sched.draining:
+        err = ShuttingDown("the server is draining for a stop")
+    elif not sched.ready:
+        err = NotReady("no worker is ready")
+    if err is not None:
+        return web.json_response({"status": err.code.value, "reason": err.message},
+                                 status=err.http_status, dumps=_dumps)
+    ready = sum(1 for w in sched.workers.values() if not w.draining)
+    return web.json_response({
+        "status": "ok", "model": gw.model_name, "workers_ready": ready,
+        "queue": len(sched.queue), "max_queue": sched.max_queue,
+        "inflight": sched.inflight_count()}, dumps=_dumps)
+
+
+# ---- middleware, app, serving -------------------------------------------------------------
+
+def _middleware(key: str) -> Any:
+    expected = key.encode()
+
+    @web.middleware
+    async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            if expected and request.path.startswith("/v1/"):
+                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                        token.strip().encode(), expected):
+                    raise Unauthorized("missing or wrong API key (Authorization: Bearer KEY)")
+            return await handler(request)
+        except LlmctlError as err:
+            return error_response(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            body = {"error": {"message": exc.reason, "param": None, "code": None,
+                              "type": "invalid_request_error" if exc.status < 500
+                              else "server_error"}}
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return web.json_response(body, status=exc.status, headers=headers, dumps=_dumps)
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return error_response(InternalError("internal error"))
+
+    return errors_and_auth
+
+
+def build_app(gw: "Gateway") -> web.Application:
+    """The OpenAI-compatible application; add routes (e.g. /metrics) before serving it.
+    Routes under /v1/ need the API key when one is set; others do not."""
+    app = web.Application(middlewares=[_middleware(api_key(gw.cfg.http.api_key))],
+                          client_max_size=gw.cfg.gateway.max_frame)
+    app[GATEWAY_KEY] = gw
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
+    app.router.add_get("/health", health)
+    return app
+
+
+async def serve_http(gw: "Gateway", app: web.Application | None = None) -> web.AppRunner:
+    """Listen on [http] host:port; the caller stops it with ``await runner.cleanup()``."""
+    cfg = gw.cfg.http
+    # handler_cancellation: a client that disconnects cancels its handler, whose
+    # ``finally`` cancels the request (streaming or not).
+    runner = web.AppRunner(app if app is not None else build_app(gw),
+                           handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    gw.http_listening = [f"{a[0]}:{a[1]}" for a in runner.addresses]
+    if cfg.enabled:
+        log.info("OpenAI-compatible HTTP API listening on %s%s", ", ".join(gw.http_listening),
+                 " (API key required)" if api_key(cfg.api_key) else "")
+    return runner
