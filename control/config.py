@@ -15,10 +15,11 @@ import dataclasses
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from control.fields import setting as _f
 from control.gpu import GpuConfig
 
 DEFAULT_CONFIG_NAME = "config.toml"
@@ -29,10 +30,6 @@ class ConfigError(ValueError):
     """A configuration file is unreadable or one of its values is invalid."""
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None,
-       choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
-    return field(default=default,
-                 metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
 
 
 @dataclass(frozen=True)

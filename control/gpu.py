@@ -14,9 +14,10 @@ the other processes on the card.  Without a GPU nothing is enforced, and that is
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+from control.fields import setting as _f
 from control.gpu_estimate import (DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, KV_TYPES, MiB,
                                   Estimate, ModelInfo, ModelInfoError, Plan, VramBudgetError,
                                   effective_gpu_layers, estimate, gpu_layout, plan, read_model)
@@ -34,12 +35,6 @@ NO_GPU_MESSAGE = "no NVIDIA GPU found: running on CPU, VRAM budget not enforced"
 ON_BREACH = ("alert", "restart_largest")
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None,
-       choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
-    # the same metadata as control.config._f (kept here so that control.config can import
-    # GpuConfig from this module without an import cycle)
-    return field(default=default,
-                 metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dataplane.errors import (BadRequest, Code, FrameTooLarge, InternalError, LlmctlError,
-                              NotReady, ShuttingDown, Unauthorized, http_status, openai_type)
+                              NotReady, ShuttingDown, Unauthorized, openai_type)
 from dataplane.protocol import Defaults, GenerateRequest, parse_json, validate_generate
 from dataplane.scheduler import Request
 

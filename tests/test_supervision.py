@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 
-from dataplane import protocol as p
 from dataplane.protocol import FrameType
 from tests.service import MODEL, ROOT, Service, pid_gone, wait_until
 from tests.test_flow_control import LONG, ends_of
