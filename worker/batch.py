@@ -5,15 +5,31 @@ One ``llama_context`` holds ``slots`` sequences (``n_seq_max = slots``); sequenc
 its own KV stream of ``n_ctx`` cells (``n_ctx = slots x n_ctx`` in all), so attention
 of a sequence only reads its own cells and a long sequence never crowds another out.
 The price: llama.cpp splits a batch into one micro-batch per run of *consecutive*
-sequence ids, and a prefix copied between two slots copies the whole stream buffer.
+sequence ids (so tokens go in in slot order), and a prefix copied between two slots
+copies the whole stream buffer.
 ``kv_unified = true`` shares one buffer of ``slots x n_ctx`` cells: copies are free
 (cells are shared between sequences), any mix of sequences goes in one micro-batch,
-but every token's attention spans all used cells.
+but every token's attention spans all used cells, interleaved with the others'.
+Measured on this CPU build (4 slots, 6 greedy requests of 48 tokens): 13x slower
+than streams, and not bit-identical with the single-slot path; not used by default.
 
-A ``step()`` is one ``llama_decode``: one token for each decoding sequence that has
-token credit (``window``), plus at most ``n_batch`` prompt tokens of the sequences in
-prefill, oldest first; so new requests join between steps and a long prompt never
-stalls the running streams for more than one chunk.
+A ``step()`` is one ``llama_decode`` of one token for each decoding sequence that
+has token credit (``window``), then one ``llama_decode`` of at most ``n_batch``
+prompt tokens of the oldest sequence in prefill; so new requests join between steps
+and a long prompt never stalls the running streams for more than one chunk.
+
+Exactness.  On the CPU, ggml computes a matrix product with one column (one token)
+with its own dot products and one with two or more with llamafile's tinyBLAS; both
+are exact to the last bit only with themselves.  The layer weights (Q4_1) never go
+through tinyBLAS, but attention over the f16 KV and the Q8_0 output matrix do.  So:
+prompt tokens never share a ``llama_decode`` with decoding ones (llama.cpp would cut
+the chunk into one token beside the others' and the rest), chunks are never of one
+token, and at least two prompt tokens are evaluated even on a full cache hit.  Then
+a prompt's KV does not depend on chunking, concurrency or cache hits, and a decoded
+token's attention is a one-column product as on the single-slot path.  What remains:
+logits of sequences sampled in one micro-batch come from one tinyBLAS product, not
+one dot product each; they may differ in the last bits from the single-slot path,
+which changes a greedy choice only between two near-equal logits.
 
 Prompt cache: a slot whose sequence ended keeps its KV (prompt and generated tokens)
 as a cache entry; it stays a free slot.  A new sequence takes the free slot holding
@@ -86,7 +102,7 @@ class BatchEngine(Prompting):
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx * slots
-        cp.n_batch = cp.n_ubatch = n_batch + slots   # a prefill chunk plus one token per slot
+        cp.n_batch = cp.n_ubatch = max(n_batch, slots)   # a prefill chunk, or a token per slot
         cp.n_seq_max = slots
         cp.kv_unified = kv_unified
         cp.n_threads = cp.n_threads_batch = threads
@@ -144,9 +160,11 @@ class BatchEngine(Prompting):
     def start(self, seq: Seq) -> None:
         if not self.free_slots or seq.rid in self.running:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
-        # The last prompt token is always evaluated again, so that its logits are fresh.
-        limit = len(seq.tokens) - 1
-        match = {s.id: common_prefix(s.tokens, seq.tokens, limit) for s in self.slots}
+        # The last two prompt tokens are always evaluated again: fresh logits, and no
+        # 1-token evaluation (see the module docstring).
+        limit = len(seq.tokens) - 2
+        match = {s.id: common_prefix(s.tokens, seq.tokens, limit) if self.prompt_cache else 0
+                 for s in self.slots}
         free = [s for s in self.slots if s.seq is None]
         target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
         source = max(self.slots, key=lambda s: match[s.id])
@@ -168,51 +186,45 @@ class BatchEngine(Prompting):
         return self._finish(seq, "cancelled", flush=False)
 
     def step(self) -> list[Event]:
-        if not self.running:
-            return []
-        # Prompt tokens: a budget of n_batch, given to the oldest sequences first.
-        budget, chunk = self.n_batch, {}
-        for seq in self.running.values():
+        """One token for every decoding sequence with credit, then one prefill chunk."""
+        events: list[Event] = []
+        decoding = [s.seq for s in self.slots if s.seq is not None and s.seq.pending is not None
+                    and s.seq.window > 0]
+        if decoding:
+            events += self._decode([(seq, [seq.pending], True) for seq in decoding])
+        seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens)), None)
+        if seq is not None:
             left = len(seq.tokens) - seq.prefilled
-            if left > 0 and budget > 0:
-                chunk[seq.rid] = min(left, budget)
-                budget -= chunk[seq.rid]
-        # Sequence ids in increasing order: llama.cpp (non-unified KV) puts a run of
-        # consecutive ids in one micro-batch.
+            k = min(left, self.n_batch)
+            if left - k == 1 and k > 2:
+                k -= 1                        # no 1-token chunk (see the module docstring)
+            toks = seq.tokens[seq.prefilled:seq.prefilled + k]
+            events += self._decode([(seq, toks, k == left)])
+        return events
+
+    def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
+        """One llama_decode of ``(sequence, tokens, wants logits)``; samples the outputs."""
         b = self._batch.batch
-        n, outputs, fed = 0, [], []
-        for slot in self.slots:
-            seq = slot.seq
-            if seq is None:
-                continue
-            if seq.rid in chunk:
-                toks = seq.tokens[seq.prefilled:seq.prefilled + chunk[seq.rid]]
-                last = seq.prefilled + len(toks) == len(seq.tokens)
-            elif seq.pending is not None and seq.window > 0 and seq.prefilled == len(seq.tokens):
-                toks, last = [seq.pending], True
-            else:
-                continue
-            pos = len(slot.tokens)
+        n, outputs = 0, []
+        for seq, toks, out in work:       # increasing sequence ids (see the module docstring)
+            pos = len(seq.slot.tokens)
             for i, tok in enumerate(toks):
                 b.token[n] = tok
                 b.pos[n] = pos + i
                 b.n_seq_id[n] = 1
-                b.seq_id[n][0] = slot.id
+                b.seq_id[n][0] = seq.slot.id
                 b.logits[n] = False
                 n += 1
-            if last:
+            if out:
                 b.logits[n - 1] = True
                 outputs.append((n - 1, seq))
-            fed.append((seq, toks))
-        if not n:
-            return []
         b.n_tokens = n
         rc = self._ll.llama_decode(self._ctx.ctx, b)
         if rc != 0:
-            return self._decode_failed(rc, [s for s, _ in fed])
-        for seq, toks in fed:
+            return self._decode_failed(rc, [seq for seq, _, _ in work])
+        for seq, toks, _ in work:
             seq.slot.tokens.extend(toks)
-            if seq.rid in chunk:
+            if seq.prefilled < len(seq.tokens):
                 seq.prefilled += len(toks)
         events: list[Event] = []
         now = time.monotonic()

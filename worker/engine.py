@@ -170,10 +170,10 @@ class Engine(Prompting):
         if self.active is not None:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
         llm = self.llm
-        # Reuse the KV cache of the common prefix; the last prompt token is always
-        # evaluated again so that its logits are fresh.
+        # Reuse the KV cache of the common prefix; the last two prompt tokens are always
+        # evaluated again: fresh logits, and no 1-token evaluation (worker/batch.py).
         common = 0
-        limit = min(llm.n_tokens, len(seq.tokens) - 1)
+        limit = min(llm.n_tokens, len(seq.tokens) - 2)
         ids = llm.input_ids
         while common < limit and ids[common] == seq.tokens[common]:
             common += 1
@@ -193,7 +193,11 @@ class Engine(Prompting):
             return []
         llm = self.llm
         if seq.prefilled < len(seq.tokens):
-            chunk = seq.tokens[seq.prefilled:seq.prefilled + self.n_batch]
+            left = len(seq.tokens) - seq.prefilled
+            k = min(left, self.n_batch)
+            if left - k == 1 and k > 2:
+                k -= 1          # no 1-token chunk: a prompt's KV then does not depend on chunking
+            chunk = seq.tokens[seq.prefilled:seq.prefilled + k]
             llm.eval(chunk)
             seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.tokens):
