@@ -53,7 +53,8 @@ class Gateway:
         self.counters: dict[str, int] = dict.fromkeys((
             "admitted", "dispatched", "done", "cancelled", "cancelled_queued",
             "cancelled_prefill", "cancelled_decode", "expired_queued", "expired_running",
-            "requeued", "worker_failed", "slow_clients", "probes", "probes_failed"), 0)
+            "requeued", "worker_failed", "slow_clients", "probes", "probes_failed",
+            "prompt_tokens", "cache_hit_tokens"), 0)
         # Workers declared dead here, by routing id: the supervisor kills the process
         # if it still runs (hung), then restarts it.
         self.lost: dict[str, dict[str, Any]] = {}
@@ -217,8 +218,14 @@ class Gateway:
                 req.sink.on_token(req, msg.text())
         elif kind in (m.Kind.DONE, m.Kind.ERROR) and msg.rid is not None:
             req = self.sched.complete(wid, msg.rid)
+            body = msg.json()
+            held = body.pop("prefix_hashes", None)     # what the worker's prompt cache holds
+            if isinstance(held, list):
+                w.prefixes = set(held)
             if req is not None:
-                body = msg.json()
+                if kind is m.Kind.DONE and not req.internal:
+                    self.counters["prompt_tokens"] += int(body.get("prompt_tokens") or 0)
+                    self.counters["cache_hit_tokens"] += int(body.get("cached_tokens") or 0)
                 if req.finished and body.get("finish_reason") == "cancelled":
                     phase = body.get("phase")   # where the worker was when it stopped
                     if phase in ("prefill", "decode"):

@@ -5,7 +5,9 @@ credits; each request dispatched to it spends one, and the worker's DONE or ERRO
 for that request gives it back.  ``credits`` is derived (slots minus requests the
 worker still holds), so it can never go negative or above the slots.  Requests wait
 in one bounded FIFO until some worker has credit; the least recently used worker
-with credit gets the next one.
+with credit gets the next one, unless a worker with credit holds a longer prefix of
+its prompt in its prompt cache (``prefix_hashes`` from its DONEs): the longest match
+wins, LRU breaks ties.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dataplane.errors import LlmctlError, NotReady, Overloaded, ShuttingDown
+from dataplane.prefix import matched, prefix_hashes
 from dataplane.protocol import GenerateRequest
 
 
@@ -46,10 +49,13 @@ class Request:
     attempts: int = 0
     owed: int = 0                   # token credits to give back to the worker
     internal: bool = False          # a deep probe, not a client's request
+    prefix: tuple[int, ...] = ()    # prefix hashes of its prompt (dataplane.prefix)
 
     def __post_init__(self) -> None:
         if not self.deadline:
             self.deadline = self.t_admit + self.params.deadline_ms / 1000.0
+        if not self.prefix:
+            self.prefix = prefix_hashes(self.params.prompt, self.params.messages)
 
 
 @dataclass(eq=False)
@@ -67,6 +73,7 @@ class WorkerState:
     served: int = 0
     draining: bool = False          # finishing what it has; gets nothing new
     last_busy: float = field(default_factory=time.monotonic)
+    prefixes: set[int] = field(default_factory=set)     # prompt prefixes its cache holds
 
     @property
     def credits(self) -> int:
@@ -158,16 +165,17 @@ class Scheduler:
 
     # ---- dispatch -------------------------------------------------------------------
     def take(self) -> list[tuple[WorkerState, Request]]:
-        """Pair queued requests with workers holding credit, LRU first."""
+        """Pair queued requests with workers holding credit: the longest cached
+        prefix of the prompt first, then LRU."""
         out = []
         while self.queue:
             candidates = [w for w in self.workers.values() if w.available > 0]
             if not candidates:
                 break
-            w = min(candidates, key=lambda x: x.last_dispatch)
             req = self.queue.popleft()
             if req.finished:
                 continue
+            w = min(candidates, key=lambda x: (-matched(req.prefix, x.prefixes), x.last_dispatch))
             self.assign(w, req)
             out.append((w, req))
         return out

@@ -27,6 +27,7 @@ class Event:
     rid: int
     text: str = ""                         # a TOKEN piece, if non-empty
     done: dict[str, Any] | None = None     # the DONE stats, when the sequence ended
+    error: Exception | None = None         # an LlmctlError: the sequence failed (ERROR)
 
 
 @dataclass
@@ -48,7 +49,80 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-class Engine:
+class Prompting:
+    """Prompt preparation shared by the engines: needs ``_model`` (a LlamaModel),
+    ``_formatter`` (``chat_formatter``), ``n_ctx`` (per sequence) and ``seq_class``."""
+
+    _model: Any
+    _formatter: Any
+    n_ctx: int
+    seq_class: type = Sequence
+
+    def tokenize_request(self, fields: dict[str, Any]) -> list[int]:
+        model = self._model
+        messages = fields.get("messages")
+        if messages:
+            if self._formatter is None:
+                raise BadRequest("this model has no chat template: send a prompt instead")
+            try:
+                rendered = self._formatter(messages=messages)
+            except Exception as exc:  # jinja raises many types for bad conversations
+                raise BadRequest(f"chat template rejected the messages: {exc}") from None
+            add_bos = not getattr(rendered, "added_special", False)
+            return model.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        return model.tokenize(fields["prompt"].encode("utf-8"), add_bos=True, special=False)
+
+    def _sampler(self, fields: dict[str, Any]) -> Any:
+        return make_sampler(fields)
+
+    def prepare(self, rid: int, fields: dict[str, Any]) -> Any:
+        """Validate against the model and build a sequence; raises BadRequest."""
+        tokens = self.tokenize_request(fields)
+        if not tokens:
+            raise BadRequest("the prompt is empty")
+        if len(tokens) >= self.n_ctx:
+            raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_tokens = min(int(fields["max_tokens"]), self.n_ctx - len(tokens))
+        window = int(fields.get("window") or 0) or 1 << 30
+        return self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens, window=window,
+                              sampler=self._sampler(fields),
+                              stream=TextStream(tuple(fields.get("stop") or ())))
+
+
+def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
+    """The model's own chat template (None if it has none)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+
+    def text_of(tok: int) -> str:
+        return model.token_get_text(tok) if tok != -1 else ""
+
+    return Jinja2ChatFormatter(template=template, eos_token=text_of(model.token_eos()),
+                               bos_token=text_of(model.token_bos()))
+
+
+def make_sampler(fields: dict[str, Any]) -> Any:
+    """A sampler chain: greedy at temperature 0, else top-k, top-p, temperature, dist(seed)."""
+    from llama_cpp._internals import LlamaSampler
+
+    sampler = LlamaSampler()
+    temp = float(fields.get("temperature", 0.0))
+    if temp <= 0.0:
+        sampler.add_greedy()
+    else:
+        seed = fields.get("seed")
+        if fields.get("top_k"):
+            sampler.add_top_k(int(fields["top_k"]))
+        sampler.add_top_p(float(fields.get("top_p", 1.0)), 1)
+        sampler.add_temp(temp)
+        sampler.add_dist(RANDOM_SEED if seed is None else int(seed))
+    return sampler
+
+
+class Engine(Prompting):
     capacity = 1
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int,
@@ -71,66 +145,10 @@ class Engine:
         self.n_ctx = self.llm.n_ctx()
         self.n_batch = n_batch
         self.model_name = str(self.llm.metadata.get("general.name") or path.rsplit("/", 1)[-1])
-        self._vocab = self.llm._model.vocab
-        self._formatter = self._chat_formatter()
+        self._model = self.llm._model
+        self._vocab = self._model.vocab
+        self._formatter = chat_formatter(self._model, self.llm.metadata)
         self.active: Sequence | None = None
-
-    # ---- prompt preparation ---------------------------------------------------------
-    def _chat_formatter(self) -> Any:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            return None
-        model = self.llm._model
-
-        def text_of(tok: int) -> str:
-            return model.token_get_text(tok) if tok != -1 else ""
-
-        return Jinja2ChatFormatter(template=template, eos_token=text_of(self.llm.token_eos()),
-                                   bos_token=text_of(self.llm.token_bos()))
-
-    def tokenize_request(self, fields: dict[str, Any]) -> list[int]:
-        messages = fields.get("messages")
-        if messages:
-            if self._formatter is None:
-                raise BadRequest("this model has no chat template: send a prompt instead")
-            try:
-                rendered = self._formatter(messages=messages)
-            except Exception as exc:  # jinja raises many types for bad conversations
-                raise BadRequest(f"chat template rejected the messages: {exc}") from None
-            add_bos = not getattr(rendered, "added_special", False)
-            return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
-        return self.llm.tokenize(fields["prompt"].encode("utf-8"), add_bos=True, special=False)
-
-    def _sampler(self, fields: dict[str, Any]) -> Any:
-        from llama_cpp._internals import LlamaSampler
-
-        sampler = LlamaSampler()
-        temp = float(fields.get("temperature", 0.0))
-        if temp <= 0.0:
-            sampler.add_greedy()
-        else:
-            seed = fields.get("seed")
-            if fields.get("top_k"):
-                sampler.add_top_k(int(fields["top_k"]))
-            sampler.add_top_p(float(fields.get("top_p", 1.0)), 1)
-            sampler.add_temp(temp)
-            sampler.add_dist(RANDOM_SEED if seed is None else int(seed))
-        return sampler
-
-    def prepare(self, rid: int, fields: dict[str, Any]) -> Sequence:
-        """Validate against the model and build a sequence; raises BadRequest."""
-        tokens = self.tokenize_request(fields)
-        if not tokens:
-            raise BadRequest("the prompt is empty")
-        if len(tokens) >= self.n_ctx:
-            raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        max_tokens = min(int(fields["max_tokens"]), self.n_ctx - len(tokens))
-        window = int(fields.get("window") or 0) or 1 << 30
-        return Sequence(rid=rid, tokens=tokens, max_tokens=max_tokens, window=window,
-                        sampler=self._sampler(fields),
-                        stream=TextStream(tuple(fields.get("stop") or ())))
 
     # ---- running --------------------------------------------------------------------
     @property
@@ -152,10 +170,10 @@ class Engine:
         if self.active is not None:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
         llm = self.llm
-        # Reuse the KV cache of the common prefix; the last prompt token is always
-        # evaluated again so that its logits are fresh.
+        # Reuse the KV cache of the common prefix; the last two prompt tokens are always
+        # evaluated again: fresh logits, and no 1-token evaluation (worker/batch.py).
         common = 0
-        limit = min(llm.n_tokens, len(seq.tokens) - 1)
+        limit = min(llm.n_tokens, len(seq.tokens) - 2)
         ids = llm.input_ids
         while common < limit and ids[common] == seq.tokens[common]:
             common += 1
@@ -175,11 +193,11 @@ class Engine:
             return []
         llm = self.llm
         if seq.prefilled < len(seq.tokens):
-            # The last prompt token is always evaluated alone, so its logits come out
-            # of the same computation whether the prefix was cached or not (llama.cpp's
-            # kernels differ by batch size): temperature 0 is reproducible across hits.
-            end = len(seq.tokens) - 1 if seq.prefilled < len(seq.tokens) - 1 else len(seq.tokens)
-            chunk = seq.tokens[seq.prefilled:min(end, seq.prefilled + self.n_batch)]
+            left = len(seq.tokens) - seq.prefilled
+            k = min(left, self.n_batch)
+            if left - k == 1 and k > 2:
+                k -= 1          # no 1-token chunk: a prompt's KV then does not depend on chunking
+            chunk = seq.tokens[seq.prefilled:seq.prefilled + k]
             llm.eval(chunk)
             seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.tokens):

@@ -23,13 +23,14 @@ from control.config import Config
 from control.procs import CONFIG_JSON_ENV, setup_child_logging
 from dataplane import messages as m
 from dataplane.errors import LlmctlError
-from worker.engine import Engine, Event, ModelLoadError
+from worker.batch import BatchEngine
+from worker.engine import Event, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: Engine) -> None:
+    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: BatchEngine) -> None:
         self.cfg = cfg
         self.id = worker_id
         self.endpoint = endpoint
@@ -54,7 +55,8 @@ class Worker:
     def _ready_msg(self) -> list[bytes]:
         e = self.engine
         return m.encode(m.Kind.READY, None, {
-            "worker": self.id, "name": self.id.split(".")[0], "pid": os.getpid(), "slots": e.free_slots, "model": e.model_name,
+            "worker": self.id, "name": self.id.split(".")[0], "pid": os.getpid(),
+            "slots": e.capacity, "model": e.model_name,
             "n_ctx": e.n_ctx, "device": e.device})
 
     def run(self) -> int:
@@ -119,7 +121,7 @@ class Worker:
         return sock
 
     def _drop_active(self) -> None:
-        if self.engine.active is not None:
+        while self.engine.active is not None:
             self.engine.cancel(self.engine.active.rid)
 
     # ---- messages ---------------------------------------------------------------------
@@ -154,7 +156,9 @@ class Worker:
         out = []
         if ev.text:
             out.append(m.encode(m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
-        if ev.done is not None:
+        if ev.error is not None:
+            out.append(m.encode(m.Kind.ERROR, ev.rid, ev.error.to_dict()))
+        elif ev.done is not None:
             out.append(m.encode(m.Kind.DONE, ev.rid, ev.done))
         return out
 
@@ -179,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     threads = cfg.worker_threads()
-    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d)", cfg.model.path,
-             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads)
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d, slots=%d)", cfg.model.path,
+             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.workers.slots)
     t0 = time.monotonic()
     try:
-        engine = Engine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
-                        cfg.model.n_batch)
+        engine = BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
+                             cfg.model.n_batch, slots=cfg.workers.slots,
+                             prompt_cache=cfg.workers.prompt_cache)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2

@@ -1,0 +1,326 @@
+"""Continuous batching: many sequences on one llama_context, with a prompt cache.
+
+One ``llama_context`` holds ``slots`` sequences (``n_seq_max = slots``); sequence id
+``i`` is slot ``i``.  KV layout: ``kv_unified = false`` (the default) gives every slot
+its own KV stream of ``n_ctx`` cells (``n_ctx = slots x n_ctx`` in all), so attention
+of a sequence only reads its own cells and a long sequence never crowds another out.
+The price: llama.cpp splits a batch into one micro-batch per run of *consecutive*
+sequence ids (so tokens go in in slot order), and a prefix copied between two slots
+copies the whole stream buffer.
+``kv_unified = true`` shares one buffer of ``slots x n_ctx`` cells: copies are free
+(cells are shared between sequences), any mix of sequences goes in one micro-batch,
+but every token's attention spans all used cells, interleaved with the others', and
+the attention of k decoding sequences is one k-column product.  Measured on this CPU
+build (8 slots, 8 clients x 64 tokens): as fast as streams (131 vs 133 tok/s), but
+greedy output drifts from the single-slot path (4 of 6 test prompts differ within 48
+tokens; see "Exactness"), so streams are the default.
+
+A ``step()`` is one ``llama_decode`` of one token for each decoding sequence that
+has token credit (``window``), then one ``llama_decode`` of at most ``n_batch``
+prompt tokens of the oldest sequence in prefill; so new requests join between steps
+and a long prompt never stalls the running streams for more than one chunk.
+
+Exactness.  On the CPU, ggml computes a matrix product with one column (one token)
+with its own dot products and one with two or more with llamafile's tinyBLAS; both
+are exact to the last bit only with themselves.  The layer weights (Q4_1) never go
+through tinyBLAS, but attention over the f16 KV and the Q8_0 output matrix do.  So:
+prompt tokens never share a ``llama_decode`` with decoding ones (llama.cpp would cut
+the chunk into one token beside the others' and the rest), chunks are never of one
+token, and at least two prompt tokens are evaluated even on a full cache hit.  Then
+a prompt's KV does not depend on chunking, concurrency or cache hits, and a decoded
+token's attention is a one-column product as on the single-slot path.  What remains:
+logits of sequences sampled in one micro-batch come from one tinyBLAS product, not
+one dot product each; they may differ in the last bits from the single-slot path,
+which changes a greedy choice only between two near-equal logits.
+
+Prompt cache: a slot whose sequence ended keeps its KV (prompt and generated tokens)
+as a cache entry; it stays a free slot.  A new sequence takes the free slot holding
+its longest common prefix, or the least recently used one; if another slot (free or
+running) holds a longer prefix, that prefix is copied in (``seq_cp``).  Everything
+past the common prefix is dropped (``seq_rm``) before the new sequence is written.
+With ``prompt_cache = False`` a slot's KV is dropped as soon as its sequence ends.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataplane.errors import InternalError
+from dataplane.prefix import fields_hashes
+from worker.engine import Event, ModelLoadError, Prompting, Sequence, chat_formatter
+
+log = logging.getLogger(__name__)
+
+COPY_MIN = 16          # a shorter prefix is evaluated again rather than copied from a slot
+MAX_REPORTED = 512     # prefix hashes reported to the gateway in a DONE
+
+
+@dataclass(eq=False)
+class Seq(Sequence):
+    slot: "Slot | None" = None
+    hashes: tuple[int, ...] = ()
+    pending: int | None = None             # sampled and sent, its KV not yet computed
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int                                # the llama sequence id
+    tokens: list[int] = field(default_factory=list)    # what its KV holds, positions 0..n-1
+    seq: Seq | None = None                 # the sequence running in it
+    hashes: tuple[int, ...] = ()           # prefix hashes of the prompt its KV holds
+    used: int = 0                          # LRU tick
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    limit = min(limit, len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class BatchEngine(Prompting):
+    seq_class = Seq
+
+    def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
+                 slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False) -> None:
+        import llama_cpp  # heavy import, only in worker processes
+        from llama_cpp import _internals, _logger
+
+        _logger.set_verbose(False)
+        self._ll = ll = llama_cpp
+        self.gpu_offload = bool(ll.llama_supports_gpu_offload())
+        if n_gpu_layers != 0 and not self.gpu_offload:
+            log.warning("n_gpu_layers=%d but this llama-cpp-python build has no GPU offload: "
+                        "all layers run on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)",
+                        n_gpu_layers)
+        mp = ll.llama_model_default_params()
+        mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+        try:
+            self._model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+        cp = ll.llama_context_default_params()
+        cp.n_ctx = n_ctx * slots
+        cp.n_batch = cp.n_ubatch = max(n_batch, slots)   # a prefill chunk, or a token per slot
+        cp.n_seq_max = slots
+        cp.kv_unified = kv_unified
+        cp.n_threads = cp.n_threads_batch = threads
+        # As the single-slot Engine (Llama's default), so that both compute the same.
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        try:
+            self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
+        except ValueError as exc:
+            raise ModelLoadError(f"cannot create a context of {slots} x {n_ctx}: {exc}") from exc
+        self._batch = _internals.LlamaBatch(n_tokens=cp.n_batch, embd=0, n_seq_max=1)
+        self._mem = self._ctx.memory
+        self.unified = kv_unified
+        self.prompt_cache = prompt_cache
+        self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
+        self.n_ctx = ll.llama_n_ctx_seq(self._ctx.ctx) if not kv_unified else n_ctx
+        self.n_batch = n_batch
+        metadata = self._model.metadata()
+        self.model_name = str(metadata.get("general.name") or path.rsplit("/", 1)[-1])
+        self._vocab = self._model.vocab
+        self._formatter = chat_formatter(self._model, metadata)
+        self.slots = [Slot(i) for i in range(slots)]
+        self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
+        self._tick = 0
+
+    # ---- the Engine interface ---------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self.slots) - len(self.running)
+
+    @property
+    def active(self) -> Seq | None:
+        """The oldest running sequence (the single-slot Engine's attribute)."""
+        return next(iter(self.running.values()), None)
+
+    @property
+    def runnable(self) -> bool:
+        """Is there work that a step would advance (not only paused sequences)?"""
+        return any(s.prefilled < len(s.tokens) or s.window > 0 for s in self.running.values())
+
+    def prepare(self, rid: int, fields: dict[str, Any]) -> Seq:
+        seq = super().prepare(rid, fields)
+        seq.hashes = fields_hashes(fields)
+        return seq
+
+    def grant(self, rid: int, n: int) -> None:
+        """The client took ``n`` more TOKEN messages: the sequence may send n more."""
+        seq = self.running.get(rid)
+        if seq is not None:
+            seq.window += n
+
+    def start(self, seq: Seq) -> None:
+        if not self.free_slots or seq.rid in self.running:
+            raise InternalError("engine is busy: a GENERATE arrived without credit")
+        # The last two prompt tokens are always evaluated again: fresh logits, and no
+        # 1-token evaluation (see the module docstring).
+        limit = len(seq.tokens) - 2
+        match = {s.id: common_prefix(s.tokens, seq.tokens, limit) if self.prompt_cache else 0
+                 for s in self.slots}
+        free = [s for s in self.slots if s.seq is None]
+        target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
+        source = max(self.slots, key=lambda s: match[s.id])
+        n = match[target.id]
+        if match[source.id] >= n + COPY_MIN:
+            n = self._copy(source, target, match[source.id])
+        else:
+            n = self._truncate(target, n)
+        self._tick += 1
+        target.seq, target.hashes, target.used = seq, seq.hashes, self._tick
+        seq.slot = target
+        seq.cached = seq.prefilled = n
+        self.running[seq.rid] = seq
+
+    def cancel(self, rid: int) -> Event | None:
+        seq = self.running.get(rid)
+        if seq is None:
+            return None
+        return self._finish(seq, "cancelled", flush=False)
+
+    def step(self) -> list[Event]:
+        """One token for every decoding sequence with credit, then one prefill chunk."""
+        events: list[Event] = []
+        decoding = [s.seq for s in self.slots if s.seq is not None and s.seq.pending is not None
+                    and s.seq.window > 0]
+        if decoding:
+            events += self._decode([(seq, [seq.pending], True) for seq in decoding])
+        seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens)), None)
+        if seq is not None:
+            left = len(seq.tokens) - seq.prefilled
+            k = min(left, self.n_batch)
+            if left - k == 1 and k > 2:
+                k -= 1                        # no 1-token chunk (see the module docstring)
+            toks = seq.tokens[seq.prefilled:seq.prefilled + k]
+            events += self._decode([(seq, toks, k == left)])
+        return events
+
+    def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
+        """One llama_decode of ``(sequence, tokens, wants logits)``; samples the outputs."""
+        b = self._batch.batch
+        n, outputs = 0, []
+        for seq, toks, out in work:       # increasing sequence ids (see the module docstring)
+            pos = len(seq.slot.tokens)
+            for i, tok in enumerate(toks):
+                b.token[n] = tok
+                b.pos[n] = pos + i
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = seq.slot.id
+                b.logits[n] = False
+                n += 1
+            if out:
+                b.logits[n - 1] = True
+                outputs.append((n - 1, seq))
+        b.n_tokens = n
+        rc = self._ll.llama_decode(self._ctx.ctx, b)
+        if rc != 0:
+            return self._decode_failed(rc, [seq for seq, _, _ in work])
+        for seq, toks, _ in work:
+            seq.slot.tokens.extend(toks)
+            if seq.prefilled < len(seq.tokens):
+                seq.prefilled += len(toks)
+        events: list[Event] = []
+        now = time.monotonic()
+        for i, seq in outputs:
+            if seq.t_prefill_done is None:
+                seq.t_prefill_done = now
+            tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+            events.extend(self._advance(seq, tok))
+        return events
+
+    # ---- internals --------------------------------------------------------------------
+    def _advance(self, seq: Seq, tok: int) -> list[Event]:
+        """A token was sampled for ``seq``: send it, or end the sequence."""
+        seq.pending = None
+        if self._ll.llama_vocab_is_eog(self._vocab, tok):
+            return [self._finish(seq, "stop")]
+        seq.generated += 1
+        text = seq.stream.push(self._model.detokenize([tok]))
+        if seq.stream.stopped or seq.generated >= seq.max_tokens:
+            end = self._finish(seq, "stop" if seq.stream.stopped else "length")
+            return [Event(seq.rid, text), end] if text else [end]
+        seq.pending = tok
+        if text:
+            seq.window -= 1
+            return [Event(seq.rid, text)]
+        return []
+
+    def _copy(self, src: Slot, dst: Slot, n: int) -> int:
+        """Give ``dst`` the first ``n`` tokens of ``src``'s KV."""
+        ll, mem = self._ll, self._mem
+        ll.llama_memory_seq_rm(mem, dst.id, -1, -1)
+        if self.unified:      # cells are shared: a metadata copy
+            ll.llama_memory_seq_cp(mem, src.id, dst.id, 0, n)
+        else:                 # streams: only a whole-stream copy, then cut it
+            ll.llama_memory_seq_cp(mem, src.id, dst.id, -1, -1)
+            ll.llama_memory_seq_rm(mem, dst.id, n, -1)
+        dst.tokens = src.tokens[:n]
+        return n
+
+    def _truncate(self, slot: Slot, n: int) -> int:
+        """Keep the first ``n`` tokens of ``slot``'s KV."""
+        if n < len(slot.tokens) and not self._ll.llama_memory_seq_rm(self._mem, slot.id, n, -1):
+            self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+            n = 0
+        del slot.tokens[n:]
+        return n
+
+    def _clear(self, slot: Slot) -> None:
+        self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
+        slot.tokens, slot.hashes = [], ()
+
+    def _decode_failed(self, rc: int, seqs: list[Seq]) -> list[Event]:
+        """llama_decode refused the batch: its sequences fail, their KV is dropped."""
+        log.error("llama_decode returned %d for %d sequence(s): failing them", rc, len(seqs))
+        events = []
+        for seq in seqs:
+            slot = seq.slot
+            self._finish(seq, "error", flush=False)
+            self._clear(slot)
+            events.append(Event(seq.rid, error=InternalError(f"llama_decode returned {rc}")))
+        return events
+
+    def prefixes(self) -> list[int]:
+        """Prefix hashes of the prompts whose KV this engine holds (for routing)."""
+        seen: dict[int, None] = {}
+        for slot in sorted(self.slots, key=lambda s: -s.used):
+            if slot.tokens:
+                seen.update(dict.fromkeys(slot.hashes))
+        return list(seen)[:MAX_REPORTED]
+
+    def kv_positions(self) -> list[int]:
+        """llama.cpp's largest KV position of every slot (-1: empty)."""
+        return [self._ll.llama_memory_seq_pos_max(self._mem, s.id) for s in self.slots]
+
+    def _finish(self, seq: Seq, reason: str, flush: bool = True) -> Event:
+        del self.running[seq.rid]
+        slot = seq.slot
+        assert slot is not None
+        slot.seq = None
+        self._tick += 1
+        slot.used = self._tick
+        if not self.prompt_cache:
+            self._clear(slot)
+        tail = seq.stream.finish() if flush else ""
+        now = time.monotonic()
+        prefill_end = seq.t_prefill_done or now
+        stats = {
+            "finish_reason": reason,
+            "prompt_tokens": len(seq.tokens),
+            "completion_tokens": seq.generated,
+            "cached_tokens": seq.cached,
+            "phase": "prefill" if seq.t_prefill_done is None else "decode",
+            "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
+            "decode_ms": round((now - prefill_end) * 1000, 3),
+            "prefix_hashes": self.prefixes(),
+        }
+        return Event(seq.rid, tail, stats)
