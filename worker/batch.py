@@ -49,7 +49,8 @@ from typing import Any
 
 from dataplane.errors import InternalError
 from dataplane.prefix import fields_hashes
-from worker.engine import Event, ModelLoadError, Prompting, Sequence, chat_formatter
+from worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
+                           done_stats)
 
 log = logging.getLogger(__name__)
 
@@ -311,16 +312,4 @@ class BatchEngine(Prompting):
         if not self.prompt_cache:
             self._clear(slot)
         tail = seq.stream.finish() if flush else ""
-        now = time.monotonic()
-        prefill_end = seq.t_prefill_done or now
-        stats = {
-            "finish_reason": reason,
-            "prompt_tokens": len(seq.tokens),
-            "completion_tokens": seq.generated,
-            "cached_tokens": seq.cached,
-            "phase": "prefill" if seq.t_prefill_done is None else "decode",
-            "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
-            "decode_ms": round((now - prefill_end) * 1000, 3),
-            "prefix_hashes": self.prefixes(),
-        }
-        return Event(seq.rid, tail, stats)
+        return Event(seq.rid, tail, {**done_stats(seq, reason), "prefix_hashes": self.prefixes()})

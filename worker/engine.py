@@ -221,15 +221,19 @@ class Engine(Prompting):
     def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> Event:
         self.active = None
         tail = seq.stream.finish() if flush else ""
-        now = time.monotonic()
-        prefill_end = seq.t_prefill_done or now
-        stats = {
-            "finish_reason": reason,
-            "prompt_tokens": len(seq.tokens),
-            "completion_tokens": seq.generated,
-            "cached_tokens": seq.cached,
-            "phase": "prefill" if seq.t_prefill_done is None else "decode",
-            "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
-            "decode_ms": round((now - prefill_end) * 1000, 3),
-        }
-        return Event(seq.rid, tail, stats)
+        return Event(seq.rid, tail, done_stats(seq, reason))
+
+
+def done_stats(seq: Any, reason: str) -> dict[str, Any]:
+    """The DONE statistics of a sequence (either engine's)."""
+    now = time.monotonic()
+    prefill_end = seq.t_prefill_done or now
+    return {
+        "finish_reason": reason,
+        "prompt_tokens": len(seq.tokens),
+        "completion_tokens": seq.generated,
+        "cached_tokens": seq.cached,
+        "phase": "prefill" if seq.t_prefill_done is None else "decode",
+        "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
+        "decode_ms": round((now - prefill_end) * 1000, 3),
+    }
