@@ -392,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("top", parents=[common], help="live dashboard (q or Ctrl-C quits)")
     p.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds")
     p.set_defaults(func=cmd_top)
+    sub.add_parser("bench", help="load generator (llmctl bench --help)", add_help=False)
     p = sub.add_parser("check", parents=[common],
                        help="print the GPU memory plan (estimate vs budget); starts nothing")
     p.set_defaults(func=cmd_check)
@@ -408,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:       # a client of any server: no config needed
+        from tools import bench
+        return bench.main(argv[1:], prog="llmctl bench")
     args = build_parser().parse_args(argv)
     path = Path(args.config) if args.config else config_mod.default_path()
     try:

@@ -1,0 +1,85 @@
+"""The load generator: its statistics, its prompt loader, and short real runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.service import ROOT
+from tools.bench import load_prompts
+from tools.bench_stats import RequestRecord, compare, percentile, summarize, wall_time
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
+def test_percentile_matches_numpy_on_known_data(q):
+    data = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, 5.0, 3.0, 5.0]
+    assert percentile(data, q) == np.percentile(data, q, method="linear")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200),
+       st.floats(0, 100))
+def test_percentile_matches_numpy_bit_for_bit(values, q):
+    assert percentile(values, q) == np.percentile(values, q, method="linear")
+
+
+def test_summary_arithmetic_on_synthetic_records():
+    # Two requests of 4 pieces 0.1 s apart, first piece 0.5 s after the send; one overloaded.
+    a = RequestRecord(0, t_start=10.0, t_end=10.8, piece_times=[10.5, 10.6, 10.7, 10.8],
+                      completion_tokens=4)
+    b = RequestRecord(1, t_start=10.2, t_end=11.0, piece_times=[10.7, 10.8, 10.9, 11.0])
+    c = RequestRecord(2, t_start=10.3, t_end=10.301, error="overloaded", retry_after_ms=50)
+    recs = [a, b, c]
+    assert wall_time(recs) == pytest.approx(1.0)
+    s = summarize(recs, wall_time(recs))
+    assert (s["requests"], s["ok"], s["overloaded"], s["failed"]) == (3, 2, 1, 0)
+    assert s["tokens_out"] == 8 and s["tokens_per_s"] == pytest.approx(8.0)
+    assert s["requests_per_s"] == pytest.approx(2.0)
+    assert s["ttft_ms"]["mean"] == pytest.approx(500.0)
+    assert s["itl_ms"]["p50"] == pytest.approx(100.0)
+    assert s["itl_pooled_ms"]["count"] == 6
+    assert s["e2e_ms"]["max"] == pytest.approx(800.0)
+    r = compare(s, {**s, "tokens_per_s": 4.0})
+    assert r["tokens_per_s"] == pytest.approx(2.0) and r["e2e_p99"] == pytest.approx(1.0)
+
+
+def test_prompt_loader(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('# comment\n{"prompt": "a"}\n\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert load_prompts(f) == [{"prompt": "a"}, {"messages": [{"role": "user", "content": "b"}]}]
+    f.write_text('{"prompt": "a", "messages": []}\n')
+    with pytest.raises(ValueError, match="exactly one"):
+        load_prompts(f)
+    f.write_text("not json\n")
+    with pytest.raises(ValueError, match=":1: not JSON"):
+        load_prompts(f)
+
+
+@pytest.mark.integration
+def test_short_real_runs_against_both_fronts(make_service, tmp_path):
+    s = make_service(workers={"slots": 2}, http={"enabled": True})
+    assert s.start().returncode == 0
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "control", "bench", "--target", f"tcp://127.0.0.1:{s.port}",
+         "--compare", f"http://127.0.0.1:{s.http_port}/v1", "--clients", "1,2",
+         "--requests", "3", "--warmup", "1", "--max-tokens", "8", "--quiet",
+         "--json", str(out), "--plot", str(plot)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert {"config", "machine", "points"} <= set(res)
+    assert len(res["points"]) == 4                       # 2 targets x 2 concurrencies
+    for p in res["points"]:
+        sm = p["summary"]
+        assert sm["ok"] == 3 and sm["errors"] == {}
+        assert 0 < sm["tokens_out"] <= 3 * 8 and sm["tokens_per_s"] > 0
+        for k in ("ttft_ms", "e2e_ms"):
+            assert 0 <= sm[k]["p50"] <= sm[k]["p99"]
+    assert plot.stat().st_size > 1000 and "ratios" in r.stdout
