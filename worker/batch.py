@@ -49,6 +49,7 @@ from typing import Any
 
 from dataplane.errors import InternalError
 from dataplane.prefix import fields_hashes
+from worker import threadpool
 from worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats)
 
@@ -109,12 +110,14 @@ class BatchEngine(Prompting):
         cp.n_seq_max = slots
         cp.kv_unified = kv_unified
         cp.n_threads = cp.n_threads_batch = threads
-        # As the single-slot Engine (Llama's default), so that both compute the same.
-        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention, as llama-server: faster on this CPU. Engine (the reference of
+        # the determinism tests) uses it too, so that both compute the same.
+        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
         except ValueError as exc:
             raise ModelLoadError(f"cannot create a context of {slots} x {n_ctx}: {exc}") from exc
+        self._pool = threadpool.attach(self._ctx.ctx, threads)
         self._batch = _internals.LlamaBatch(n_tokens=cp.n_batch, embd=0, n_seq_max=1)
         self._mem = self._ctx.memory
         self.unified = kv_unified

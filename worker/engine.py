@@ -138,7 +138,7 @@ class Engine(Prompting):
         try:
             self.llm = llama_cpp.Llama(
                 model_path=path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads,
-                n_threads_batch=threads, n_batch=n_batch, verbose=False)
+                n_threads_batch=threads, n_batch=n_batch, flash_attn=True, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
         self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
