@@ -44,6 +44,7 @@ class Connection:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
         self._hard_limit = 4 * limit + p.MAX_PING + 1024
+        self._grant_batch = max(1, gw.cfg.gateway.token_window // 4)
 
     # ---- output (Sink) --------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -87,7 +88,9 @@ class Connection:
             except ConnectionError:
                 return
             for req in self.streams.values():
-                if req.owed:
+                # Credit goes back in batches of a quarter window: fewer messages per
+                # token, and the worker never runs dry while the client keeps up.
+                if req.owed >= self._grant_batch:
                     self.gw.grant(req, req.owed)
                     req.owed = 0
 

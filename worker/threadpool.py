@@ -24,7 +24,7 @@ class _Params(ctypes.Structure):
 
 
 class ThreadPool:
-    def __init__(self, ctx: Any, n_threads: int, poll: int = 50) -> None:
+    def __init__(self, ctx: Any, n_threads: int, poll: int = 0) -> None:
         import llama_cpp
 
         libdir = Path(llama_cpp.__file__).parent / "lib"
