@@ -386,6 +386,8 @@ def test_gpu_config_follows_config_conventions():
 @needs_model
 def test_check_main_renders_the_plan():
     cfg = config.load(Path(__file__).parent.parent / "config.toml")
+    # The hand-worked figures below are for one slot, whatever config.toml says.
+    cfg = dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, slots=1))
     text = gpu.check_main(cfg, reader=FakeReader(available=False))
     assert gpu.NO_GPU_MESSAGE in text
     assert "1 worker(s) x 353.1 MiB = 353.1 MiB vs vram_budget_mb 1024" in text and "fits" in text
@@ -421,6 +423,8 @@ def test_monitor_warns_when_nvml_sees_none_of_the_worker_pids(caplog, monkeypatc
 def test_startup_plan_enforces_only_with_a_gpu(monkeypatch):
     monkeypatch.setattr(gpu, "_SAID", set())
     cfg = config.load(Path(__file__).parent.parent / "config.toml")
+    # The hand-worked figures below are for one slot, whatever config.toml says.
+    cfg = dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, slots=1))
     small = GpuConfig(vram_budget_mb=200)
     assert gpu.startup_plan(cfg, small, FakeReader(available=False)) is None     # not enforced
     if not NvmlReader().available():                                             # this machine
