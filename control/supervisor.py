@@ -226,12 +226,15 @@ class Supervisor:
                 return
             await asyncio.sleep(0.1)
 
-    async def _retire(self, w: WorkerProcess) -> None:
+    async def _drain_and_stop(self, w: WorkerProcess, why: str) -> None:
+        """Take no new work to ``w``, let it finish (bounded), stop it, forget it."""
         await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
         await self._wait_drained(w)
         await w.stop(self.cfg.control.stop_timeout_s)
-        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id,
-                                  "why": "retired by reload"})
+        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id, "why": why})
+
+    async def _retire(self, w: WorkerProcess) -> None:
+        await self._drain_and_stop(w, "retired by reload")
         self.workers.retiring.remove(w)
 
     # ---- GPU memory -----------------------------------------------------------------------
@@ -260,11 +263,7 @@ class Supervisor:
 
     async def _retire_in_place(self, w: WorkerProcess) -> None:
         """Drain a worker, stop it and start it again at once (not a crash)."""
-        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
-        await self._wait_drained(w)
-        await w.stop(self.cfg.control.stop_timeout_s)
-        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id,
-                                  "why": "restarted by the VRAM governor"})
+        await self._drain_and_stop(w, "restarted by the VRAM governor")
         w.restarts += 1
         await w.start()
 
