@@ -201,6 +201,22 @@ def _fmt_uptime(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _cache_line(counters: dict[str, int], workers: list[dict[str, Any]]) -> str:
+    """Prompt-cache reuse since start, and the host-memory stores' fill."""
+    prompt, cached = counters.get("prompt_tokens", 0), counters.get("cache_hit_tokens", 0)
+    line = f"prompt cache: {cached} of {prompt} prompt tokens reused"
+    if prompt:
+        line += f" ({100 * cached / prompt:.0f}%)"
+    stores = [w["kv_store"] for w in workers if w.get("kv_store")]
+    if stores:
+        used = sum(s["bytes"] for s in stores) / 2**20
+        limit = sum(s["limit"] for s in stores) / 2**20
+        line += (f"; host store {sum(s['entries'] for s in stores)} entries, "
+                 f"{used:.0f} of {limit:.0f} MiB, {sum(s['hit_tokens'] for s in stores)} "
+                 "tokens restored")
+    return line
+
+
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     st = ControlClient(cfg).call("status") if _read_pid(cfg) else None
     if not st or not st.get("ok"):
@@ -256,6 +272,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                           + "/".join(_ms(tot[k]) for k in ("p50", "p95", "p99"))
                           + f" n={tot['count']}", highlight=False)
         errs = ", ".join(f"{k} {v}" for k, v in sorted(gw.get("errors", {}).items())) or "none"
+        console.print(_cache_line(gw.get("counters", {}), st["workers"]), highlight=False)
         console.print(f"throughput last {w}s: {mt['requests_per_s']:.2f} req/s, "
                       f"{mt['tokens_per_s']:.1f} tok/s; errors: {errs}", highlight=False)
     for c in [gw, *st["workers"]]:

@@ -48,6 +48,8 @@ class WorkersConfig:
     count: int = _f(1, 1, 64, doc="number of worker processes")
     slots: int = _f(1, 1, 64, doc="concurrent sequences per worker (= its dispatch credits), batched on one model copy")
     prompt_cache: bool = _f(True, doc="a free slot keeps the KV of its last sequence; a request sharing its prefix reuses it")
+    prompt_cache_mib: int = _f(256, 0, 1 << 20,
+                               doc="host memory per worker for KV states saved when a slot is reused (second cache level); 0 = none")
     heartbeat_interval_s: float = _f(1.0, 0.05, 60.0, doc="heartbeat period, both ways")
     liveness: int = _f(5, 1, 100, doc="missed heartbeat intervals before a worker is declared dead")
     ready_timeout_s: float = _f(120.0, 1.0, 3600.0, doc="time a worker may take to load and send READY")

@@ -361,7 +361,7 @@ class Supervisor:
             info = live.get(w.pid) if w.pid else None
             if info and w.state == "running":
                 snap.update({k: info[k] for k in ("slots", "credits", "inflight", "served",
-                                                  "device")})
+                                                  "device", "kv_store")})
             else:
                 snap.update({"inflight": 0, "credits": 0})
             snap["state"] = self._state_of(w)

@@ -222,6 +222,9 @@ class Gateway:
             held = body.pop("prefix_hashes", None)     # what the worker's prompt cache holds
             if isinstance(held, list):
                 w.prefixes = set(held)
+            store = body.pop("kv_store", None)
+            if isinstance(store, dict):
+                w.kv_store = store
             if req is not None:
                 if kind is m.Kind.DONE and not req.internal:
                     self.counters["prompt_tokens"] += int(body.get("prompt_tokens") or 0)

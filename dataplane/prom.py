@@ -70,6 +70,15 @@ class GatewayCollector:
         yield _histogram("llmctl_inter_token_seconds", "Time between consecutive TOKENs",
                          mt.itl)
         st = gw.sched
+        kv = [GaugeMetricFamily(f"llmctl_kv_store_{key}", doc, labels=["worker"]) for key, doc in (
+            ("bytes", "Bytes of KV states in a worker's host-memory prompt store"),
+            ("entries", "KV states in a worker's host-memory prompt store"),
+            ("hit_tokens", "Prompt tokens restored from a worker's host-memory store"))]
+        for w in st.workers.values():
+            for fam, key in zip(kv, ("bytes", "entries", "hit_tokens")):
+                if key in w.kv_store:
+                    fam.add_metric([w.name], w.kv_store[key])
+        yield from kv
         yield GaugeMetricFamily("llmctl_queue_depth", "Requests waiting for credit",
                                 value=len(st.queue))
         yield GaugeMetricFamily("llmctl_inflight", "Requests held by workers",

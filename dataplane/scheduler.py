@@ -74,6 +74,7 @@ class WorkerState:
     draining: bool = False          # finishing what it has; gets nothing new
     last_busy: float = field(default_factory=time.monotonic)
     prefixes: set[int] = field(default_factory=set)     # prompt prefixes its cache holds
+    kv_store: dict[str, int] = field(default_factory=dict)   # its host KV store, as last told
 
     @property
     def credits(self) -> int:
@@ -92,7 +93,7 @@ class WorkerState:
         return {"id": self.id, "name": self.name, "pid": self.pid, "state": self.state,
                 "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
                 "served": self.served, "device": self.device, "model": self.model,
-                "last_seen_s": round(now - self.last_seen, 3)}
+                "kv_store": dict(self.kv_store), "last_seen_s": round(now - self.last_seen, 3)}
 
 
 class Scheduler:

@@ -102,6 +102,13 @@ def nocache4():
     return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4, prompt_cache=False)
 
 
+@pytest.fixture(scope="module")
+def stored4():
+    """Four slots and a host-memory store (the second cache level), as in production."""
+    from worker.batch import BatchEngine
+    return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4, prompt_cache_bytes=32 << 20)
+
+
 def assert_kv_consistent(engine) -> None:
     """llama.cpp's KV holds exactly what the engine's bookkeeping says, per slot."""
     assert engine.kv_positions() == [len(s.tokens) - 1 for s in engine.slots]
@@ -160,6 +167,44 @@ def test_prefix_copied_from_a_running_sequence(nocache4, batch4):
     assert got[2][1]["cached_tokens"] > 300, got[2][1]
     assert got[2][0] == miss[0]
     assert_kv_consistent(batch4)
+
+
+def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored4):
+    """Six distinct prompts cycled through four slots.  With slots alone, LRU evicts
+    each prompt just before it comes back; the store keeps the evicted KV, so round
+    two evaluates only the last two tokens of each prompt, with a miss's output."""
+    prompts = [greedy({"prompt": f"{uuid.uuid4().hex} The {c} box number {i} holds"}, 8)
+               for i, c in enumerate(["red", "blue", "green", "white", "black", "pink"])]
+    miss = {i: drive(nocache4, [(i, f, 0)])[i] for i, f in enumerate(prompts)}
+    hits_before = stored4.store.hits
+    for rnd in (0, 1):
+        for i, f in enumerate(prompts):
+            rid = 100 * rnd + i
+            text, done = drive(stored4, [(rid, f, 0)])[rid]
+            assert text == miss[i][0], f"round {rnd}, prompt {i}: output differs from a miss"
+            if rnd == 1:
+                assert done["cached_tokens"] == done["prompt_tokens"] - 2, (i, done)
+    assert stored4.store.hits - hits_before >= 2      # at least the two evicted ones
+    assert 0 < stored4.store.bytes <= stored4.store.limit
+    # The gateway learns about stored prefixes too (cache-aware routing).
+    held = set(stored4.prefixes())
+    assert all(matched(fields_hashes(f), held) == len(fields_hashes(f)) for f in prompts)
+    assert_kv_consistent(stored4)
+
+
+def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4):
+    """Streams: a prefix held by a busy slot is copied as that sequence's state (its
+    used cells), and the copy computes what a miss computes."""
+    q1 = {**chat("List every item you stock."), "max_tokens": 30}
+    q2 = chat(f"Is the {uuid.uuid4().hex[:6]} box in stock?")
+    miss = drive(nocache4, [(2, q2, 0)])[2]
+    drive(stored4, [(10 + i, greedy({"prompt": f"{i} {uuid.uuid4()}"}, 2), 0) for i in range(4)])
+    restores = stored4.store.hits
+    got = drive(stored4, [(1, q1, 0), (2, q2, 20)])
+    assert got[2][1]["cached_tokens"] > 300, got[2][1]
+    assert stored4.store.hits == restores             # from q1's slot, not the store
+    assert got[2][0] == miss[0]
+    assert_kv_consistent(stored4)
 
 
 # ---- churn: cancels, paused streams, no KV left behind ---------------------------------

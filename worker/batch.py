@@ -33,15 +33,20 @@ logits of sequences sampled in one micro-batch come from one tinyBLAS product, n
 one dot product each; they may differ in the last bits from the single-slot path,
 which changes a greedy choice only between two near-equal logits.
 
-Prompt cache: a slot whose sequence ended keeps its KV (prompt and generated tokens)
-as a cache entry; it stays a free slot.  A new sequence takes the free slot holding
-its longest common prefix, or the least recently used one; if another slot (free or
-running) holds a longer prefix, that prefix is copied in (``seq_cp``).  Everything
-past the common prefix is dropped (``seq_rm``) before the new sequence is written.
-With ``prompt_cache = False`` a slot's KV is dropped as soon as its sequence ends.
+Prompt cache, two levels.  A slot whose sequence ended keeps its KV (prompt and
+generated tokens); it stays a free slot.  Before a slot's KV is cut to make room for
+a new sequence, its state is saved to a host-memory store (``worker/kvstore.py``,
+``[workers] prompt_cache_mib``).  A new sequence takes the free slot holding its
+longest common prefix, or the least recently used one; if another slot (free or
+running) or the store holds a longer prefix, that KV is written into the slot
+(``llama_state_seq_get/set_data``: only the cells used, where ``seq_cp`` between
+streams copies a whole stream buffer).  Everything past the common prefix is
+dropped (``seq_rm``) before the new sequence is written.  With ``prompt_cache =
+False`` a slot's KV is dropped as soon as its sequence ends and nothing is stored.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,12 +55,13 @@ from typing import Any
 from dataplane.errors import InternalError
 from dataplane.prefix import fields_hashes
 from worker import threadpool
+from worker.kvstore import KVStore, common_prefix
 from worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats)
 
 log = logging.getLogger(__name__)
 
-COPY_MIN = 16          # a shorter prefix is evaluated again rather than copied from a slot
+COPY_MIN = 4           # a gain of fewer tokens is evaluated again rather than copied in
 MAX_REPORTED = 512     # prefix hashes reported to the gateway in a DONE
 
 
@@ -75,19 +81,12 @@ class Slot:
     used: int = 0                          # LRU tick
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    limit = min(limit, len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
 class BatchEngine(Prompting):
     seq_class = Seq
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
-                 slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False) -> None:
+                 slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
+                 prompt_cache_bytes: int = 0) -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -122,6 +121,7 @@ class BatchEngine(Prompting):
         self._mem = self._ctx.memory
         self.unified = kv_unified
         self.prompt_cache = prompt_cache
+        self.store = KVStore(prompt_cache_bytes) if prompt_cache and prompt_cache_bytes else None
         self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
         self.n_ctx = ll.llama_n_ctx_seq(self._ctx.ctx) if not kv_unified else n_ctx
         self.n_batch = n_batch
@@ -175,7 +175,12 @@ class BatchEngine(Prompting):
         target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
         source = max(self.slots, key=lambda s: match[s.id])
         n = match[target.id]
-        if match[source.id] >= n + COPY_MIN:
+        if self.store is not None and n < len(target.tokens):
+            self._save(target)                 # its KV is about to be cut
+        entry, n_stored = self.store.best(seq.tokens, limit) if self.store else (None, 0)
+        if entry is not None and n_stored >= max(n, match[source.id]) + COPY_MIN:
+            n = self._restore(entry, target, n_stored)
+        elif match[source.id] >= n + COPY_MIN:
             n = self._copy(source, target, match[source.id])
         else:
             n = self._truncate(target, n)
@@ -261,14 +266,55 @@ class BatchEngine(Prompting):
     def _copy(self, src: Slot, dst: Slot, n: int) -> int:
         """Give ``dst`` the first ``n`` tokens of ``src``'s KV."""
         ll, mem = self._ll, self._mem
-        ll.llama_memory_seq_rm(mem, dst.id, -1, -1)
         if self.unified:      # cells are shared: a metadata copy
+            ll.llama_memory_seq_rm(mem, dst.id, -1, -1)
             ll.llama_memory_seq_cp(mem, src.id, dst.id, 0, n)
-        else:                 # streams: only a whole-stream copy, then cut it
-            ll.llama_memory_seq_cp(mem, src.id, dst.id, -1, -1)
-            ll.llama_memory_seq_rm(mem, dst.id, n, -1)
-        dst.tokens = src.tokens[:n]
-        return n
+            dst.tokens = src.tokens[:n]
+            return n
+        # Streams: seq_cp would copy the whole stream buffer; the state of the
+        # sequence is only its used cells.
+        data = self._state_get(src.id)
+        if data is None or not self._state_set(dst, data):
+            return self._truncate(dst, 0)
+        dst.tokens = list(src.tokens)
+        return self._truncate(dst, n)
+
+    def _save(self, slot: Slot) -> None:
+        """Keep ``slot``'s KV in the host-memory store before it is cut."""
+        assert self.store is not None
+        if len(slot.tokens) < COPY_MIN or self.store.covers(slot.tokens):
+            return
+        data = self._state_get(slot.id)
+        if data is not None:
+            self.store.put(slot.tokens, data, slot.hashes)
+
+    def _restore(self, entry: Any, dst: Slot, n: int) -> int:
+        """Write a stored state into ``dst`` and keep its first ``n`` tokens."""
+        assert self.store is not None
+        if not self._state_set(dst, entry.data):
+            return self._truncate(dst, 0)
+        self.store.take(entry, n)
+        dst.tokens = list(entry.tokens)
+        return self._truncate(dst, n)
+
+    def _state_get(self, seq_id: int) -> Any:
+        """The KV state of one sequence as a ctypes byte array (None on failure)."""
+        ll, ctx = self._ll, self._ctx.ctx
+        size = ll.llama_state_seq_get_size(ctx, seq_id)
+        buf = (ctypes.c_uint8 * size).from_buffer(bytearray(size))   # calloc: fast
+        if not size or ll.llama_state_seq_get_data(ctx, buf, size, seq_id) != size:
+            log.warning("could not read the KV state of sequence %d", seq_id)
+            return None
+        return buf
+
+    def _state_set(self, dst: Slot, data: Any) -> bool:
+        """Replace ``dst``'s KV by a saved state; on failure ``dst`` is left empty."""
+        n = self._ll.llama_state_seq_set_data(self._ctx.ctx, data, len(data), dst.id)
+        if n != len(data):
+            log.warning("could not restore a KV state into slot %d", dst.id)
+            self._clear(dst)
+            return False
+        return True
 
     def _truncate(self, slot: Slot, n: int) -> int:
         """Keep the first ``n`` tokens of ``slot``'s KV."""
@@ -299,6 +345,10 @@ class BatchEngine(Prompting):
         for slot in sorted(self.slots, key=lambda s: -s.used):
             if slot.tokens:
                 seen.update(dict.fromkeys(slot.hashes))
+        for entry in self.store.entries() if self.store else ():
+            if len(seen) >= MAX_REPORTED:
+                break
+            seen.update(dict.fromkeys(entry.hashes))
         return list(seen)[:MAX_REPORTED]
 
     def kv_positions(self) -> list[int]:
@@ -315,4 +365,7 @@ class BatchEngine(Prompting):
         if not self.prompt_cache:
             self._clear(slot)
         tail = seq.stream.finish() if flush else ""
-        return Event(seq.rid, tail, {**done_stats(seq, reason), "prefix_hashes": self.prefixes()})
+        stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
+        if self.store is not None:
+            stats["kv_store"] = self.store.stats()
+        return Event(seq.rid, tail, stats)

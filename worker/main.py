@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                              cfg.model.n_batch, slots=cfg.workers.slots,
-                             prompt_cache=cfg.workers.prompt_cache)
+                             prompt_cache=cfg.workers.prompt_cache,
+                             prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
