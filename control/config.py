@@ -39,7 +39,9 @@ class ModelConfig:
     n_ctx: int = _f(2048, 64, 1 << 20, doc="context length of every sequence (tokens)")
     n_gpu_layers: int = _f(-1, -1, 10_000, doc="layers offloaded to the GPU; -1 = all, 0 = CPU")
     threads: int = _f(0, 0, 256, doc="CPU threads per worker; 0 = cores / workers")
-    n_batch: int = _f(256, 1, 8192, doc="prefill chunk size (tokens); cancellation is checked between chunks")
+    n_batch: int = _f(63, 1, 8192, doc="prefill chunk size (tokens); cancellation is checked between chunks. "
+                      "On the CPU, 64 or more goes through ggml's tiled attention kernel: faster for long "
+                      "prompts, but a prompt-cache hit is then no longer bit-identical to a miss")
     sha256: str = _f("", doc="expected sha256 of the GGUF; empty = not checked at start")
 
 

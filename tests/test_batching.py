@@ -207,6 +207,27 @@ def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4
     assert_kv_consistent(stored4)
 
 
+def test_default_chunking_makes_a_cached_prompt_bit_identical(single):
+    """With the default ``n_batch``, a ~300-token prompt evaluated from scratch and the
+    same prompt evaluated after its first ~290 tokens came from the cache leave the
+    same bytes in the KV.  (On the CPU a chunk of 64 or more rows goes through
+    ggml's tiled flash-attention kernel, which rounds differently: with
+    ``n_batch = 256`` this test fails.)"""
+    from control.config import ModelConfig
+    from worker.batch import BatchEngine
+    n_batch = ModelConfig().n_batch
+    shared = f"{uuid.uuid4().hex} {LONG}"
+    prompt = greedy({"prompt": shared + " The last box is"}, 1)
+    miss_e = BatchEngine(str(MODEL), N_CTX, 0, 1, n_batch, slots=1)    # empty: a miss
+    drive(miss_e, [(1, prompt, 0)])
+    hit_e = BatchEngine(str(MODEL), N_CTX, 0, 1, n_batch, slots=1)
+    drive(hit_e, [(1, greedy({"prompt": shared + " Which box is green?"}, 1), 0)])
+    done = drive(hit_e, [(2, prompt, 0)])[2][1]
+    assert done["cached_tokens"] > 250, done
+    assert hit_e.slots[0].tokens == miss_e.slots[0].tokens
+    assert bytes(hit_e._state_get(0)) == bytes(miss_e._state_get(0))
+
+
 # ---- churn: cancels, paused streams, no KV left behind ---------------------------------
 
 def churn(engine, seed: int) -> dict[int, tuple[str, dict]]:

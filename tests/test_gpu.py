@@ -390,13 +390,13 @@ def test_check_main_renders_the_plan():
     cfg = dataclasses.replace(cfg, workers=dataclasses.replace(cfg.workers, slots=1))
     text = gpu.check_main(cfg, reader=FakeReader(available=False))
     assert gpu.NO_GPU_MESSAGE in text
-    assert "1 worker(s) x 353.1 MiB = 353.1 MiB vs vram_budget_mb 1024" in text and "fits" in text
+    assert "1 worker(s) x 303.3 MiB = 303.3 MiB vs vram_budget_mb 1024" in text and "fits" in text
     text = gpu.check_main(cfg, reader=FakeReader(name="Fake A2000"))
     assert "GPU: Fake A2000, 1,024 MiB" in text
     with pytest.raises(VramBudgetError, match="does not fit") as exc:
         gpu.check_main(cfg, GpuConfig(vram_budget_mb=200), reader=FakeReader(available=False))
     assert "47,185,920 B" in str(exc.value) and gpu.NO_GPU_MESSAGE in str(exc.value)
-    fitted = gpu.check_main(cfg, GpuConfig(vram_budget_mb=300, fit=True), FakeReader())
+    fitted = gpu.check_main(cfg, GpuConfig(vram_budget_mb=262, fit=True), FakeReader())
     assert "fit = true changed: model.n_ctx 2048 -> 256" in fitted
 
 
@@ -433,5 +433,5 @@ def test_startup_plan_enforces_only_with_a_gpu(monkeypatch):
         gpu.startup_plan(cfg, small, FakeReader())
     cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_gpu_layers=0))
     assert gpu.startup_plan(cpu, small, FakeReader()) is None
-    p = gpu.startup_plan(cfg, GpuConfig(vram_budget_mb=300, fit=True), FakeReader())
+    p = gpu.startup_plan(cfg, GpuConfig(vram_budget_mb=262, fit=True), FakeReader())
     assert p is not None and p.changes == ("model.n_ctx 2048 -> 256",)

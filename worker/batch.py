@@ -20,18 +20,23 @@ has token credit (``window``), then one ``llama_decode`` of at most ``n_batch``
 prompt tokens of the oldest sequence in prefill; so new requests join between steps
 and a long prompt never stalls the running streams for more than one chunk.
 
-Exactness.  On the CPU, ggml computes a matrix product with one column (one token)
-with its own dot products and one with two or more with llamafile's tinyBLAS; both
-are exact to the last bit only with themselves.  The layer weights (Q4_1) never go
-through tinyBLAS, but attention over the f16 KV and the Q8_0 output matrix do.  So:
-prompt tokens never share a ``llama_decode`` with decoding ones (llama.cpp would cut
-the chunk into one token beside the others' and the rest), chunks are never of one
-token, and at least two prompt tokens are evaluated even on a full cache hit.  Then
-a prompt's KV does not depend on chunking, concurrency or cache hits, and a decoded
-token's attention is a one-column product as on the single-slot path.  What remains:
-logits of sequences sampled in one micro-batch come from one tinyBLAS product, not
-one dot product each; they may differ in the last bits from the single-slot path,
-which changes a greedy choice only between two near-equal logits.
+Exactness.  On the CPU ggml picks kernels by shape, and they round differently.
+Flash attention: a chunk of 64 or more query rows goes through a tiled kernel, a
+single query row over 512 or more KV cells (more than 256 in use) through a KV-split
+kernel, anything else through a per-row kernel whose result for a row does not
+depend on the other rows.  The Q8_0 output matrix: one column uses ggml's dot
+products, two or more llamafile's tinyBLAS.  Measured on SmolLM2 (150 and 400-token
+prompts): any chunking into pieces of 2..63 tokens leaves the same KV bytes; pieces
+of 64+, or a last piece of one token past 256 cells, move the last logits by up to
+0.8.  So prompt chunks are 2..``n_batch`` tokens with ``n_batch`` below 64 by
+default (no 1-token chunk), prompt tokens never share a ``llama_decode`` with
+decoding ones, and at least two prompt tokens are evaluated even on a full cache
+hit.  Then a prompt's KV does not depend on chunking, concurrency or cache hits
+(tests compare the bytes).  What remains: a token decoded in a batch with other
+sequences goes through the per-row kernel and a shared tinyBLAS output product,
+where the same token decoded alone past 256 cells goes through the KV-split kernel;
+batched and single-slot greedy output can then differ where two logits are nearly
+equal.
 
 Prompt cache, two levels.  A slot whose sequence ended keeps its KV (prompt and
 generated tokens); it stays a free slot.  Before a slot's KV is cut to make room for
