@@ -48,6 +48,7 @@ class Gateway:
         self.metrics_url = ""
         self.connections = 0
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
+        self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
         self._wake = asyncio.Event()
         self.router: zmq.asyncio.Socket | None = None
         self.counters: dict[str, int] = dict.fromkeys((
@@ -92,7 +93,9 @@ class Gateway:
     def grant(self, req: Request, n: int) -> None:
         """The client's connection took ``n`` of this stream's tokens: more may come."""
         if n > 0 and req.worker is not None and not req.finished:
-            self._send(req.worker, m.encode(m.Kind.CREDIT, req.rid, {"n": n}))
+            owed = self._credit.setdefault(req.worker, {})
+            owed[req.rid] = owed.get(req.rid, 0) + n
+            self._wake.set()
 
     def _stop_work(self, req: Request) -> bool:
         """Take the request back from the queue or its worker; True if a worker had it."""
@@ -139,6 +142,11 @@ class Gateway:
             while self._outbox:
                 wid, frames = self._outbox.popleft()
                 await self._route(wid, frames)
+            if self._credit:      # all the credit a worker is owed, in one message
+                credit, self._credit = self._credit, {}
+                for wid, grants in credit.items():
+                    if wid in self.sched.workers:
+                        await self._route(wid, m.encode_credit(grants))
             for w, req in self.sched.take():
                 self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
                 body = req.params.worker_fields()
@@ -179,7 +187,11 @@ class Gateway:
             wid = frames[0].decode(errors="replace")
             try:
                 msg = m.decode(frames[1:])
-                self._on_worker(wid, msg)
+                if msg.kind is m.Kind.BATCH:
+                    for sub in m.decode_batch(msg.body):
+                        self._on_worker(wid, sub)
+                else:
+                    self._on_worker(wid, msg)
             except (m.MessageError, ValueError) as exc:
                 log.error("malformed message from worker %s: %s", wid, exc)
 

@@ -16,6 +16,12 @@ Per stream, a second credit carries a slow client's back-pressure to the worker:
 GENERATE grants a window of ``window`` TOKEN messages; the gateway returns CREDIT as
 the client's connection takes the tokens.  A sequence whose window is spent pauses
 (its slot stays held) while the worker's other sequences go on.
+
+Per token, messages are batched both ways so that a decode step of N sequences
+costs one ZeroMQ message, not N (each wakes I/O threads that share the cores with
+the compute): a worker sends everything one engine step produced as one BATCH of
+``(kind, rid, body)`` records; the gateway sends the token credit it owes a worker
+as one CREDIT of ``(rid, n)`` pairs.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from enum import Enum
 from typing import Any
 
 _RID = struct.Struct(">Q")
+_RECORD = struct.Struct(">cQI")     # BATCH record header: kind, rid, body length
+_GRANT = struct.Struct(">QI")       # CREDIT pair: rid, n
 
 
 class Kind(bytes, Enum):
@@ -38,7 +46,8 @@ class Kind(bytes, Enum):
     ERROR = b"E"       # worker -> gateway: rid, body {code, message} (returns a credit)
     BYE = b"B"         # worker -> gateway: leaving; no more credits
     DRAIN = b"X"       # gateway -> worker: finish what you have, take nothing new
-    CREDIT = b"K"      # gateway -> worker: rid, body {"n": k}: k more TOKEN messages may be sent
+    CREDIT = b"K"      # gateway -> worker: body = packed (rid, n) pairs: n more TOKENs for rid
+    BATCH = b"M"       # worker -> gateway: body = packed TOKEN/DONE/ERROR records of one step
 
 
 class MessageError(ValueError):
@@ -63,9 +72,13 @@ class Message:
         return self.body.decode("utf-8")
 
 
+def dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
 def encode(kind: Kind, rid: int | None = None, body: bytes | dict[str, Any] = b"") -> list[bytes]:
     if isinstance(body, dict):
-        body = json.dumps(body, separators=(",", ":")).encode("utf-8")
+        body = dumps(body)
     return [kind.value, _RID.pack(rid) if rid is not None else b"", body]
 
 
@@ -81,6 +94,46 @@ def decode(frames: list[bytes]) -> Message:
         raise MessageError(f"bad request id length {len(rid_b)}")
     rid = _RID.unpack(rid_b)[0] if rid_b else None
     return Message(kind, rid, bytes(body))
+
+
+def encode_batch(records: list[tuple[Kind, int, bytes]]) -> list[bytes]:
+    """One BATCH message carrying several per-request messages."""
+    parts = []
+    for kind, rid, body in records:
+        parts.append(_RECORD.pack(kind.value, rid, len(body)))
+        parts.append(body)
+    return [Kind.BATCH.value, b"", b"".join(parts)]
+
+
+def decode_batch(body: bytes) -> list[Message]:
+    out, off, end = [], 0, len(body)
+    while off < end:
+        if off + _RECORD.size > end:
+            raise MessageError("truncated BATCH record header")
+        kind_b, rid, n = _RECORD.unpack_from(body, off)
+        off += _RECORD.size
+        if off + n > end:
+            raise MessageError("truncated BATCH record body")
+        try:
+            kind = Kind(kind_b)
+        except ValueError:
+            raise MessageError(f"unknown message kind {kind_b!r} in BATCH") from None
+        if kind not in (Kind.TOKEN, Kind.DONE, Kind.ERROR):
+            raise MessageError(f"{kind.name} cannot travel in a BATCH")
+        out.append(Message(kind, rid, body[off:off + n]))
+        off += n
+    return out
+
+
+def encode_credit(grants: dict[int, int]) -> list[bytes]:
+    """One CREDIT message: ``grants[rid]`` more TOKEN messages for each stream."""
+    return [Kind.CREDIT.value, b"", b"".join(_GRANT.pack(r, n) for r, n in grants.items())]
+
+
+def decode_credit(body: bytes) -> list[tuple[int, int]]:
+    if len(body) % _GRANT.size:
+        raise MessageError(f"CREDIT body of {len(body)} bytes is not whole (rid, n) pairs")
+    return [_GRANT.unpack_from(body, i) for i in range(0, len(body), _GRANT.size)]
 
 
 # ---- control socket (CLI <-> supervisor, supervisor <-> gateway admin) -----------------

@@ -164,7 +164,10 @@ class GatewayMetrics:
 
     def on_token(self, worker: str, gap_ms: float | None, now: float) -> None:
         self.tokens_out.add(1, now)
-        self.worker_tokens.setdefault(worker, Rate(self.window_s)).add(1, now)
+        rate = self.worker_tokens.get(worker)
+        if rate is None:
+            rate = self.worker_tokens[worker] = Rate(self.window_s)
+        rate.add(1, now)
         if gap_ms is not None:
             self.itl.observe(gap_ms, now)
 

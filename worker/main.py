@@ -111,9 +111,9 @@ class Worker:
             if now - last_sent >= self.interval:      # before a step that may be long
                 sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
                 last_sent = now
-            for ev in self.engine.step():
-                for out in self._event_frames(ev):
-                    sock.send_multipart(out)
+            records = [r for ev in self.engine.step() for r in self._records(ev)]
+            if records:       # one message per step, whatever the number of sequences
+                sock.send_multipart(m.encode_batch(records))
                 last_sent = time.monotonic()
             if os.getppid() != self._ppid:
                 log.error("supervisor is gone: exiting")
@@ -135,9 +135,10 @@ class Worker:
             return self._generate(msg)
         if msg.kind is m.Kind.CANCEL and msg.rid is not None:
             ev = self.engine.cancel(msg.rid)
-            return self._event_frames(ev) if ev else []
-        if msg.kind is m.Kind.CREDIT and msg.rid is not None:
-            self.engine.grant(msg.rid, int(msg.json().get("n", 0)))
+            return [m.encode_batch(self._records(ev))] if ev else []
+        if msg.kind is m.Kind.CREDIT:
+            for rid, n in m.decode_credit(msg.body):
+                self.engine.grant(rid, n)
             return []
         if msg.kind is m.Kind.DRAIN:
             self.draining = True
@@ -152,14 +153,15 @@ class Worker:
         return []
 
     @staticmethod
-    def _event_frames(ev: Event) -> list[list[bytes]]:
+    def _records(ev: Event) -> list[tuple[m.Kind, int, bytes]]:
+        """The TOKEN / DONE / ERROR records of an engine event (for a BATCH)."""
         out = []
         if ev.text:
-            out.append(m.encode(m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
+            out.append((m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
         if ev.error is not None:
-            out.append(m.encode(m.Kind.ERROR, ev.rid, ev.error.to_dict()))
+            out.append((m.Kind.ERROR, ev.rid, m.dumps(ev.error.to_dict())))
         elif ev.done is not None:
-            out.append(m.encode(m.Kind.DONE, ev.rid, ev.done))
+            out.append((m.Kind.DONE, ev.rid, m.dumps(ev.done)))
         return out
 
 
