@@ -29,14 +29,15 @@ products, two or more llamafile's tinyBLAS.  Measured on SmolLM2 (150 and 400-to
 prompts): any chunking into pieces of 2..63 tokens leaves the same KV bytes; pieces
 of 64+, or a last piece of one token past 256 cells, move the last logits by up to
 0.8.  So prompt chunks are 2..``n_batch`` tokens with ``n_batch`` below 64 by
-default (no 1-token chunk), prompt tokens never share a ``llama_decode`` with
-decoding ones, and at least two prompt tokens are evaluated even on a full cache
-hit.  Then a prompt's KV does not depend on chunking, concurrency or cache hits
-(tests compare the bytes).  What remains: a token decoded in a batch with other
-sequences goes through the per-row kernel and a shared tinyBLAS output product,
-where the same token decoded alone past 256 cells goes through the KV-split kernel;
-batched and single-slot greedy output can then differ where two logits are nearly
-equal.
+default, no 1-token chunk is left, and the last prompt token is not prefilled: it is
+decoded in the next step with the decoding sequences, like a generated token (a
+full cache hit costs one token of a step, not a ``llama_decode`` of its own).  Then
+a prompt's KV, but for its last token, does not depend on chunking, concurrency or
+cache hits (tests compare the bytes).  What remains: a token decoded in a batch
+with other sequences goes through the per-row kernel and a shared tinyBLAS output
+product, where the same token decoded alone past 256 cells goes through the
+KV-split kernel; batched and single-slot greedy output can then differ where two
+logits are nearly equal.
 
 Prompt cache, two levels.  A slot whose sequence ended keeps its KV (prompt and
 generated tokens); it stays a free slot.  Before a slot's KV is cut to make room for
@@ -74,7 +75,14 @@ MAX_REPORTED = 512     # prefix hashes reported to the gateway in a DONE
 class Seq(Sequence):
     slot: "Slot | None" = None
     hashes: tuple[int, ...] = ()
-    pending: int | None = None             # sampled and sent, its KV not yet computed
+    pending: int | None = None             # next to decode: the last prompt token, then
+                                           # each sampled (and sent) one
+
+
+def _usable(n: int, last: int) -> int:
+    """A reusable prefix of ``n`` tokens, cut so that the prompt tokens left to
+    prefill before the last one are never exactly one (a 1-token chunk)."""
+    return n - 1 if last - n == 1 else n
 
 
 @dataclass(eq=False)
@@ -155,7 +163,7 @@ class BatchEngine(Prompting):
     @property
     def runnable(self) -> bool:
         """Is there work that a step would advance (not only paused sequences)?"""
-        return any(s.prefilled < len(s.tokens) or s.window > 0 for s in self.running.values())
+        return any(s.prefilled < len(s.tokens) - 1 or s.window > 0 for s in self.running.values())
 
     def prepare(self, rid: int, fields: dict[str, Any]) -> Seq:
         seq = super().prepare(rid, fields)
@@ -171,18 +179,19 @@ class BatchEngine(Prompting):
     def start(self, seq: Seq) -> None:
         if not self.free_slots or seq.rid in self.running:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
-        # The last two prompt tokens are always evaluated again: fresh logits, and no
-        # 1-token evaluation (see the module docstring).
-        limit = len(seq.tokens) - 2
-        match = {s.id: common_prefix(s.tokens, seq.tokens, limit) if self.prompt_cache else 0
-                 for s in self.slots}
+        # The last prompt token is always decoded like a generated one (see the module
+        # docstring); the rest is reused or prefilled, never leaving a 1-token chunk.
+        last = len(seq.tokens) - 1
+        match = {s.id: _usable(common_prefix(s.tokens, seq.tokens, last), last)
+                 if self.prompt_cache else 0 for s in self.slots}
         free = [s for s in self.slots if s.seq is None]
         target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
         source = max(self.slots, key=lambda s: match[s.id])
         n = match[target.id]
         if self.store is not None and n < len(target.tokens):
             self._save(target)                 # its KV is about to be cut
-        entry, n_stored = self.store.best(seq.tokens, limit) if self.store else (None, 0)
+        entry, n_stored = self.store.best(seq.tokens, last) if self.store else (None, 0)
+        n_stored = _usable(n_stored, last)
         if entry is not None and n_stored >= max(n, match[source.id]) + COPY_MIN:
             n = self._restore(entry, target, n_stored)
         elif match[source.id] >= n + COPY_MIN:
@@ -193,6 +202,8 @@ class BatchEngine(Prompting):
         target.seq, target.hashes, target.used = seq, seq.hashes, self._tick
         seq.slot = target
         seq.cached = seq.prefilled = n
+        if n == last:
+            seq.pending = seq.tokens[last]     # nothing to prefill: it joins the next step
         self.running[seq.rid] = seq
 
     def cancel(self, rid: int) -> Event | None:
@@ -208,14 +219,14 @@ class BatchEngine(Prompting):
                     and s.seq.window > 0]
         if decoding:
             events += self._decode([(seq, [seq.pending], True) for seq in decoding])
-        seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens)), None)
+        seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens) - 1), None)
         if seq is not None:
-            left = len(seq.tokens) - seq.prefilled
+            left = len(seq.tokens) - 1 - seq.prefilled
             k = min(left, self.n_batch)
             if left - k == 1 and k > 2:
                 k -= 1                        # no 1-token chunk (see the module docstring)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
-            events += self._decode([(seq, toks, k == left)])
+            events += self._decode([(seq, toks, False)])
         return events
 
     def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
@@ -242,6 +253,8 @@ class BatchEngine(Prompting):
             seq.slot.tokens.extend(toks)
             if seq.prefilled < len(seq.tokens):
                 seq.prefilled += len(toks)
+                if seq.prefilled == len(seq.tokens) - 1:
+                    seq.pending = seq.tokens[-1]   # the last prompt token: decoded next step
         events: list[Event] = []
         now = time.monotonic()
         for i, seq in outputs:

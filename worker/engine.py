@@ -159,7 +159,7 @@ class Engine(Prompting):
     def runnable(self) -> bool:
         """Is there work that a step would advance (not only paused sequences)?"""
         seq = self.active
-        return seq is not None and (seq.prefilled < len(seq.tokens) or seq.window > 0)
+        return seq is not None and (seq.prefilled < len(seq.tokens) - 1 or seq.window > 0)
 
     def grant(self, rid: int, n: int) -> None:
         """The client took ``n`` more TOKEN messages: the sequence may send n more."""
@@ -170,13 +170,17 @@ class Engine(Prompting):
         if self.active is not None:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
         llm = self.llm
-        # Reuse the KV cache of the common prefix; the last two prompt tokens are always
-        # evaluated again: fresh logits, and no 1-token evaluation (worker/batch.py).
+        # Reuse the KV cache of the common prefix; the last prompt token is always
+        # evaluated alone, like a decoded one, and no 1-token chunk is left before it
+        # (worker/batch.py, "Exactness").
         common = 0
-        limit = min(llm.n_tokens, len(seq.tokens) - 2)
+        last = len(seq.tokens) - 1
+        limit = min(llm.n_tokens, last)
         ids = llm.input_ids
         while common < limit and ids[common] == seq.tokens[common]:
             common += 1
+        if last - common == 1:
+            common -= 1
         llm.n_tokens = common
         seq.cached = seq.prefilled = common
         self.active = seq
@@ -192,16 +196,20 @@ class Engine(Prompting):
         if seq is None or not self.runnable:
             return []
         llm = self.llm
-        if seq.prefilled < len(seq.tokens):
-            left = len(seq.tokens) - seq.prefilled
+        last = len(seq.tokens) - 1
+        if seq.prefilled < last:
+            left = last - seq.prefilled
             k = min(left, self.n_batch)
             if left - k == 1 and k > 2:
                 k -= 1          # no 1-token chunk: a prompt's KV then does not depend on chunking
             chunk = seq.tokens[seq.prefilled:seq.prefilled + k]
             llm.eval(chunk)
             seq.prefilled += len(chunk)
-            if seq.prefilled == len(seq.tokens):
-                seq.t_prefill_done = time.monotonic()
+            return []
+        if seq.prefilled == last:                # the last prompt token, alone
+            llm.eval(seq.tokens[last:])
+            seq.prefilled += 1
+            seq.t_prefill_done = time.monotonic()
             return []
         tok = seq.sampler.sample(llm._ctx, -1)
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, tok):
