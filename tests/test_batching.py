@@ -13,11 +13,14 @@ from typing import Any
 
 import psutil
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dataplane.prefix import fields_hashes, matched, prefix_hashes
 from dataplane.protocol import GenerateRequest
 from dataplane.scheduler import Request, Scheduler, WorkerState
 from tests.service import MODEL, wait_until
+from worker.engine import prefill_chunk, reusable_prefix
 
 N_CTX = 1024
 N_BATCH = 32          # small, so that prefill chunks mix with running sequences
@@ -74,6 +77,29 @@ def drive(engine, jobs, cancels=None, max_steps=20_000):
         step += 1
         assert step < max_steps, "the engine does not make progress"
     return {rid: (text[rid], done.get(rid)) for rid in {j[0] for j in jobs}}
+
+
+# ---- the prefill rules, pure ----------------------------------------------------------
+
+@given(total=st.integers(0, 700), n_batch=st.integers(3, 300))
+def test_prefill_chunks_cover_the_prompt_without_a_lone_token(total, n_batch):
+    chunks, left = [], total
+    while left:
+        k = prefill_chunk(left, n_batch)
+        assert 1 <= k <= n_batch
+        chunks.append(k)
+        left -= k
+    assert sum(chunks) == total
+    assert total < 2 or 1 not in chunks, chunks
+
+
+@given(n=st.integers(0, 500), extra=st.integers(0, 500))
+def test_a_reused_prefix_leaves_no_lone_token_to_prefill(n, extra):
+    last = n + extra                                  # the index of the last prompt token
+    r = reusable_prefix(n, last)
+    assert 0 <= r <= n
+    assert last - r != 1 or r == 0                    # 1 left only when nothing is reused
+    assert r >= n - 1
 
 
 # ---- fixtures: the single-slot reference and batching engines -------------------------
@@ -136,6 +162,23 @@ def test_seeded_sampling_batched_equals_single_slot(single, nocache4):
     want = {i: reference(single, f)[0] for i, f in enumerate(sampled)}
     got = drive(nocache4, [(i, f, 0) for i, f in enumerate(sampled)])
     assert {i: got[i][0] for i in want} == want
+
+
+def test_prompts_of_one_to_three_tokens(single, batch4):
+    """The shortest prompts leave no room for the usual prefill rules (the last token
+    decoded apart, no 1-token chunk): each still runs, with and without a cached
+    prefix, and gives the single-slot output.  "The cat" after "Hello world" is two
+    tokens with nothing reusable."""
+    texts = ["Hi", "Hi there", "Hi there you", "Hello world", "The cat"]
+    lengths = [len(single.tokenize_request({"prompt": t})) for t in texts]
+    assert lengths == [1, 2, 3, 2, 2], lengths         # what the test is about
+    for rnd in range(2):                               # round two: cache hits
+        for i, t in enumerate(texts):
+            want = reference(single, greedy({"prompt": t}, 8))
+            got = drive(batch4, [(i, greedy({"prompt": t}, 8), 0)])[i]
+            assert got[0] == want[0], (rnd, t)
+            assert got[1]["completion_tokens"] == want[1]["completion_tokens"] > 0
+    assert_kv_consistent(batch4)
 
 
 # ---- prompt cache ---------------------------------------------------------------------

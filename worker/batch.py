@@ -63,7 +63,7 @@ from dataplane.prefix import fields_hashes
 from worker import threadpool
 from worker.kvstore import KVStore, common_prefix
 from worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats)
+                           done_stats, prefill_chunk, reusable_prefix)
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ class Seq(Sequence):
     hashes: tuple[int, ...] = ()
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
-
-
-def _usable(n: int, last: int) -> int:
-    """A reusable prefix of ``n`` tokens, cut so that the prompt tokens left to
-    prefill before the last one are never exactly one (a 1-token chunk)."""
-    return n - 1 if last - n == 1 else n
 
 
 @dataclass(eq=False)
@@ -182,7 +176,7 @@ class BatchEngine(Prompting):
         # The last prompt token is always decoded like a generated one (see the module
         # docstring); the rest is reused or prefilled, never leaving a 1-token chunk.
         last = len(seq.tokens) - 1
-        match = {s.id: _usable(common_prefix(s.tokens, seq.tokens, last), last)
+        match = {s.id: reusable_prefix(common_prefix(s.tokens, seq.tokens, last), last)
                  if self.prompt_cache else 0 for s in self.slots}
         free = [s for s in self.slots if s.seq is None]
         target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
@@ -191,7 +185,7 @@ class BatchEngine(Prompting):
         if self.store is not None and n < len(target.tokens):
             self._save(target)                 # its KV is about to be cut
         entry, n_stored = self.store.best(seq.tokens, last) if self.store else (None, 0)
-        n_stored = _usable(n_stored, last)
+        n_stored = reusable_prefix(n_stored, last)
         if entry is not None and n_stored >= max(n, match[source.id]) + COPY_MIN:
             n = self._restore(entry, target, n_stored)
         elif match[source.id] >= n + COPY_MIN:
@@ -221,10 +215,7 @@ class BatchEngine(Prompting):
             events += self._decode([(seq, [seq.pending], True) for seq in decoding])
         seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens) - 1), None)
         if seq is not None:
-            left = len(seq.tokens) - 1 - seq.prefilled
-            k = min(left, self.n_batch)
-            if left - k == 1 and k > 2:
-                k -= 1                        # no 1-token chunk (see the module docstring)
+            k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
             events += self._decode([(seq, toks, False)])
         return events

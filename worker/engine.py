@@ -45,6 +45,21 @@ class Sequence:
     t_prefill_done: float | None = None
 
 
+def reusable_prefix(n: int, last: int) -> int:
+    """How much of ``n`` cached tokens (at most ``last``) to reuse for a prompt whose
+    last token is at index ``last``: that token is always decoded like a generated one,
+    and the prompt tokens prefilled before it are never exactly one (a 1-token chunk
+    changes the KV on the CPU; worker/batch.py, "Exactness") unless nothing is cached."""
+    return n - 1 if n > 0 and last - n == 1 else n
+
+
+def prefill_chunk(left: int, n_batch: int) -> int:
+    """The size of the next prefill chunk with ``left`` prompt tokens to go: at most
+    ``n_batch``, and never one that would leave a 1-token chunk behind."""
+    k = min(left, n_batch)
+    return k - 1 if left - k == 1 and k > 2 else k
+
+
 class ModelLoadError(RuntimeError):
     pass
 
@@ -179,8 +194,7 @@ class Engine(Prompting):
         ids = llm.input_ids
         while common < limit and ids[common] == seq.tokens[common]:
             common += 1
-        if last - common == 1:
-            common -= 1
+        common = reusable_prefix(common, last)
         llm.n_tokens = common
         seq.cached = seq.prefilled = common
         self.active = seq
@@ -198,10 +212,7 @@ class Engine(Prompting):
         llm = self.llm
         last = len(seq.tokens) - 1
         if seq.prefilled < last:
-            left = last - seq.prefilled
-            k = min(left, self.n_batch)
-            if left - k == 1 and k > 2:
-                k -= 1          # no 1-token chunk: a prompt's KV then does not depend on chunking
+            k = prefill_chunk(last - seq.prefilled, self.n_batch)
             chunk = seq.tokens[seq.prefilled:seq.prefilled + k]
             llm.eval(chunk)
             seq.prefilled += len(chunk)
