@@ -82,7 +82,11 @@ class GatewayConfig:
     write_buffer_bytes: int = _f(256 * 1024, 1024, 1 << 30,
                                  doc="per-connection write buffer (user space high-water mark and kernel SO_SNDBUF)")
     slow_client_timeout_s: float = _f(30.0, 0.1, 86_400.0,
-                                      doc="a client whose full write buffer does not drain this long is disconnected")
+                                      doc="a stream whose client takes no output this long (its token window "
+                                          "spent) is cancelled with ERROR slow_client and its slot freed")
+    park_after_s: float = _f(1.0, 0.0, 86_400.0,
+                             doc="a stream whose client takes no output this long is parked: its worker "
+                                 "frees the slot for others and resumes it when the client reads; 0 = never")
     token_window: int = _f(16, 1, 100_000,
                            doc="TOKEN messages a worker may send ahead of what a stream's client has taken")
 
@@ -94,6 +98,8 @@ class HttpConfig:
     port: int = _f(8081, 0, 65535, doc="HTTP port")
     api_key: str = _f("", doc="if set, /v1 routes require `Authorization: Bearer KEY`; "
                               "env LLMCTL_API_KEY, when set and non-empty, overrides it")
+    body_timeout_s: float = _f(10.0, 0.1, 3600.0,
+                               doc="time a client has to send a request body; slower is 408")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ class Code(str, Enum):
     SHUTTING_DOWN = "shutting_down"
     TIMEOUT = "timeout"
     WORKER_FAILED = "worker_failed"
+    SLOW_CLIENT = "slow_client"
     INTERNAL = "internal"
 
 
@@ -35,6 +36,7 @@ _TABLE: dict[Code, tuple[bool, int, str]] = {
     Code.SHUTTING_DOWN: (False, 503, "service_unavailable"),
     Code.TIMEOUT: (False, 504, "timeout"),
     Code.WORKER_FAILED: (False, 502, "server_error"),
+    Code.SLOW_CLIENT: (False, 408, "timeout"),
     Code.INTERNAL: (False, 500, "server_error"),
 }
 
@@ -51,19 +53,30 @@ def openai_type(code: Code) -> str:
     return _TABLE[code][2]
 
 
+def _text(message: str) -> str:
+    """A message that encodes as UTF-8 (a lone surrogate from a client's input, quoted in
+    an exception, is written as its escape)."""
+    try:
+        message.encode("utf-8")
+        return message
+    except UnicodeEncodeError:
+        return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class LlmctlError(Exception):
     """Base of every error that reaches a client."""
 
     code: Code = Code.INTERNAL
+    status: int | None = None       # an HTTP status other than the code's own
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
-        self.message = message
+        self.message = _text(message)
         self.retry_after_ms = retry_after_ms
 
     @property
     def http_status(self) -> int:
-        return http_status(self.code)
+        return self.status if self.status is not None else http_status(self.code)
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"code": self.code.value, "message": self.message}
@@ -86,6 +99,11 @@ class Unauthorized(LlmctlError):
 
 class BadRequest(LlmctlError):
     code = Code.BAD_REQUEST
+
+
+class BodyTimeout(BadRequest):
+    """An HTTP request body that did not arrive within the read timeout: 408."""
+    status = 408
 
 
 class TooManyStreams(LlmctlError):
@@ -112,6 +130,10 @@ class WorkerFailed(LlmctlError):
     code = Code.WORKER_FAILED
 
 
+class SlowClient(LlmctlError):
+    code = Code.SLOW_CLIENT
+
+
 class InternalError(LlmctlError):
     code = Code.INTERNAL
 
@@ -119,7 +141,7 @@ class InternalError(LlmctlError):
 _BY_CODE: dict[Code, type[LlmctlError]] = {
     cls.code: cls for cls in (ProtocolError, FrameTooLarge, Unauthorized, BadRequest,
                               TooManyStreams, Overloaded, NotReady, ShuttingDown,
-                              DeadlineExceeded, WorkerFailed, InternalError)
+                              DeadlineExceeded, WorkerFailed, SlowClient, InternalError)
 }
 
 

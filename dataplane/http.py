@@ -23,17 +23,17 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dataplane.errors import (BadRequest, Code, FrameTooLarge, InternalError, LlmctlError,
+from dataplane.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
                               NotReady, ShuttingDown, Unauthorized, openai_type)
 from dataplane.protocol import Defaults, GenerateRequest, parse_json, validate_generate
 from dataplane.scheduler import Request
+from dataplane.transport import limit_output
 
 if TYPE_CHECKING:
     from dataplane.gateway import Gateway
@@ -279,12 +279,8 @@ class _Exchange:
         # Bound what a connection may hold, as the TCP front does: past this the
         # writes wait, the credits stay here and the worker pauses the sequence.
         transport = self.request.transport
-        limit = self.gw.cfg.gateway.write_buffer_bytes
         if transport is not None:
-            transport.set_write_buffer_limits(high=limit, low=limit // 2)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+            limit_output(transport, self.gw.cfg.gateway.write_buffer_bytes)
         await resp.prepare(self.request)
         return resp
 
@@ -314,10 +310,13 @@ class _Exchange:
 # ---- handlers -----------------------------------------------------------------------------
 
 async def _body(request: web.Request) -> dict[str, Any]:
+    timeout = request.app[GATEWAY_KEY].cfg.http.body_timeout_s
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge:
         raise FrameTooLarge(f"request body over {request.client_max_size} bytes") from None
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g}s") from None
     return parse_json(raw, BadRequest)
 
 
@@ -373,17 +372,26 @@ async def health(request: web.Request) -> web.Response:
 
 # ---- middleware, app, serving -------------------------------------------------------------
 
+def bearer_matches(header: str, expected: bytes) -> bool:
+    """Does an ``Authorization`` header carry ``Bearer <expected>``?  Compared in constant
+    time; a header that is not text (odd bytes decode to surrogates) never matches."""
+    scheme, _, token = header.partition(" ")
+    try:
+        given = token.strip().encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
+
+
 def _middleware(key: str) -> Any:
     expected = key.encode()
 
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if expected and request.path.startswith("/v1/"):
-                scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        token.strip().encode(), expected):
-                    raise Unauthorized("missing or wrong API key (Authorization: Bearer KEY)")
+            if expected and request.path.startswith("/v1/") and not bearer_matches(
+                    request.headers.get("Authorization", ""), expected):
+                raise Unauthorized("missing or wrong API key (Authorization: Bearer KEY)")
             return await handler(request)
         except LlmctlError as err:
             return error_response(err)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from dataplane.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError
+from dataplane.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
 
 __all__ = [
     "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",
@@ -119,14 +119,58 @@ def json_payload(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+MAX_JSON_DEPTH = 64        # nesting of objects and arrays a JSON payload may have
+
+
+def json_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """The nesting depth of a decoded JSON value (stops counting past ``limit``)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        children = o.values() if isinstance(o, dict) else o if isinstance(o, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            break
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
 def parse_json(payload: bytes, error: type[LlmctlError] = ProtocolError) -> dict[str, Any]:
+    """A UTF-8 JSON object nested at most ``MAX_JSON_DEPTH`` deep, or ``error``."""
     try:
         obj = json.loads(payload.decode("utf-8"))
+    except RecursionError:
+        raise error(f"payload nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise error(f"payload is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise error("payload must be a JSON object")
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise error(f"payload nests deeper than {MAX_JSON_DEPTH} levels")
     return obj
+
+
+def is_text(s: str) -> bool:
+    """Is ``s`` valid Unicode text?  JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which no UTF-8 encoder (the tokenizer's included) accepts."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def text_field(v: Any, name: str, error: type[LlmctlError] = BadRequest) -> str:
+    """``v`` as a text field named ``name``: a string of valid Unicode, or ``error``."""
+    if not isinstance(v, str):
+        raise error(f"{name} must be a string")
+    if not is_text(v):
+        raise error(f"{name} is not valid Unicode text (a lone surrogate escape?)")
+    return v
 
 
 def parse_hello(payload: bytes) -> dict[str, Any]:
@@ -137,6 +181,7 @@ def parse_hello(payload: bytes) -> dict[str, Any]:
     token = hello.get("token", "")
     if not isinstance(token, str):
         raise ProtocolError("HELLO token must be a string")
+    text_field(token, "HELLO token", Unauthorized)
     return hello
 
 
@@ -211,9 +256,8 @@ def _messages(v: Any) -> tuple[tuple[str, str], ...]:
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
             raise BadRequest(f"messages[{i}].role must be a non-empty string")
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string")
-        out.append((role, content))
+        out.append((text_field(role, f"messages[{i}].role"),
+                    text_field(content, f"messages[{i}].content")))
     return tuple(out)
 
 
@@ -226,7 +270,7 @@ def _stop(v: Any) -> tuple[str, ...]:
         raise BadRequest(f"stop must be a string or a list of at most {MAX_STOP} strings")
     if not all(isinstance(s, str) and s for s in v):
         raise BadRequest("stop entries must be non-empty strings")
-    return tuple(v)
+    return tuple(text_field(s, f"stop[{i}]") for i, s in enumerate(v))
 
 
 def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
@@ -234,9 +278,7 @@ def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
     has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
     if has_prompt == has_messages:
         raise BadRequest("exactly one of prompt and messages is required")
-    prompt = obj.get("prompt")
-    if has_prompt and not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
+    prompt = text_field(obj["prompt"], "prompt") if has_prompt else None
     messages = _messages(obj["messages"]) if has_messages else None
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
