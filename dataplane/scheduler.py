@@ -8,6 +8,15 @@ in one bounded FIFO until some worker has credit; the least recently used worker
 with credit gets the next one, unless a worker with credit holds a longer prefix of
 its prompt in its prompt cache (``prefix_hashes`` from its DONEs): the longest match
 wins, LRU breaks ties.
+
+A request whose worker dies before it produced a token goes back to the head of the
+queue, at most ``MAX_DISPATCHES`` times in all: a request that kills every worker it
+reaches ends in ``worker_failed`` instead of crash-looping them.
+
+Parking: a request whose client stopped taking output (its token window spent) can be
+parked by its worker: the worker keeps its state but frees its slot, so the credit
+comes back (``park``).  When the client reads again the request waits for a credit of
+that same worker (``want_resume``), ahead of new requests (``take_resumes``).
 """
 from __future__ import annotations
 
@@ -32,6 +41,8 @@ class Sink(Protocol):
 
 _rids = itertools.count(1)
 
+MAX_DISPATCHES = 3      # a request is sent to a worker at most this often
+
 
 @dataclass(eq=False)
 class Request:
@@ -48,6 +59,10 @@ class Request:
     finished: bool = False          # the client has had its DONE or ERROR
     attempts: int = 0
     owed: int = 0                   # token credits to give back to the worker
+    granted: int = 0                # token credits given back so far
+    stalled_since: float | None = None   # its token window has been spent since
+    parked: bool = False            # its worker keeps it without a slot
+    park_sent: bool = False         # PARK sent, no credit granted since
     internal: bool = False          # a deep probe, not a client's request
     prefix: tuple[int, ...] = ()    # prefix hashes of its prompt (dataplane.prefix)
 
@@ -70,6 +85,8 @@ class WorkerState:
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: int = 0
     inflight: dict[int, Request] = field(default_factory=dict)
+    parked: dict[int, Request] = field(default_factory=dict)   # held without a slot
+    resumes: deque[Request] = field(default_factory=deque)     # parked, client reads again
     served: int = 0
     draining: bool = False          # finishing what it has; gets nothing new
     last_busy: float = field(default_factory=time.monotonic)
@@ -92,7 +109,7 @@ class WorkerState:
     def snapshot(self, now: float) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "pid": self.pid, "state": self.state,
                 "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
-                "served": self.served, "device": self.device, "model": self.model,
+                "parked": len(self.parked), "served": self.served, "device": self.device, "model": self.model,
                 "kv_store": dict(self.kv_store), "last_seen_s": round(now - self.last_seen, 3)}
 
 
@@ -119,11 +136,12 @@ class Scheduler:
         if w is None:
             return [], []
         requeued, failed = [], []
-        for req in w.inflight.values():
+        for req in [*w.inflight.values(), *w.parked.values()]:
             req.worker = None
+            req.parked = False
             if req.finished:
                 continue
-            if req.pieces == 0:
+            if req.pieces == 0 and req.attempts < MAX_DISPATCHES:
                 requeued.append(req)
             else:
                 failed.append(req)
@@ -181,6 +199,36 @@ class Scheduler:
             out.append((w, req))
         return out
 
+    def take_resumes(self) -> list[tuple[WorkerState, Request]]:
+        """Parked requests whose clients read again, each with a credit of its worker."""
+        out = []
+        for w in self.workers.values():
+            while w.resumes and w.credits > 0:
+                req = w.resumes.popleft()
+                if req.finished or w.parked.pop(req.rid, None) is None:
+                    continue
+                req.parked = False
+                w.inflight[req.rid] = req
+                w.last_busy = time.monotonic()
+                out.append((w, req))
+        return out
+
+    def park(self, wid: str, rid: int) -> Request | None:
+        """The worker parked ``rid``: it keeps the request, its credit comes back."""
+        w = self.workers.get(wid)
+        req = w.inflight.pop(rid, None) if w else None
+        if w is None or req is None:
+            return None
+        req.parked = True
+        w.parked[rid] = req
+        return req
+
+    def want_resume(self, req: Request) -> None:
+        """A parked request's client took output: run it again when its worker can."""
+        w = self.workers.get(req.worker or "")
+        if w is not None and req.parked and req not in w.resumes:
+            w.resumes.append(req)
+
     def assign(self, w: WorkerState, req: Request) -> None:
         """Spend one of ``w``'s credits on ``req``."""
         assert w.credits > 0
@@ -195,17 +243,14 @@ class Scheduler:
         w = self.workers.get(wid)
         if w is None:
             return None
-        req = w.inflight.pop(rid, None)
+        req = w.inflight.pop(rid, None) or w.parked.pop(rid, None)
         if req is not None:
+            req.parked = False
             req.worker = None
             w.served += 1
             w.last_busy = time.monotonic()
             self._done_times.append(time.monotonic())
         return req
-
-    def lookup(self, wid: str, rid: int) -> Request | None:
-        w = self.workers.get(wid)
-        return w.inflight.get(rid) if w else None
 
     # ---- deadlines ------------------------------------------------------------------
     def expire_queued(self, now: float) -> list[Request]:
@@ -214,13 +259,19 @@ class Scheduler:
             self.queue.remove(r)
         return expired
 
+    def held(self) -> list[Request]:
+        """Every request a worker holds, in a slot or parked."""
+        return [r for w in self.workers.values()
+                for r in (*w.inflight.values(), *w.parked.values()) if not r.finished]
+
     def expired_running(self, now: float) -> list[Request]:
-        return [r for w in self.workers.values() for r in w.inflight.values()
-                if not r.finished and r.deadline <= now]
+        return [r for r in self.held() if r.deadline <= now]
 
     def inflight_count(self) -> int:
         return sum(len(w.inflight) for w in self.workers.values())
 
+    def parked_count(self) -> int:
+        return sum(len(w.parked) for w in self.workers.values())
+
     def open_count(self) -> int:
-        return len(self.queue) + sum(1 for w in self.workers.values()
-                                     for r in w.inflight.values() if not r.finished)
+        return len(self.queue) + len(self.held())

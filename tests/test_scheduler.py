@@ -140,3 +140,43 @@ def test_credit_accounting_invariants(script):
         s.dequeue(r)
         end(r)
     assert all(ended.get(r.rid) == 1 for r in admitted)
+
+
+def test_a_request_that_kills_every_worker_is_failed_after_max_dispatches():
+    from dataplane.scheduler import MAX_DISPATCHES
+    s = Scheduler(max_queue=10)
+    r = req()
+    s.add_worker(WorkerState("w0", slots=1))
+    s.admit(r)
+    for attempt in range(1, MAX_DISPATCHES + 1):
+        [(w, taken)] = s.take()
+        assert taken is r and r.attempts == attempt
+        requeued, failed = s.remove_worker(w.id)       # it died before the first token
+        if attempt < MAX_DISPATCHES:
+            assert requeued == [r] and failed == []
+            s.add_worker(WorkerState(f"w{attempt}", slots=1))
+        else:
+            assert requeued == [] and failed == [r]
+    assert not s.queue
+
+
+def test_parking_gives_the_credit_back_and_resume_takes_it_first():
+    s = Scheduler(max_queue=10)
+    s.add_worker(WorkerState("w0", slots=1))
+    stalled, waiting = req(), req()
+    s.admit(stalled)
+    [(w, _)] = s.take()
+    s.admit(waiting)
+    assert s.take() == [] and w.credits == 0
+    assert s.park("w0", stalled.rid) is stalled and stalled.parked
+    assert w.credits == 1 and stalled.worker == "w0"
+    assert [r for _, r in s.take()] == [waiting]          # the slot serves the next one
+    s.want_resume(stalled)
+    assert s.take_resumes() == []                          # no credit yet
+    s.complete("w0", waiting.rid)
+    assert [r for _, r in s.take_resumes()] == [stalled] and not stalled.parked
+    assert w.credits == 0 and stalled.rid in w.inflight
+    # A parked request of a dead worker that had produced output has failed.
+    assert s.park("w0", stalled.rid) is stalled
+    stalled.pieces = 3
+    assert s.remove_worker("w0") == ([], [stalled])

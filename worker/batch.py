@@ -138,6 +138,7 @@ class BatchEngine(Prompting):
         self._formatter = chat_formatter(self._model, metadata)
         self.slots = [Slot(i) for i in range(slots)]
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
+        self.parked: dict[int, Seq] = {}           # rid -> sequence without a slot
         self._tick = 0
 
     # ---- the Engine interface ---------------------------------------------------------
@@ -166,13 +167,18 @@ class BatchEngine(Prompting):
 
     def grant(self, rid: int, n: int) -> None:
         """The client took ``n`` more TOKEN messages: the sequence may send n more."""
-        seq = self.running.get(rid)
+        seq = self.running.get(rid) or self.parked.get(rid)
         if seq is not None:
             seq.window += n
 
     def start(self, seq: Seq) -> None:
         if not self.free_slots or seq.rid in self.running:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
+        seq.cached = seq.prefilled = self._place(seq)
+
+    def _place(self, seq: Seq) -> int:
+        """Put ``seq`` in a free slot holding as much of ``seq.tokens`` as the caches
+        allow; returns how many tokens (at most all but the last) its KV holds."""
         # The last prompt token is always decoded like a generated one (see the module
         # docstring); the rest is reused or prefilled, never leaving a 1-token chunk.
         last = len(seq.tokens) - 1
@@ -195,13 +201,43 @@ class BatchEngine(Prompting):
         self._tick += 1
         target.seq, target.hashes, target.used = seq, seq.hashes, self._tick
         seq.slot = target
-        seq.cached = seq.prefilled = n
+        seq.prefilled = n
         if n == last:
             seq.pending = seq.tokens[last]     # nothing to prefill: it joins the next step
         self.running[seq.rid] = seq
+        return n
+
+    def park(self, rid: int) -> bool:
+        """Free the slot of a sequence that waits for token credit, keeping the sequence.
+
+        Its slot keeps the KV (prompt and generated tokens) as a prompt-cache entry,
+        saved to the host store when the slot is reused; ``resume`` finds it there.
+        False if ``rid`` is not a decoding sequence without credit."""
+        seq = self.running.get(rid)
+        if seq is None or seq.window > 0 or seq.pending is None or seq.slot is None:
+            return False
+        slot = seq.slot
+        seq.tokens = [*slot.tokens, seq.pending]   # what the KV must hold, then the next token
+        seq.pending, seq.slot = None, None
+        slot.seq = None
+        self._tick += 1
+        slot.used = self._tick
+        del self.running[rid]
+        self.parked[rid] = seq
+        return True
+
+    def resume(self, rid: int) -> None:
+        """Run a parked sequence again, in a free slot (its KV from the cache if kept)."""
+        seq = self.parked.get(rid)
+        if seq is None:
+            raise InternalError(f"request {rid} is not parked here")
+        if not self.free_slots:
+            raise InternalError("engine is busy: a RESUME arrived without credit")
+        del self.parked[rid]
+        self._place(seq)
 
     def cancel(self, rid: int) -> Event | None:
-        seq = self.running.get(rid)
+        seq = self.running.get(rid) or self.parked.get(rid)
         if seq is None:
             return None
         return self._finish(seq, "cancelled", flush=False)
@@ -251,9 +287,26 @@ class BatchEngine(Prompting):
         for i, seq in outputs:
             if seq.t_prefill_done is None:
                 seq.t_prefill_done = now
-            tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
-            events.extend(self._advance(seq, tok))
+            try:
+                tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                events.extend(self._advance(seq, tok))
+            except Exception as exc:   # one sequence's failure, not the engine's
+                events.append(self.fail(seq.rid, exc))
         return events
+
+    def fail(self, rid: int, exc: Exception) -> Event:
+        """End ``rid`` with ERROR internal after an unexpected exception; its KV is
+        dropped (it may hold half a step), every other sequence goes on."""
+        log.exception("request %d failed: %s", rid, exc)
+        seq = self.running.get(rid) or self.parked.get(rid)
+        err = InternalError(f"the worker failed on this request: {type(exc).__name__}: {exc}")
+        if seq is None:
+            return Event(rid, error=err)
+        slot = seq.slot
+        self._finish(seq, "error", flush=False)
+        if slot is not None:
+            self._clear(slot)
+        return Event(rid, error=err)
 
     # ---- internals --------------------------------------------------------------------
     def _advance(self, seq: Seq, tok: int) -> list[Event]:
@@ -365,14 +418,16 @@ class BatchEngine(Prompting):
         return [self._ll.llama_memory_seq_pos_max(self._mem, s.id) for s in self.slots]
 
     def _finish(self, seq: Seq, reason: str, flush: bool = True) -> Event:
-        del self.running[seq.rid]
+        self.running.pop(seq.rid, None)
+        self.parked.pop(seq.rid, None)
         slot = seq.slot
-        assert slot is not None
-        slot.seq = None
-        self._tick += 1
-        slot.used = self._tick
-        if not self.prompt_cache:
-            self._clear(slot)
+        if slot is not None:
+            slot.seq = None
+            seq.slot = None
+            self._tick += 1
+            slot.used = self._tick
+            if not self.prompt_cache:
+                self._clear(slot)
         tail = seq.stream.finish() if flush else ""
         stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
         if self.store is not None:

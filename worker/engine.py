@@ -38,11 +38,15 @@ class Sequence:
     sampler: Any
     stream: TextStream
     window: int = 1 << 30                  # TOKEN messages it may still send
+    n_prompt: int = 0                      # prompt tokens (``tokens`` grows when parked)
     cached: int = 0
     prefilled: int = 0
     generated: int = 0
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_done: float | None = None
+
+    def __post_init__(self) -> None:
+        self.n_prompt = self.n_prompt or len(self.tokens)
 
 
 def reusable_prefix(n: int, last: int) -> int:
@@ -249,7 +253,7 @@ def done_stats(seq: Any, reason: str) -> dict[str, Any]:
     prefill_end = seq.t_prefill_done or now
     return {
         "finish_reason": reason,
-        "prompt_tokens": len(seq.tokens),
+        "prompt_tokens": seq.n_prompt,
         "completion_tokens": seq.generated,
         "cached_tokens": seq.cached,
         "phase": "prefill" if seq.t_prefill_done is None else "decode",

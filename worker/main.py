@@ -22,7 +22,7 @@ import zmq
 from control.config import Config
 from control.procs import CONFIG_JSON_ENV, setup_child_logging
 from dataplane import messages as m
-from dataplane.errors import LlmctlError
+from dataplane.errors import InternalError, LlmctlError
 from worker.batch import BatchEngine
 from worker.engine import Event, ModelLoadError
 
@@ -37,6 +37,7 @@ class Worker:
         self.engine = engine
         self.stop_requested = False
         self.draining = False
+        self.dropped = 0            # malformed messages from the gateway
         self.interval = cfg.workers.heartbeat_interval_s
         self.liveness = cfg.workers.liveness
         self._ppid = os.getppid()
@@ -121,16 +122,19 @@ class Worker:
         return sock
 
     def _drop_active(self) -> None:
-        while self.engine.active is not None:
-            self.engine.cancel(self.engine.active.rid)
+        for rid in [*self.engine.running, *self.engine.parked]:
+            self.engine.cancel(rid)
 
     # ---- messages ---------------------------------------------------------------------
     def _handle(self, frames: list[bytes]) -> list[list[bytes]]:
         try:
-            msg = m.decode(frames)
-        except m.MessageError as exc:
+            return self._dispatch(m.decode(frames))
+        except (m.MessageError, ValueError) as exc:
+            self.dropped += 1
             log.error("dropping malformed message from gateway: %s", exc)
             return []
+
+    def _dispatch(self, msg: m.Message) -> list[list[bytes]]:
         if msg.kind is m.Kind.GENERATE and msg.rid is not None:
             return self._generate(msg)
         if msg.kind is m.Kind.CANCEL and msg.rid is not None:
@@ -140,16 +144,35 @@ class Worker:
             for rid, n in m.decode_credit(msg.body):
                 self.engine.grant(rid, n)
             return []
+        if msg.kind is m.Kind.PARK and msg.rid is not None:
+            if self.engine.park(msg.rid):
+                return [m.encode_batch([(m.Kind.PARKED, msg.rid, b"")])]
+            return []
+        if msg.kind is m.Kind.RESUME and msg.rid is not None:
+            try:
+                self.engine.resume(msg.rid)
+            except LlmctlError as exc:
+                return [m.encode(m.Kind.ERROR, msg.rid, exc.to_dict())]
+            return []
         if msg.kind is m.Kind.DRAIN:
             self.draining = True
         return []  # HEARTBEAT: liveness already noted
 
     def _generate(self, msg: m.Message) -> list[list[bytes]]:
+        """Start a request.  Whatever goes wrong with it ends it alone, with an ERROR
+        (``bad_request`` for what the model refuses, ``internal`` for anything else):
+        no request can take the worker down."""
+        assert msg.rid is not None
         try:
             seq = self.engine.prepare(msg.rid, msg.json())
             self.engine.start(seq)
         except LlmctlError as exc:
             return [m.encode(m.Kind.ERROR, msg.rid, exc.to_dict())]
+        except Exception as exc:
+            log.exception("request %d could not be started", msg.rid)
+            err = InternalError(f"the worker could not start this request: "
+                                f"{type(exc).__name__}: {exc}")
+            return [m.encode(m.Kind.ERROR, msg.rid, err.to_dict())]
         return []
 
     @staticmethod
