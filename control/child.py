@@ -2,9 +2,15 @@
 
 ``ChildProcess`` runs one process with ``die_with_parent`` (no orphans), pumps its
 stdout+stderr into ``run_dir/logs/NAME.log`` (rotated) and keeps the tail for
-``llmctl status``.  ``exited()`` applies the restart policy: exponential backoff
-(reset after ``stable_after_s`` of uptime), FATAL after more than ``max_restarts``
-crashes within ``restart_window_s``.
+``llmctl status``.  ``exited()`` applies the restart policy of a service:
+
+* a process that dies after it was ready (served) is restarted for as long as it
+  takes, with capped exponential backoff (``backoff_initial_s`` doubling up to
+  ``backoff_max_s``; reset after ``stable_after_s`` of uptime), like a crash-loop
+  backoff: an OOM killer or an operator's kill never makes a service give up;
+* only a process that keeps dying before it was ever ready (a model that cannot
+  load, a port taken) is FATAL: more than ``max_restarts`` such failures within
+  ``restart_window_s``.
 """
 from __future__ import annotations
 
@@ -46,8 +52,10 @@ class ChildProcess:
         self.started_at = 0.0           # wall clock, for display
         self._started_mono = 0.0
         self.last_exit: int | None = None
-        self.crashes: deque[float] = deque()
+        self.crashes: deque[float] = deque()     # failures before READY, in the window
         self.failures_in_row = 0
+        self.was_ready = False                    # this spawn got ready (has served)
+        self.backoff_s = 0.0                      # the delay of the pending restart
         self.next_start = 0.0
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._pump: asyncio.Task | None = None
@@ -116,6 +124,7 @@ class ChildProcess:
             *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         self.state = self.initial_state
+        self.was_ready = False
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self._pump = asyncio.create_task(self._pump_output(self.proc))
@@ -131,6 +140,13 @@ class ChildProcess:
             self.tail.append(text)
             self._log.info(text)
 
+    def mark_ready(self) -> None:
+        """This spawn is ready (READY reached the gateway; the gateway listens): from
+        now on its deaths are restarted forever, and earlier load failures forgotten."""
+        if not self.was_ready:
+            self.was_ready = True
+            self.crashes.clear()
+
     def exited(self) -> bool:
         """Notice an exit once; True if the process just died unexpectedly."""
         if self.proc is None or self.proc.returncode is None or self.state in ("backoff", "fatal",
@@ -142,19 +158,24 @@ class ChildProcess:
         if now - self._started_mono >= c.stable_after_s:
             self.failures_in_row = 0
         self.failures_in_row += 1
-        self.crashes.append(now)
-        while self.crashes and now - self.crashes[0] > c.restart_window_s:
-            self.crashes.popleft()
-        if len(self.crashes) > c.max_restarts:
-            self.state = "fatal"
-            log.error("%s is FATAL: %d crashes within %.0fs; last: %s", self.name,
-                      len(self.crashes), c.restart_window_s, describe_exit(self.last_exit))
-            return True
-        delay = min(c.backoff_max_s, c.backoff_initial_s * 2 ** (self.failures_in_row - 1))
+        if not self.was_ready:
+            self.crashes.append(now)
+            while self.crashes and now - self.crashes[0] > c.restart_window_s:
+                self.crashes.popleft()
+            if len(self.crashes) > c.max_restarts:
+                self.state = "fatal"
+                log.error("%s is FATAL: failed %d times before it was ever ready, within "
+                          "%.0fs; last: %s", self.name, len(self.crashes), c.restart_window_s,
+                          describe_exit(self.last_exit))
+                return True
+        self.backoff_s = min(c.backoff_max_s,
+                             c.backoff_initial_s * 2 ** min(self.failures_in_row - 1, 60))
         self.state = "backoff"
-        self.next_start = now + delay
-        log.warning("%s died (%s); restarting in %.2fs", self.name,
-                    describe_exit(self.last_exit), delay)
+        self.next_start = now + self.backoff_s
+        log.warning("%s died (%s)%s; restarting in %.2fs", self.name,
+                    describe_exit(self.last_exit),
+                    " after it had been ready" if self.was_ready else " before it was ready",
+                    self.backoff_s)
         return True
 
     async def maybe_restart(self) -> None:
@@ -181,8 +202,11 @@ class ChildProcess:
             self.next_start = 0.0
 
     def snapshot(self) -> dict[str, Any]:
+        backoff = {"backoff_s": round(self.backoff_s, 3),
+                   "restart_in_s": round(max(0.0, self.next_start - time.monotonic()), 3),
+                   "failures_in_row": self.failures_in_row} if self.state == "backoff" else {}
         return {"name": self.name, "pid": self.pid, "state": self.state, "rss": self.rss(),
-                "uptime_s": round(self.uptime, 3), "restarts": self.restarts,
+                "uptime_s": round(self.uptime, 3), "restarts": self.restarts, **backoff,
                 "last_exit": describe_exit(self.last_exit) if self.last_exit is not None else None,
                 "stderr_tail": list(self.tail)[-10:] if self.state in ("fatal", "backoff")
                 else []}

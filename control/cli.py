@@ -17,7 +17,7 @@ import zmq
 from control import config as config_mod
 from control import gpu
 from control.config import Config, ConfigError
-from control.procs import CONFIG_JSON_ENV, pid_alive
+from control.procs import CONFIG_JSON_ENV, make_private, pid_alive
 
 EXIT_NOT_RUNNING = 3
 
@@ -95,7 +95,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     if busy:
         print("error: cannot listen on " + "; ".join(busy), file=sys.stderr)
         return 2
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    make_private(cfg.run_dir, cfg.log_dir)
     if args.foreground:
         from control.supervisor import main as supervisor_main
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -234,6 +234,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from control.top import _ms, state_label
+
     gw = st["gateway"]
     console = Console()
     console.print(f"[bold]llmctl[/] supervisor pid {st['pid']}, up {_fmt_uptime(st['uptime_s'])}, "
@@ -256,13 +258,12 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     for w in st["workers"]:
         rss = f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-"
         vram = f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-"
-        t.add_row(w["id"], str(w["pid"] or "-"), w["state"], _fmt_uptime(w["uptime_s"]),
+        t.add_row(w["id"], str(w["pid"] or "-"), state_label(w), _fmt_uptime(w["uptime_s"]),
                   f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
                   str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
     mt = st.get("metrics") or {}
     if mt:
-        from control.top import _ms
         w = mt["window_s"]
         console.print(f"p50/p95/p99   last {w}s           since start", highlight=False)
         for label, key in (("TTFT", "ttft_ms"), ("latency", "latency_ms")):

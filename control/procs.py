@@ -15,11 +15,33 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 CONFIG_JSON_ENV = "LLMCTL_RESOLVED_CONFIG"
 _PR_SET_PDEATHSIG = 1
+
+
+def make_private(run_dir: Path, log_dir: Path) -> None:
+    """The run directory 0700, its logs 0600, whatever the umask; and umask 077 for this
+    process and its children, so the sockets, pidfile and logs they create later are
+    private too (logs hold request details)."""
+    os.umask(0o077)
+    for d in (run_dir, log_dir):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        d.chmod(0o700)
+    for p in [*run_dir.iterdir(), *log_dir.iterdir()]:
+        if p.is_file() or p.is_socket():
+            p.chmod(0o600)
+
+
+def bind_private(sock: Any, endpoint: str) -> None:
+    """Bind a ZeroMQ socket; an ipc:// endpoint's file is made 0600 (owner only)."""
+    sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], 0o600)
 
 
 def die_with_parent() -> None:

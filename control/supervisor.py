@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import signal
-import stat
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ from control import config as config_mod
 from control import gpu
 from control.child import ChildProcess, WorkerProcess
 from control.config import Config, ConfigError
-from control.procs import describe_exit
+from control.procs import bind_private, describe_exit, make_private
 from dataplane import messages as m
 
 log = logging.getLogger(__name__)
@@ -74,8 +73,7 @@ class Supervisor:
         control.setsockopt(zmq.LINGER, 0)
         tasks: list[asyncio.Task] = []
         try:
-            control.bind(self.cfg.control_endpoint)
-            os.chmod(self.cfg.run_dir / "control.sock", stat.S_IRUSR | stat.S_IWUSR)
+            bind_private(control, self.cfg.control_endpoint)
             for child in self.children:
                 await child.start()
             tasks = [asyncio.create_task(self._serve_control(control)),
@@ -110,6 +108,9 @@ class Supervisor:
                 await self._gateway_call({"cmd": "worker_exited", "worker": child.routing_id,
                                           "why": describe_exit(child.last_exit)}, timeout=0.5)
             await child.maybe_restart()
+        gw = self.gw_status
+        if gw.get("listening") and gw.get("pid") == self.gateway.pid:
+            self.gateway.mark_ready()
         live = self._live()
         lost = {v["pid"]: (k, v["why"]) for k, v in self.gw_status.get("lost", {}).items()}
         for w in self.workers.procs:
@@ -122,6 +123,7 @@ class Supervisor:
                 self._kill(w)
             elif w.state == "starting" and pid in live:
                 w.state = "running"
+                w.mark_ready()
             elif w.state == "starting" and w.uptime > self.cfg.workers.ready_timeout_s:
                 log.error("%s sent no READY within %.0fs: killing it", w.name,
                           self.cfg.workers.ready_timeout_s)
@@ -188,6 +190,7 @@ class Supervisor:
                         await new.stop(self.cfg.control.stop_timeout_s)
                         raise RuntimeError(f"new w{i} did not become ready; last output:\n{tail}")
                     new.state = "running"
+                    new.mark_ready()
                 if i < len(old):
                     self.reload_state["step"] = f"draining old w{i}"
                     self.workers.retiring.append(old[i])
@@ -222,7 +225,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             st = await self._gateway_call({"cmd": "status"})
             me = [x for x in (st or {}).get("workers", []) if x["pid"] == w.pid]
-            if not me or me[0]["inflight"] == 0:
+            if not me or me[0]["inflight"] + me[0].get("parked", 0) == 0:
                 return
             await asyncio.sleep(0.1)
 
@@ -380,6 +383,7 @@ class Supervisor:
                         "http_listening": gw.get("http_listening", []),
                         "metrics_url": gw.get("metrics_url", ""),
                         "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
+                        "parked": gw.get("parked", 0),
                         "connections": gw.get("connections", 0),
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
             "workers": workers,
@@ -409,7 +413,7 @@ def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
 
 def main(cfg: Config) -> int:
     """Run the supervisor in this process until SIGTERM/SIGINT or `llmctl stop`."""
-    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    make_private(cfg.run_dir, cfg.log_dir)
     pidfile = cfg.pidfile
     pidfile.write_text(f"{os.getpid()}\n")
     sup = Supervisor(cfg)

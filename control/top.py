@@ -49,6 +49,13 @@ def sparkline(values: list[int | float]) -> str:
     return "".join(SPARK[min(8, 1 + round(v / top * 7))] if v else SPARK[0] for v in values)
 
 
+def state_label(w: dict[str, Any]) -> str:
+    """A worker's state; in backoff with the time left before its restart."""
+    if w["state"] == "backoff" and w.get("restart_in_s") is not None:
+        return f"backoff {w['restart_in_s']:.1f}s"
+    return w["state"]
+
+
 def render(st: dict[str, Any]) -> RenderableType:
     mt = st.get("metrics", {})
     gw = st["gateway"]
@@ -69,7 +76,8 @@ def render(st: dict[str, Any]) -> RenderableType:
               "starting": "cyan", "draining": "magenta"}
     for w in st["workers"]:
         workers.add_row(
-            w["id"], str(w["pid"] or "-"), Text(w["state"], style=colors.get(w["state"], "")),
+            w["id"], str(w["pid"] or "-"),
+            Text(state_label(w), style=colors.get(w["state"], "")),
             f"{w['inflight']}/{w.get('slots', '-')}", f"{w.get('tokens_per_s', 0):.1f}",
             f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-",
             f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-",

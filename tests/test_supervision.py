@@ -188,3 +188,38 @@ def test_reload_under_load_sees_no_error(make_service):
     new = {w["pid"] for w in st["workers"]}
     assert len(new) == 2 and not new & old and all(w["state"] == "ready" for w in st["workers"])
     assert json.loads(s.llmctl("status", "--json").stdout)["reload"]["state"] == "done"
+
+
+def test_a_worker_that_had_served_is_never_given_up_on(make_service):
+    # max_restarts 1: the old flapping guard would have made it FATAL at the second kill.
+    s = make_service(control={"backoff_initial_s": 3.0, "backoff_max_s": 6.0,
+                              "stable_after_s": 600.0, "max_restarts": 1,
+                              "restart_window_s": 600.0})
+    assert s.start().returncode == 0
+    for n in range(1, 4):
+        with s.client() as c:
+            assert c.complete(1, prompt="Hi", max_tokens=2).done is not None
+        os.kill(worker(s.status(), "w0")["pid"], signal.SIGKILL)
+        seen: list[dict] = []
+        wait_until(lambda: seen.append(worker(s.status(), "w0")) or seen[-1]["state"] == "backoff",
+                   30, "backoff")
+        w = seen[-1]
+        assert w["backoff_s"] == min(6.0, 3.0 * 2 ** (n - 1)) and w["restart_in_s"] >= 0
+        assert "backoff" in s.llmctl("status").stdout
+        wait_until(lambda: ready(s, "w0", n), 60, f"w0 ready after kill {n}")
+
+
+def test_short_kill_soak_loses_nothing_and_ends_serving(make_service, tmp_path):
+    from tools import soak
+    s = make_service(workers={"count": 2, "slots": 2},
+                     control={"backoff_initial_s": 0.2, "backoff_max_s": 2.0})
+    assert s.start().returncode == 0
+    out = tmp_path / "soak.json"
+    rc = soak.main(["-c", str(s.config), "--duration", "40", "--clients", "3",
+                    "--kill-every", "3-6", "--stop-fraction", "0.25", "--max-tokens", "24",
+                    "--recover-timeout", "90", "--json", str(out)])
+    rep = json.loads(out.read_text())
+    assert rep["lost"] == 0 and rep["double"] == 0, rep
+    assert rep["all_serving_at_end"] and rep["fatal"] == [], rep
+    assert rep["done"] > 0 and sum(rep["actions"].values()) >= 5
+    assert rc == 0
