@@ -17,15 +17,17 @@ import zmq
 import zmq.asyncio
 
 from control.config import Config
+from control.procs import bind_private
 from dataplane import messages as m
-from dataplane.errors import (DeadlineExceeded, LlmctlError, WorkerFailed, from_code)
+from dataplane.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
+                              from_code)
 from dataplane.protocol import Defaults, GenerateRequest
 from dataplane.metrics import GatewayMetrics
-from dataplane.scheduler import Request, Scheduler, Sink, WorkerState
+from dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "llmctl/0.1"
+PARKED_PER_SLOT = 8      # a worker keeps at most slots x this many parked requests
 
 
 class Gateway:
@@ -37,6 +39,7 @@ class Gateway:
         self.defaults = Defaults(g.max_tokens, g.temperature, g.top_p, g.top_k, g.deadline_ms,
                                  g.max_deadline_ms)
         self.model_name = os.path.basename(cfg.model.path).removesuffix(".gguf")
+        self.window = cfg.gateway.token_window
         self.interval = cfg.workers.heartbeat_interval_s
         self.probe_interval = cfg.workers.probe_interval_s
         self._probe_params = GenerateRequest(
@@ -54,7 +57,8 @@ class Gateway:
         self.counters: dict[str, int] = dict.fromkeys((
             "admitted", "dispatched", "done", "cancelled", "cancelled_queued",
             "cancelled_prefill", "cancelled_decode", "expired_queued", "expired_running",
-            "requeued", "worker_failed", "slow_clients", "probes", "probes_failed",
+            "requeued", "worker_failed", "slow_clients", "parked", "resumed", "probes",
+            "probes_failed",
             "prompt_tokens", "cache_hit_tokens"), 0)
         # Workers declared dead here, by routing id: the supervisor kills the process
         # if it still runs (hung), then restarts it.
@@ -95,6 +99,11 @@ class Gateway:
         if n > 0 and req.worker is not None and not req.finished:
             owed = self._credit.setdefault(req.worker, {})
             owed[req.rid] = owed.get(req.rid, 0) + n
+            req.granted += n
+            req.stalled_since = None
+            req.park_sent = False
+            if req.parked:
+                self.sched.want_resume(req)
             self._wake.set()
 
     def _stop_work(self, req: Request) -> bool:
@@ -139,6 +148,9 @@ class Gateway:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            for w, req in self.sched.take_resumes():
+                self.counters["resumed"] += 1
+                await self._route(w.id, m.encode(m.Kind.RESUME, req.rid))
             while self._outbox:
                 wid, frames = self._outbox.popleft()
                 await self._route(wid, frames)
@@ -170,6 +182,10 @@ class Gateway:
             self.lost[wid] = {"pid": w.pid, "why": why}
             log.warning("worker %s (pid %d) declared dead: %s", wid, w.pid, why)
         requeued, failed = self.sched.remove_worker(wid)
+        self._fail_orphans(wid, why, requeued, failed)
+
+    def _fail_orphans(self, wid: str, why: str, requeued: list[Request],
+                      failed: list[Request]) -> None:
         requeued = [r for r in requeued if not r.internal]
         self.counters["requeued"] += len(requeued)
         self.counters["worker_failed"] += len(failed)
@@ -177,7 +193,12 @@ class Gateway:
             log.warning("worker %s lost (%s): %d request(s) re-queued, %d failed",
                         wid, why, len(requeued), len(failed))
         for req in failed:
-            self._finish(req, err=WorkerFailed(f"worker {wid} failed ({why}) after output began"))
+            if req.pieces:
+                msg = f"worker {wid} failed ({why}) after output began"
+            else:
+                msg = (f"worker {wid} failed ({why}); {req.attempts} worker(s) died serving "
+                       f"this request, it is not sent to another (at most {MAX_DISPATCHES})")
+            self._finish(req, err=WorkerFailed(msg))
         self._wake.set()
 
     async def _receiver(self) -> None:
@@ -207,8 +228,7 @@ class Gateway:
                 pid=int(info.get("pid", 0)),
                 model=str(info.get("model", "")), device=str(info.get("device", "cpu")),
                 n_ctx=int(info.get("n_ctx", 0))))
-            for req in failed:
-                self._finish(req, err=WorkerFailed(f"worker {wid} restarted after output began"))
+            self._fail_orphans(wid, "it restarted", requeued, failed)
             self.lost.pop(wid, None)
             log.info("worker %s ready (pid %s, %s slot(s))", wid, info.get("pid"), info["slots"])
             self._wake.set()
@@ -227,7 +247,16 @@ class Gateway:
                 if not req.internal:
                     self.metrics.on_token(w.name, gap, now)
                 req.pieces += 1
+                if req.pieces - req.granted >= self.window and req.stalled_since is None:
+                    req.stalled_since = now     # the worker may send no more: paused
                 req.sink.on_token(req, msg.text())
+        elif kind is m.Kind.PARKED and msg.rid is not None:
+            req = self.sched.park(wid, msg.rid)
+            if req is not None:
+                self.counters["parked"] += 1
+                if req.stalled_since is None:   # credit came meanwhile: run it again
+                    self.sched.want_resume(req)
+            self._wake.set()
         elif kind in (m.Kind.DONE, m.Kind.ERROR) and msg.rid is not None:
             req = self.sched.complete(wid, msg.rid)
             body = msg.json()
@@ -269,6 +298,7 @@ class Gateway:
                     self.counters["expired_running"] += 1
                 self._stop_work(req)
                 self._finish(req, err=DeadlineExceeded("deadline passed while running"))
+            self._check_stalled(now)
             for w in list(self.sched.workers.values()):
                 if now - w.last_seen > liveness:
                     self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
@@ -279,6 +309,30 @@ class Gateway:
                 self._last_hb = now
                 for wid in list(self.sched.workers):
                     self._send(wid, m.encode(m.Kind.HEARTBEAT))
+
+    def _check_stalled(self, now: float) -> None:
+        """Streams whose client takes no output: park them after ``park_after_s`` (their
+        slot serves others meanwhile), end them with slow_client after
+        ``slow_client_timeout_s``."""
+        g = self.cfg.gateway
+        for w in self.sched.workers.values():
+            for req in [*w.inflight.values(), *w.parked.values()]:
+                since = req.stalled_since
+                if since is None or req.finished:
+                    continue
+                if now - since >= g.slow_client_timeout_s:
+                    self.counters["slow_clients"] += 1
+                    log.info("stream %d took no output for %.1fs: cancelled (slow_client)",
+                             req.stream, now - since)
+                    self._stop_work(req)
+                    self._finish(req, err=SlowClient(
+                        f"the client took no output for {g.slow_client_timeout_s:g}s; "
+                        "the request was cancelled and its slot freed"))
+                elif g.park_after_s and not req.parked and not req.park_sent \
+                        and now - since >= g.park_after_s \
+                        and len(w.parked) < w.slots * PARKED_PER_SLOT:
+                    req.park_sent = True
+                    self._send(w.id, m.encode(m.Kind.PARK, req.rid))
 
     def _probe(self, w: WorkerState) -> None:
         """Deep probe of an idle worker: a real 1-token generation with a deadline."""
@@ -296,6 +350,7 @@ class Gateway:
             "metrics_url": self.metrics_url,
             "draining": self.sched.draining, "queue": len(self.sched.queue),
             "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
+            "parked": self.sched.parked_count(),
             "open": self.sched.open_count(), "connections": self.connections,
             "counters": dict(self.counters), "errors": dict(self.errors),
             "workers": [w.snapshot(now) for w in self.sched.workers.values()],
@@ -322,7 +377,7 @@ class Gateway:
                 return {"ok": False, "error": f"no worker {req.get('worker')!r}"}
             w.draining = True
             self._send(w.id, m.encode(m.Kind.DRAIN))
-            return {"ok": True, "inflight": len(w.inflight)}
+            return {"ok": True, "inflight": len(w.inflight) + len(w.parked)}
         if cmd == "procs":
             self.procs = dict(req.get("procs", {}))
             return {"ok": True}
@@ -351,7 +406,7 @@ class Gateway:
             # Outbound per worker is bounded by its credits plus control messages.
             router.setsockopt(zmq.SNDHWM, 10_000)
             router.setsockopt(zmq.RCVHWM, 100_000)
-            router.bind(self.cfg.workers_endpoint)
+            bind_private(router, self.cfg.workers_endpoint)
             self.router = router
             server = await serve_tcp(self)
             # One HTTP server: the OpenAI front when enabled, /metrics always.
@@ -361,7 +416,7 @@ class Gateway:
             self.metrics_url = f"http://{self.cfg.http.host}:{self.cfg.http.port}/metrics"
             if not self.cfg.http.enabled:
                 self.http_listening = []
-            admin.bind(self.cfg.admin_endpoint)
+            bind_private(admin, self.cfg.admin_endpoint)
             tasks = [asyncio.create_task(c) for c in
                      (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]
             stopper = asyncio.create_task(stop.wait())

@@ -17,6 +17,11 @@ GENERATE grants a window of ``window`` TOKEN messages; the gateway returns CREDI
 the client's connection takes the tokens.  A sequence whose window is spent pauses
 (its slot stays held) while the worker's other sequences go on.
 
+Parking: when a stream's window has stayed spent for ``[gateway] park_after_s`` the
+gateway sends PARK; the worker frees the sequence's slot (its KV stays as a prompt
+cache entry) and answers PARKED, which gives the credit back.  When the client takes
+output again the gateway spends a credit of that worker on RESUME.
+
 Per token, messages are batched both ways so that a decode step of N sequences
 costs one ZeroMQ message, not N (each wakes I/O threads that share the cores with
 the compute): a worker sends everything one engine step produced as one BATCH of
@@ -47,7 +52,10 @@ class Kind(bytes, Enum):
     BYE = b"B"         # worker -> gateway: leaving; no more credits
     DRAIN = b"X"       # gateway -> worker: finish what you have, take nothing new
     CREDIT = b"K"      # gateway -> worker: body = packed (rid, n) pairs: n more TOKENs for rid
-    BATCH = b"M"       # worker -> gateway: body = packed TOKEN/DONE/ERROR records of one step
+    BATCH = b"M"       # worker -> gateway: body = packed TOKEN/DONE/ERROR/PARKED records
+    PARK = b"P"        # gateway -> worker: rid's client takes nothing: free its slot, keep it
+    PARKED = b"Q"      # worker -> gateway: rid is parked (returns a credit; not an ending)
+    RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
 
 
 class MessageError(ValueError):
@@ -118,7 +126,7 @@ def decode_batch(body: bytes) -> list[Message]:
             kind = Kind(kind_b)
         except ValueError:
             raise MessageError(f"unknown message kind {kind_b!r} in BATCH") from None
-        if kind not in (Kind.TOKEN, Kind.DONE, Kind.ERROR):
+        if kind not in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):
             raise MessageError(f"{kind.name} cannot travel in a BATCH")
         out.append(Message(kind, rid, body[off:off + n]))
         off += n

@@ -4,14 +4,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
 from dataplane import protocol as p
-from dataplane.errors import (BadRequest, LlmctlError, ProtocolError, TooManyStreams,
-                              Unauthorized)
+from dataplane.errors import (BadRequest, InternalError, LlmctlError, ProtocolError,
+                              TooManyStreams, Unauthorized)
 from dataplane.protocol import Frame, FrameType
 from dataplane.scheduler import Request
+from dataplane.transport import limit_output
 
 if TYPE_CHECKING:
     from dataplane.gateway import Gateway
@@ -35,15 +35,8 @@ class Connection:
         self.streams: dict[int, Request] = {}
         self.peer = writer.get_extra_info("peername")
         self._owed = asyncio.Event()
-        # Bound what this connection may hold: asyncio's buffer pauses at the
-        # high-water mark (drain() then waits), and the kernel's send buffer is
-        # capped too, so a client that stops reading stops its streams quickly.
         limit = self.cfg.write_buffer_bytes
-        writer.transport.set_write_buffer_limits(high=limit, low=limit // 2)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
-        self._high_water = limit
+        limit_output(writer.transport, limit)
         self._hard_limit = 4 * limit + p.MAX_PING + 1024
         self._grant_batch = max(1, gw.cfg.gateway.token_window // 4)
 
@@ -69,10 +62,10 @@ class Connection:
         req.owed += 1
         if self._owed.is_set():
             return            # the slow path below already waits for this client
-        if self.writer.transport.get_write_buffer_size() < self._high_water:
-            # The client keeps up (the kernel took everything or nearly): credit goes
-            # back here, in batches of a quarter window, without waking a task per
-            # token.  Fewer wake-ups per token is CPU the compute threads keep.
+        if not self.writer.transport.get_write_buffer_size():
+            # The kernel took everything, so the client keeps up: credit goes back
+            # here, in batches of a quarter window, without waking a task per token.
+            # Fewer wake-ups per token is CPU the compute threads keep.
             if req.owed >= self._grant_batch:
                 self.gw.grant(req, req.owed)
                 req.owed = 0
@@ -80,21 +73,16 @@ class Connection:
             self._owed.set()
 
     async def _return_credit(self) -> None:
-        """The slow path of token credit: the write buffer went over its high-water
-        mark, so credit is held until the client takes its tokens (``drain()``);
-        meanwhile the worker pauses those sequences.  A client stuck that long is
-        dropped."""
-        timeout = self.cfg.slow_client_timeout_s
+        """The slow path of token credit: the kernel refused bytes (the client's
+        window is full), so credit is held until they are flushed (``drain()``);
+        meanwhile the worker pauses those sequences, and the gateway parks and then
+        cancels a stream that stays paused (``[gateway] park_after_s``,
+        ``slow_client_timeout_s``)."""
         while True:
             await self._owed.wait()
             self._owed.clear()
             try:
-                await asyncio.wait_for(self.writer.drain(), timeout)
-            except asyncio.TimeoutError:
-                log.warning("%s: took no output for %.1fs: cancelling its %d stream(s) and "
-                            "disconnecting", self.peer, timeout, len(self.streams))
-                self._drop_slow_client()
-                return
+                await self.writer.drain()
             except ConnectionError:
                 return
             for req in self.streams.values():
@@ -124,6 +112,18 @@ class Connection:
 
     async def run(self) -> None:
         self.gw.connections += 1
+        try:
+            await self._serve()
+        except Exception as exc:    # a bug: answer and log it, never a silent drop
+            log.exception("%s: connection failed", self.peer)
+            err = InternalError(f"internal error: {type(exc).__name__}")
+            self.gw.note_error(err)
+            self._write(p.error(0, err))
+            await self._close()
+        finally:
+            self.gw.connections -= 1
+
+    async def _serve(self) -> None:
         crediter = asyncio.create_task(self._return_credit())
         try:
             try:
@@ -145,7 +145,6 @@ class Connection:
             pass
         finally:
             crediter.cancel()
-            self.gw.connections -= 1
             for req in list(self.streams.values()):
                 self.gw.cancel(req)
             self.streams.clear()
@@ -166,9 +165,9 @@ class Connection:
     def _handshake(self, frame: Frame) -> None:
         if frame.type is not FrameType.HELLO or frame.stream != 0:
             raise ProtocolError("the first frame must be HELLO on stream 0")
-        hello = p.parse_hello(frame.payload)
+        hello = p.parse_hello(frame.payload)      # the token is valid text, or Unauthorized
         if self.cfg.token and not hmac.compare_digest(
-                str(hello.get("token", "")).encode(), self.cfg.token.encode()):
+                hello.get("token", "").encode(), self.cfg.token.encode()):
             raise Unauthorized("missing or wrong token")
         self._write(p.welcome(f"llmctl/{_version()}", self.gw.model_name,
                               self.cfg.max_frame, self.cfg.max_streams))

@@ -16,5 +16,10 @@ def make_service():
         return svc
 
     yield make
+    problems = []
     for svc in made:
-        svc.stop()
+        try:
+            svc.stop()
+        except AssertionError as exc:      # stop them all, then report
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)

@@ -64,9 +64,16 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
+# What a server log must never hold: an exception escaped somewhere (a request made the
+# server raise).  Every test service's logs are scanned when it stops.
+LOG_PROBLEMS = ("Traceback (most recent call last)", "Task exception was never retrieved",
+                "Exception in callback")
+
+
 class Service:
-    def __init__(self, **sections: dict[str, Any]) -> None:
+    def __init__(self, allow_tracebacks: bool = False, **sections: dict[str, Any]) -> None:
         assert MODEL.is_file(), f"the model is missing: run `make setup` ({MODEL})"
+        self.allow_tracebacks = allow_tracebacks
         # A short directory: ipc:// socket paths must stay under ~100 characters.
         self.dir = Path(tempfile.mkdtemp(prefix="llmctl-"))
         self.port = free_port()
@@ -120,10 +127,22 @@ class Service:
 
     def idle(self) -> bool:
         st = self.status()
-        return st["gateway"]["inflight"] == 0 and st["gateway"]["queue"] == 0 and all(
+        gw = st["gateway"]
+        return gw["inflight"] == 0 and gw["queue"] == 0 and gw.get("parked", 0) == 0 and all(
             w["inflight"] == 0 for w in st["workers"])
 
+    def log_problems(self) -> list[str]:
+        """Log lines (with the file and two lines of context) that show an exception."""
+        out = []
+        for path in sorted((self.dir / "run" / "logs").glob("*")):
+            lines = path.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if any(p in line for p in LOG_PROBLEMS):
+                    out.append(f"{path.name}:{i + 1}: " + " | ".join(lines[max(0, i - 1):i + 8]))
+        return out
+
     def stop(self) -> subprocess.CompletedProcess:
+        """Stop the service; fail (keeping its directory) if a log shows an exception."""
         if self.pids:
             try:
                 self.remember_pids()
@@ -135,6 +154,9 @@ class Service:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if r.returncode == 0 and os.environ.get("LLMCTL_KEEP_TEST_DIRS") != "1":
+        problems = [] if self.allow_tracebacks else self.log_problems()
+        if r.returncode == 0 and not problems and os.environ.get("LLMCTL_KEEP_TEST_DIRS") != "1":
             shutil.rmtree(self.dir, ignore_errors=True)
+        assert not problems, f"the service logged exceptions (kept in {self.dir}):\n" + \
+            "\n".join(problems)
         return r

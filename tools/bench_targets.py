@@ -80,6 +80,7 @@ class TcpConnection:
         self.reader, self.writer, self.welcome, self.decoder = reader, writer, welcome, decoder
         self.streams: dict[int, _Stream] = {}
         self.closed = False
+        self.stray_endings = 0     # DONE/ERROR for a stream that had ended: a double answer
         self._next = 0
         self._task = asyncio.create_task(self._read_loop())
 
@@ -146,7 +147,9 @@ class TcpConnection:
                             why, msg = body.get("code") or "connection_error", body.get("message")
                         continue
                     st = self.streams.get(f.stream)
-                    if st is None:
+                    if st is None or st.done.done():
+                        if f.type in (FrameType.DONE, FrameType.ERROR):
+                            self.stray_endings += 1
                         continue
                     if f.type is FrameType.TOKEN:
                         st.record.piece_times.append(t)
@@ -192,6 +195,7 @@ class TcpTarget(Target):
         self.timeout = timeout
         self.idle: list[TcpConnection] = []
         self.all: set[TcpConnection] = set()
+        self.stray_endings = 0     # of connections already closed
         self.info: dict[str, Any] = {"protocol": "llmctl/1"}
 
     async def _acquire(self) -> TcpConnection:
@@ -199,7 +203,7 @@ class TcpTarget(Target):
             c = self.idle.pop()
             if not c.closed:
                 return c
-            self.all.discard(c)
+            self._forget(c)
         c = await TcpConnection.connect(self.host, self.port, self.token)
         self.all.add(c)
         if "server" not in self.info:
@@ -220,18 +224,28 @@ class TcpTarget(Target):
         except asyncio.TimeoutError:
             t = now()
             await conn.close()
-            self.all.discard(conn)
+            self._forget(conn)
             return RequestRecord(index, t - self.timeout, t, error="client_timeout",
                                  message=f"no end within {self.timeout:g}s")
         if conn.closed:
-            self.all.discard(conn)
+            self._forget(conn)
         else:
             self.idle.append(conn)
         return rec
 
+    def doubles(self) -> int:
+        """Endings (DONE/ERROR) received for streams that had already ended."""
+        return self.stray_endings + sum(c.stray_endings for c in self.all)
+
+    def _forget(self, conn: TcpConnection) -> None:
+        if conn in self.all:
+            self.all.discard(conn)
+            self.stray_endings += conn.stray_endings
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.all), return_exceptions=True)
-        self.all.clear()
+        for c in list(self.all):
+            self._forget(c)
         self.idle.clear()
 
 
