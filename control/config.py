@@ -110,7 +110,8 @@ class ControlConfig:
     stop_timeout_s: float = _f(5.0, 0.1, 600.0, doc="SIGTERM to SIGKILL grace per process")
     backoff_initial_s: float = _f(0.5, 0.0, 600.0, doc="first restart delay of a crashed process")
     backoff_max_s: float = _f(30.0, 0.0, 3600.0, doc="largest restart delay")
-    stable_after_s: float = _f(60.0, 0.0, 86_400.0, doc="uptime after which the backoff resets")
+    stable_after_s: float = _f(20.0, 0.0, 86_400.0,
+                               doc="uptime after which a death no longer counts towards the backoff")
     max_restarts: int = _f(5, 1, 1000, doc="crashes within restart_window_s that make a worker FATAL")
     restart_window_s: float = _f(120.0, 1.0, 86_400.0, doc="window of the flapping guard")
     log_max_bytes: int = _f(10 * 1024 * 1024, 1024, 1 << 40, doc="size at which a log file rotates")

@@ -121,8 +121,8 @@ async def closed_loop(target: Target, work: Workload, clients: int, requests: in
             on_done(rec)
             if rec.error == OVERLOADED:   # a polite client backs off as it is told to
                 await asyncio.sleep(min((rec.retry_after_ms or 100) / 1000, 1.0))
-            elif rec.error == "connect_failed":
-                await asyncio.sleep(0.1)
+            elif rec.error in ("connect_failed", "not_ready"):
+                await asyncio.sleep(0.1 if rec.error == "connect_failed" else 0.25)
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return sorted(records, key=lambda r: r.index)

@@ -105,6 +105,11 @@ async def slowloris(host: str, port: int, n: int, timeout: float) -> dict:
 
 async def slow_readers(config: str, host: str, port: int, url: str, n: int,
                        probes: int) -> dict:
+    def counters() -> dict[str, Any]:
+        gw = status(config)["gateway"]
+        return {**gw["counters"], "errors": gw["errors"]}
+
+    start = await asyncio.to_thread(counters)
     socks = []
     t0 = time.monotonic()
     for i in range(n):
@@ -115,15 +120,25 @@ async def slow_readers(config: str, host: str, port: int, url: str, n: int,
             1, prompt=", ".join(f"{i}{k}" for k in range(1, 6)) + ",", max_tokens=1500,
             temperature=0.0, deadline_ms=600_000))
         socks.append(so)
+    # Each one is served until its receive buffer and token window are full, then parked.
+    while (await asyncio.to_thread(counters))["parked"] - start["parked"] < n \
+            and time.monotonic() - t0 < 600:
+        await asyncio.sleep(0.5)
+    t_parked = time.monotonic() - t0
     beside = await probe(url, probes)
-    t_probe = time.monotonic() - t0
-    st = await asyncio.to_thread(status, config)
-    counters = st["gateway"]["counters"]
+    while (await asyncio.to_thread(counters))["slow_clients"] - start["slow_clients"] < n \
+            and time.monotonic() - t0 < 900:
+        await asyncio.sleep(0.5)
+    t_slow = time.monotonic() - t0
+    end = await asyncio.to_thread(counters)
     for so in socks:
         so.close()
-    return {"connections": n, "probe_beside": beside, "probes_took_s": round(t_probe, 1),
-            "parked": counters.get("parked"), "slow_clients": counters.get("slow_clients"),
-            "timeouts": st["gateway"]["errors"].get("timeout", 0)}
+    return {"connections": n, "all_parked_after_s": round(t_parked, 1),
+            "probe_beside_parked": beside,
+            "all_slow_client_after_s": round(t_slow, 1),
+            "parked": end["parked"] - start["parked"],
+            "slow_clients": end["slow_clients"] - start["slow_clients"],
+            "timeouts": end["errors"].get("timeout", 0) - start["errors"].get("timeout", 0)}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
