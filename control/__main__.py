@@ -1,5 +1,5 @@
 import sys
 
-from control.cli import main
+from llmctl.control.cli import main
 
 sys.exit(main())

@@ -26,8 +26,8 @@ from typing import Any
 
 import psutil
 
-from control.config import Config
-from control.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, terminate
+from llmctl.common.config import Config
+from llmctl.common.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, terminate
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ChildProcess:
         return time.monotonic() - self._started_mono if self.pid else 0.0
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "dataplane"]
+        return [sys.executable, "-m", "llmctl.dataplane"]
 
     @property
     def routing_id(self) -> str:
@@ -220,5 +220,5 @@ class WorkerProcess(ChildProcess):
     initial_state = "starting"
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "worker", "--id", self.routing_id,
+        return [sys.executable, "-m", "llmctl.worker", "--id", self.routing_id,
                 "--endpoint", self.cfg.workers_endpoint]

@@ -14,12 +14,13 @@ from typing import Any
 
 import zmq
 
-from control import config as config_mod
-from control import gpu
-from control.config import Config, ConfigError
-from control.procs import CONFIG_JSON_ENV, make_private, pid_alive
+from llmctl.common import config as config_mod
+from llmctl.control import gpu
+from llmctl.common.config import Config, ConfigError
+from llmctl.common.procs import CONFIG_JSON_ENV, make_private, pid_alive
 
 EXIT_NOT_RUNNING = 3
+BENCH_PROG_ENV = "LLMCTL_PROG"     # the name `llmctl bench` gives the load generator
 
 
 class ControlClient:
@@ -78,7 +79,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     _clean_run_dir(cfg)
     if not cfg.model_path.is_file():
         print(f"error: model file not found: {cfg.model_path}\n"
-              f"  run `make setup` (or python -m tools.fetch_model) to fetch the default model",
+              f"  run `make setup` (or python -m llmctl.tools.fetch_model) to fetch the default model",
               file=sys.stderr)
         return 2
     try:
@@ -97,14 +98,14 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         return 2
     make_private(cfg.run_dir, cfg.log_dir)
     if args.foreground:
-        from control.supervisor import main as supervisor_main
+        from llmctl.control.supervisor import main as supervisor_main
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s [supervisor] %(name)s: %(message)s")
         return supervisor_main(cfg)
 
     env = dict(os.environ, **{CONFIG_JSON_ENV: cfg.to_json()})
     out = open(cfg.log_dir / "supervisor.out", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "control.daemon"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl.control.daemon"], env=env,
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True, close_fds=True)
     out.close()
@@ -234,7 +235,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from control.top import _ms, state_label
+    from llmctl.control.top import _ms, state_label
 
     gw = st["gateway"]
     console = Console()
@@ -280,7 +281,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         if c.get("stderr_tail"):
             console.print(f"[red]{c.get('id', c.get('name'))} last output:[/]")
             for line in c["stderr_tail"]:
-                console.print(f"  {line}", markup=False, highlight=False)
+                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -294,7 +295,7 @@ def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_top(cfg: Config, args: argparse.Namespace) -> int:
-    from control.top import run
+    from llmctl.control.top import run
 
     client = ControlClient(cfg)
 
@@ -429,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:       # a client of any server: no config needed
-        from tools import bench
-        return bench.main(argv[1:], prog="llmctl bench")
+        os.environ[BENCH_PROG_ENV] = "llmctl bench"
+        os.execv(sys.executable, [sys.executable, "-m", "llmctl.tools.bench", *argv[1:]])
     args = build_parser().parse_args(argv)
     path = Path(args.config) if args.config else config_mod.default_path()
     try:

@@ -11,9 +11,9 @@ import logging.handlers
 import os
 import sys
 
-from control.config import Config
-from control.procs import CONFIG_JSON_ENV
-from control.supervisor import main as supervisor_main
+from llmctl.common.config import Config
+from llmctl.common.procs import CONFIG_JSON_ENV
+from llmctl.control.supervisor import main as supervisor_main
 
 
 def main() -> int:

@@ -1,10 +1,9 @@
 """The GPU memory governor: the ``[gpu]`` config, VRAM readers, the breach policy, a monitor.
 
-* ``GpuConfig``: the ``[gpu]`` section (same conventions as ``control/config.py``).
 * ``plan_for_config(cfg)`` / ``check_main(cfg)``: the estimate of ``control/gpu_estimate.py``
   applied to a whole ``Config``: what ``llmctl check`` prints and ``llmctl start`` enforces.
 * ``VramReader`` (protocol), ``NvmlReader`` (nvidia-ml-py; never raises: without a GPU or
-  without the NVML library it reports ``available() == False``), ``FakeReader`` (tests).
+  without the NVML library it reports ``available() == False``).
 * ``check(...)``: the pure breach policy; ``GpuMonitor``: what the supervisor samples every
   ``sample_interval_s``.
 
@@ -17,13 +16,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-from control.fields import setting as _f
-from control.gpu_estimate import (DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, KV_TYPES, MiB,
+from llmctl.common.config import ON_BREACH, Config, GpuConfig
+from llmctl.control.gpu_estimate import (MiB,
                                   Estimate, ModelInfo, ModelInfoError, Plan, VramBudgetError,
                                   effective_gpu_layers, estimate, gpu_layout, plan, read_model)
 
 __all__ = [
-    "GpuConfig", "VramReader", "NvmlReader", "FakeReader", "Action", "GpuMonitor", "check",
+    "VramReader", "NvmlReader", "Action", "GpuMonitor", "check",
     "plan_for_config", "startup_plan", "check_main", "warn_if_no_gpu", "NO_GPU_MESSAGE",
     "Estimate", "ModelInfo", "ModelInfoError", "Plan", "VramBudgetError", "estimate", "plan",
     "read_model", "gpu_layout", "effective_gpu_layers", "MiB",
@@ -32,36 +31,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NO_GPU_MESSAGE = "no NVIDIA GPU found: running on CPU, VRAM budget not enforced"
-ON_BREACH = ("alert", "restart_largest")
 
 
 
 
-@dataclass(frozen=True)
-class GpuConfig:
-    vram_budget_mb: int = _f(DEFAULT_BUDGET_MB, 1, 1 << 24,
-                             doc="VRAM all workers together may use (MiB, as nvidia-smi counts)")
-    fit: bool = _f(False, doc="shrink workers.count, then model.n_ctx, then model.n_gpu_layers "
-                              "until the estimate fits, instead of refusing to start")
-    kv_type: str = _f("f16", choices=tuple(KV_TYPES),
-                      doc="KV cache element type the estimate assumes")
-    compute_buffer_mb: int = _f(-1, -1, 1 << 20,
-                                doc="llama.cpp compute buffer per worker (MiB); -1 = derive from "
-                                    "the model: n_ubatch x (n_vocab + n_ctx x n_head) x 4 B")
-    cuda_overhead_mb: int = _f(DEFAULT_CUDA_OVERHEAD_MB, 0, 1 << 20,
-                               doc="CUDA context + cuBLAS per worker process (MiB); calibrate "
-                                   "on the card (docs/gpu.md)")
-    on_breach: str = _f("alert", choices=ON_BREACH,
-                        doc="measured use above the budget: alert = log it; restart_largest = "
-                            "also restart the largest worker with fewer GPU layers")
-    sample_interval_s: float = _f(2.0, 0.1, 3600.0, doc="how often the supervisor reads VRAM use")
-
-
-def _gpu_of(cfg: Any, gpu: GpuConfig | None) -> GpuConfig:
+def _gpu_of(cfg: Config, gpu: GpuConfig | None) -> GpuConfig:
     return gpu if gpu is not None else getattr(cfg, "gpu", None) or GpuConfig()
 
 
-def plan_for_config(cfg: Any, gpu: GpuConfig | None = None) -> Plan:
+def plan_for_config(cfg: Config, gpu: GpuConfig | None = None) -> Plan:
     """The plan of a ``Config`` (its ``[model]``, ``[workers]`` and ``[gpu]``).
 
     Raises VramBudgetError (the arithmetic in the message) if it does not fit and
@@ -171,33 +149,6 @@ class NvmlReader:
             self._shutdown(nv)
 
 
-class FakeReader:
-    """A VramReader with injected readings, for tests (set ``per_pid`` between samples)."""
-
-    def __init__(self, per_pid: Mapping[int, int] | None = None, *, total: int = 1024 * MiB,
-                 name: str = "Fake GPU", available: bool = True, other_used: int = 0) -> None:
-        self.per_pid = dict(per_pid or {})
-        self.total = total
-        self.name = name
-        self._available = available
-        self.other_used = other_used
-
-    def available(self) -> bool:
-        return self._available
-
-    def device_name(self) -> str:
-        return self.name if self._available else "cpu"
-
-    def total_bytes(self) -> int:
-        return self.total if self._available else 0
-
-    def used_bytes(self) -> int:
-        return sum(self.per_pid.values()) + self.other_used if self._available else 0
-
-    def per_process(self) -> dict[int, int]:
-        return dict(self.per_pid) if self._available else {}
-
-
 _SAID: set[str] = set()
 
 
@@ -296,7 +247,7 @@ class GpuMonitor:
         self._pending: tuple[str, int | None] | None = None   # (worker, its old pid)
 
     @classmethod
-    def for_config(cls, cfg: Any, gpu: GpuConfig | None = None,
+    def for_config(cls, cfg: Config, gpu: GpuConfig | None = None,
                    reader: VramReader | None = None) -> "GpuMonitor":
         """A monitor for a (planned) ``Config``; an unreadable GGUF only loses the estimate."""
         g = _gpu_of(cfg, gpu)
@@ -383,7 +334,7 @@ class GpuMonitor:
 
 # ---- `llmctl start` and `llmctl check` ----------------------------------------------------------
 
-def startup_plan(cfg: Any, gpu: GpuConfig | None = None,
+def startup_plan(cfg: Config, gpu: GpuConfig | None = None,
                  reader: VramReader | None = None) -> Plan | None:
     """The plan ``llmctl start`` enforces before it spawns workers, or None when there is
     nothing to enforce (no NVIDIA GPU: said once in the log; or n_gpu_layers = 0).
@@ -403,7 +354,7 @@ def startup_plan(cfg: Any, gpu: GpuConfig | None = None,
 
 # ---- `llmctl check` -------------------------------------------------------------------------------
 
-def check_main(cfg: Any, gpu: GpuConfig | None = None, reader: VramReader | None = None) -> str:
+def check_main(cfg: Config, gpu: GpuConfig | None = None, reader: VramReader | None = None) -> str:
     """The text ``llmctl check`` prints: device, estimate with its arithmetic, verdict.
 
     Raises VramBudgetError (its message is the same text, with the refusal) when the

@@ -50,12 +50,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
+from llmctl.common.config import DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, KV_TYPES
+
 MiB = 1 << 20
 N_UBATCH_MAX = 512                 # llama-cpp-python's default n_ubatch; n_ubatch = min(n_batch, it)
-DEFAULT_BUDGET_MB = 1024
-DEFAULT_CUDA_OVERHEAD_MB = 150     # see docs/gpu.md: calibrate on the real card
 MIN_FIT_CTX = 256
-KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "f32": (1, 4)}   # (values per block, bytes per block)
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 

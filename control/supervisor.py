@@ -20,12 +20,12 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from control import config as config_mod
-from control import gpu
-from control.child import ChildProcess, WorkerProcess
-from control.config import Config, ConfigError
-from control.procs import bind_private, describe_exit, make_private
-from dataplane import messages as m
+from llmctl.common import config as config_mod
+from llmctl.control import gpu
+from llmctl.control.child import ChildProcess, WorkerProcess
+from llmctl.common.config import Config, ConfigError
+from llmctl.common.procs import bind_private, describe_exit, make_private
+from llmctl.common import messages as m
 
 log = logging.getLogger(__name__)
 

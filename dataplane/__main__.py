@@ -1,5 +1,5 @@
 import sys
 
-from dataplane.main import main
+from llmctl.dataplane.main import main
 
 sys.exit(main())

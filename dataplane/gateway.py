@@ -16,14 +16,14 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from control.config import Config
-from control.procs import bind_private
-from dataplane import messages as m
-from dataplane.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
+from llmctl.common.config import Config
+from llmctl.common.procs import bind_private
+from llmctl.common import messages as m
+from llmctl.common.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
                               from_code)
-from dataplane.protocol import Defaults, GenerateRequest
-from dataplane.metrics import GatewayMetrics
-from dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
+from llmctl.common.protocol import Defaults, GenerateRequest
+from llmctl.dataplane.metrics import GatewayMetrics
+from llmctl.dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +390,9 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         from aiohttp import web
 
-        from dataplane.http import build_app, serve_http
-        from dataplane.prom import add_metrics_route
-        from dataplane.tcp import serve_tcp
+        from llmctl.dataplane.http import build_app, serve_http
+        from llmctl.dataplane.prom import add_metrics_route
+        from llmctl.dataplane.tcp import serve_tcp
 
         router = self.ctx.socket(zmq.ROUTER)
         admin = self.ctx.socket(zmq.REP)

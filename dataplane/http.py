@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dataplane.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
+from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
                               NotReady, ShuttingDown, Unauthorized, openai_type)
-from dataplane.protocol import Defaults, GenerateRequest, parse_json, validate_generate
-from dataplane.scheduler import Request
-from dataplane.transport import limit_output
+from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
+from llmctl.dataplane.scheduler import Request
+from llmctl.dataplane.transport import limit_output
 
 if TYPE_CHECKING:
-    from dataplane.gateway import Gateway
+    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import sys
 
 import zmq.asyncio
 
-from control.config import Config
-from control.procs import CONFIG_JSON_ENV, setup_child_logging
-from dataplane.gateway import Gateway
+from llmctl.common.config import Config
+from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
+from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

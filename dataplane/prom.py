@@ -17,10 +17,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from dataplane.metrics import PROM_BUCKETS_S, Windowed
+from llmctl.dataplane.metrics import PROM_BUCKETS_S, Windowed
 
 if TYPE_CHECKING:
-    from dataplane.gateway import Gateway
+    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

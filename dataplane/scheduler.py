@@ -26,9 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dataplane.errors import LlmctlError, NotReady, Overloaded, ShuttingDown
-from dataplane.prefix import matched, prefix_hashes
-from dataplane.protocol import GenerateRequest
+from llmctl.common.errors import LlmctlError, NotReady, Overloaded, ShuttingDown
+from llmctl.common.prefix import matched, prefix_hashes
+from llmctl.common.protocol import GenerateRequest
 
 
 class Sink(Protocol):

@@ -6,15 +6,15 @@ import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
-from dataplane import protocol as p
-from dataplane.errors import (BadRequest, InternalError, LlmctlError, ProtocolError,
+from llmctl.common import protocol as p
+from llmctl.common.errors import (BadRequest, InternalError, LlmctlError, ProtocolError,
                               TooManyStreams, Unauthorized)
-from dataplane.protocol import Frame, FrameType
-from dataplane.scheduler import Request
-from dataplane.transport import limit_output
+from llmctl.common.protocol import Frame, FrameType
+from llmctl.dataplane.scheduler import Request
+from llmctl.dataplane.transport import limit_output
 
 if TYPE_CHECKING:
-    from dataplane.gateway import Gateway
+    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.client import Client
+from llmctl.common.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,7 +95,7 @@ class Service:
         self.pids: set[int] = set()
 
     def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "control", *args, "-c", str(self.config)],
+        return subprocess.run([sys.executable, "-m", "llmctl.control", *args, "-c", str(self.config)],
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
     def start(self) -> subprocess.CompletedProcess:

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataplane.prefix import fields_hashes, matched, prefix_hashes
-from dataplane.protocol import GenerateRequest
-from dataplane.scheduler import Request, Scheduler, WorkerState
+from llmctl.common.prefix import fields_hashes, matched, prefix_hashes
+from llmctl.common.protocol import GenerateRequest
+from llmctl.dataplane.scheduler import Request, Scheduler, WorkerState
 from tests.service import MODEL, wait_until
-from worker.engine import prefill_chunk, reusable_prefix
+from llmctl.worker.engine import prefill_chunk, reusable_prefix
 
 N_CTX = 1024
 N_BATCH = 32          # small, so that prefill chunks mix with running sequences
@@ -106,7 +106,7 @@ def test_a_reused_prefix_leaves_no_lone_token_to_prefill(n, extra):
 
 @pytest.fixture(scope="module")
 def single():
-    from worker.engine import Engine
+    from tests.reference_engine import Engine
     return Engine(str(MODEL), N_CTX, 0, 1, N_BATCH)
 
 
@@ -118,20 +118,20 @@ def reference(single, fields: dict[str, Any]) -> tuple[str, dict]:
 
 @pytest.fixture(scope="module")
 def batch4():
-    from worker.batch import BatchEngine
+    from llmctl.worker.batch import BatchEngine
     return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4)
 
 
 @pytest.fixture(scope="module")
 def nocache4():
-    from worker.batch import BatchEngine
+    from llmctl.worker.batch import BatchEngine
     return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4, prompt_cache=False)
 
 
 @pytest.fixture(scope="module")
 def stored4():
     """Four slots and a host-memory store (the second cache level), as in production."""
-    from worker.batch import BatchEngine
+    from llmctl.worker.batch import BatchEngine
     return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4, prompt_cache_bytes=32 << 20)
 
 
@@ -256,8 +256,8 @@ def test_default_chunking_makes_a_cached_prompt_bit_identical(single):
     same bytes in the KV.  (On the CPU a chunk of 64 or more rows goes through
     ggml's tiled flash-attention kernel, which rounds differently: with
     ``n_batch = 256`` this test fails.)"""
-    from control.config import ModelConfig
-    from worker.batch import BatchEngine
+    from llmctl.common.config import ModelConfig
+    from llmctl.worker.batch import BatchEngine
     n_batch = ModelConfig().n_batch
     shared = f"{uuid.uuid4().hex} {LONG}"
     prompt = greedy({"prompt": shared + " The last box is"}, 1)

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.service import ROOT
-from tools.bench import load_prompts
-from tools.bench_stats import RequestRecord, compare, percentile, summarize, wall_time
+from llmctl.tools.bench import load_prompts
+from llmctl.tools.bench_stats import RequestRecord, compare, percentile, summarize, wall_time
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
@@ -67,7 +67,7 @@ def test_short_real_runs_against_both_fronts(make_service, tmp_path):
     out = tmp_path / "bench.json"
     plot = tmp_path / "bench.png"
     r = subprocess.run(
-        [sys.executable, "-m", "control", "bench", "--target", f"tcp://127.0.0.1:{s.port}",
+        [sys.executable, "-m", "llmctl.control", "bench", "--target", f"tcp://127.0.0.1:{s.port}",
          "--compare", f"http://127.0.0.1:{s.http_port}/v1", "--clients", "1,2",
          "--requests", "3", "--warmup", "1", "--max-tokens", "8", "--quiet",
          "--json", str(out), "--plot", str(plot)],

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from control import config
-from control.config import Config, ConfigError
+from llmctl.common import config
+from llmctl.common.config import Config, ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -76,8 +76,8 @@ def test_json_round_trip_revalidates(tmp_path):
 
 
 def test_readme_config_reference_is_current():
-    from tools import config_doc
+    from llmctl.tools import config_doc
     text = config_doc.README.read_text()
-    assert config_doc.updated(text) == text, "run `python -m tools.config_doc`"
+    assert config_doc.updated(text) == text, "run `python -m llmctl.tools.config_doc`"
     for _, key, _, _ in config.reference():
         assert f"`{key}`" in text

@@ -9,8 +9,8 @@ import uuid
 import psutil
 import pytest
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameType
 from tests.service import Service, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataplane import protocol as p
-from dataplane.errors import LlmctlError
-from dataplane.protocol import Defaults, FrameDecoder, FrameType
+from llmctl.common import protocol as p
+from llmctl.common.errors import LlmctlError
+from llmctl.common.protocol import Defaults, FrameDecoder, FrameType
 from tests.service import Service
 
 CORPUS = json.loads((Path(__file__).parent / "corpus" / "wire.json").read_text())["entries"]

@@ -13,10 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control import config, gpu
-from control.gpu import (Action, FakeReader, GpuConfig, GpuMonitor, NvmlReader, VramBudgetError,
+from llmctl.common import config
+
+from llmctl.control import gpu
+from llmctl.common.config import GpuConfig
+from tests.fakes import FakeReader
+from llmctl.control.gpu import (Action, GpuMonitor, NvmlReader, VramBudgetError,
                          check, estimate, plan, read_model)
-from control.gpu_estimate import MiB, ModelInfo
+from llmctl.control.gpu_estimate import MiB, ModelInfo
 
 MODEL = Path(__file__).parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="model not fetched (make setup)")
@@ -276,7 +280,7 @@ def test_monitor_samples_and_restarts_once(caplog):
     assert s["workers"] == {"w0": 400.0, "w1": 500.0, "w2": 200.0}
     assert s["total_mib"] == 1100.0 and s["budget_mib"] == 1024.0 and s["breach"] is True
     assert s["device_used_mib"] == 1150.0 and s["device_total_mib"] == 2048.0
-    with caplog.at_level(logging.WARNING, logger="control.gpu"):
+    with caplog.at_level(logging.WARNING, logger="llmctl.control.gpu"):
         first = mon.poll(PIDS)
         again = mon.poll(PIDS)                  # w1 not restarted yet: no second restart
     assert [a.kind for a in first] == ["alert", "restart"] and first[1].n_gpu_layers == 10
@@ -293,7 +297,7 @@ def test_monitor_samples_and_restarts_once(caplog):
 
 def test_monitor_without_gpu_says_so_once(caplog, monkeypatch):
     monkeypatch.setattr(gpu, "_SAID", set())
-    with caplog.at_level(logging.INFO, logger="control.gpu"):
+    with caplog.at_level(logging.INFO, logger="llmctl.control.gpu"):
         mon = GpuMonitor(GpuConfig(on_breach="restart_largest"), FakeReader(available=False))
         s = mon.sample(PIDS)
         assert mon.poll(PIDS) == []
@@ -412,7 +416,7 @@ def test_unreadable_model_is_a_clear_error(tmp_path):
 def test_monitor_warns_when_nvml_sees_none_of_the_worker_pids(caplog, monkeypatch):
     monkeypatch.setattr(gpu, "_SAID", set())
     mon = GpuMonitor(GpuConfig(), FakeReader({4242: 900 * MiB}))
-    with caplog.at_level(logging.WARNING, logger="control.gpu"):
+    with caplog.at_level(logging.WARNING, logger="llmctl.control.gpu"):
         s = mon.sample(PIDS)
         mon.sample(PIDS)
     assert s["total_mib"] == 0.0 and s["device_used_mib"] == 900.0

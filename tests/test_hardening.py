@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameDecoder, FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameDecoder, FrameType
 from tests.service import Service, wait_until
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ from typing import Any
 import openai
 import pytest
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameType
 from tests.service import MODEL, Service, free_port, wait_until
 
 KEY = "sk-test-llmctl"
@@ -327,9 +327,9 @@ def test_tcp_and_http_share_one_queue(svc, client):
 def test_health_is_503_when_not_ready_or_draining():
     from aiohttp.test_utils import TestClient, TestServer
 
-    from control.config import Config
-    from dataplane.gateway import Gateway
-    from dataplane.http import build_app
+    from llmctl.common.config import Config
+    from llmctl.dataplane.gateway import Gateway
+    from llmctl.dataplane.http import build_app
 
     async def main() -> list[tuple[int, dict]]:
         gw = Gateway(Config(), ctx=None)        # no run(): no worker ever READY

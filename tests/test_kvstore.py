@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.kvstore import KVStore, common_prefix
+from llmctl.worker.kvstore import KVStore, common_prefix
 
 tokens = st.lists(st.integers(0, 3), max_size=40)
 

@@ -1,11 +1,11 @@
-"""Internal gateway <-> worker messages (dataplane/messages.py): round trips, garbage."""
+"""Internal gateway <-> worker messages (common/messages.py): round trips, garbage."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import messages as m
+from llmctl.common import messages as m
 
 rids = st.integers(0, 2**64 - 1)
 records = st.lists(st.tuples(st.sampled_from([m.Kind.TOKEN, m.Kind.DONE, m.Kind.ERROR]), rids,

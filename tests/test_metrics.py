@@ -13,8 +13,8 @@ from rich.console import Console
 
 from tests.service import wait_until
 
-from control.top import render, sparkline
-from dataplane.metrics import GROWTH, LogHistogram, Rate, Windowed
+from llmctl.control.top import render, sparkline
+from llmctl.dataplane.metrics import GROWTH, LogHistogram, Rate, Windowed
 
 KNOWN = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 250.0, 1000.0]
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane import protocol as p
-from dataplane.errors import BadRequest, Code, FrameTooLarge, ProtocolError
-from dataplane.protocol import Defaults, FrameDecoder, FrameType
+from llmctl.common import protocol as p
+from llmctl.common.errors import BadRequest, Code, FrameTooLarge, ProtocolError
+from llmctl.common.protocol import Defaults, FrameDecoder, FrameType
 
 ALL_TYPES = p.CLIENT_TYPES | p.SERVER_TYPES
 
@@ -108,7 +108,7 @@ def test_generate_rejects_non_json():
 
 
 def test_error_frame_shape():
-    from dataplane.errors import Overloaded
+    from llmctl.common.errors import Overloaded
     frame = p.error(3, Overloaded("full", retry_after_ms=120))
     f = FrameDecoder(allowed=p.SERVER_TYPES).feed(frame)[0]
     assert f.type is FrameType.ERROR and f.stream == 3

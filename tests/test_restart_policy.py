@@ -5,8 +5,8 @@ import dataclasses
 import time
 import types
 
-from control.child import ChildProcess
-from control.config import Config
+from llmctl.control.child import ChildProcess
+from llmctl.common.config import Config
 
 
 def child(tmp_path, **control) -> ChildProcess:

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.errors import NotReady, Overloaded, ShuttingDown
-from dataplane.protocol import GenerateRequest
-from dataplane.scheduler import Request, Scheduler, WorkerState
+from llmctl.common.errors import NotReady, Overloaded, ShuttingDown
+from llmctl.common.protocol import GenerateRequest
+from llmctl.dataplane.scheduler import Request, Scheduler, WorkerState
 
 PARAMS = GenerateRequest(prompt="x", messages=None, max_tokens=1, temperature=0.0, top_p=1.0,
                          top_k=0, seed=None, stop=(), deadline_ms=10_000)
@@ -143,7 +143,7 @@ def test_credit_accounting_invariants(script):
 
 
 def test_a_request_that_kills_every_worker_is_failed_after_max_dispatches():
-    from dataplane.scheduler import MAX_DISPATCHES
+    from llmctl.dataplane.scheduler import MAX_DISPATCHES
     s = Scheduler(max_queue=10)
     r = req()
     s.add_worker(WorkerState("w0", slots=1))

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from dataplane.protocol import FrameType
+from llmctl.common.protocol import FrameType
 from tests.service import MODEL, ROOT, Service, pid_gone, wait_until
 from tests.test_flow_control import LONG, ends_of
 
@@ -126,7 +126,7 @@ def test_stop_drains_in_flight_and_refuses_new_work(make_service):
     with s.client() as c:
         c.generate(1, max_tokens=150, **LONG)
         assert c.recv_frame().type is FrameType.TOKEN
-        stopper = subprocess.Popen([sys.executable, "-m", "control", "stop", "-c", str(s.config)],
+        stopper = subprocess.Popen([sys.executable, "-m", "llmctl.control", "stop", "-c", str(s.config)],
                                    cwd=ROOT, stdout=subprocess.PIPE, text=True)
         # Ask until the gateway refuses: it is draining.
         seen: dict[int, list[dict]] = {}
@@ -210,7 +210,7 @@ def test_a_worker_that_had_served_is_never_given_up_on(make_service):
 
 
 def test_short_kill_soak_loses_nothing_and_ends_serving(make_service, tmp_path):
-    from tools import soak
+    from llmctl.tools import soak
     s = make_service(workers={"count": 2, "slots": 2},
                      control={"backoff_initial_s": 0.2, "backoff_max_s": 2.0})
     assert s.start().returncode == 0

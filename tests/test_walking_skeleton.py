@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameType
 from tests.service import Service, pid_gone, port_is_free, wait_until
-from tools.client import ServerError
+from llmctl.common.client import ServerError
 
 pytestmark = pytest.mark.integration
 

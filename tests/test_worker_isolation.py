@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from control.config import Config
-from dataplane import messages as m
+from llmctl.common.config import Config
+from llmctl.common import messages as m
 from tests.service import MODEL
-from worker.main import Worker
+from llmctl.worker.main import Worker
 
 
 @pytest.fixture(scope="module")
 def worker():
-    from worker.batch import BatchEngine
+    from llmctl.worker.batch import BatchEngine
     engine = BatchEngine(str(MODEL), 512, 0, 1, 32, slots=2)
     return Worker(Config(), "w0.1", "inproc://unused", engine)
 

@@ -1,6 +1,6 @@
 """The baseline: the bench workload run by bare llama-cpp-python in this process.
 
-    python -m tools.bare_llama --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
+    python -m llmctl.tools.bare_llama --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
         --threads 2 --requests 20 --max-tokens 64 --json bare.json
 
 One ``Llama`` object, ``create_completion(stream=True)`` (``create_chat_completion`` for
@@ -20,9 +20,9 @@ import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from tools import bench
-from tools.bench_stats import RequestRecord
-from tools.bench_targets import Target, now
+from llmctl.tools import bench
+from llmctl.tools.bench_stats import RequestRecord
+from llmctl.tools.bench_targets import Target, now
 
 
 class BareLlamaTarget(Target):
@@ -104,7 +104,7 @@ class BareLlamaTarget(Target):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = bench.build_parser("python -m tools.bare_llama", target=False)
+    ap = bench.build_parser("python -m llmctl.tools.bare_llama", target=False)
     ap.add_argument("--model", required=True, help="a GGUF file")
     ap.add_argument("--threads", type=int, default=None, help="default: all CPU cores")
     ap.add_argument("--n-ctx", type=int, default=2048)

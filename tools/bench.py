@@ -1,9 +1,9 @@
 """A load generator for llmctl and any OpenAI-compatible server (docs/benchmarks.md).
 
-    python -m tools.bench --target tcp://127.0.0.1:8080 --clients 1,2,4,8 --requests 32 \
+    python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --clients 1,2,4,8 --requests 32 \
         --max-tokens 64 --json bench.json --plot bench.png
-    python -m tools.bench --target http://127.0.0.1:8090/v1 --rate 2 --duration 60
-    python -m tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
+    python -m llmctl.tools.bench --target http://127.0.0.1:8090/v1 --rate 2 --duration 60
+    python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
 
 Closed loop by default: N clients each send a request, wait for its end, send the next.
 ``--rate R`` is open loop instead: Poisson arrivals at R requests/s, however many are in flight.
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tools.bench_stats import OVERLOADED, RequestRecord, compare, summarize, wall_time
-from tools.bench_targets import Target, make_target
+from llmctl.tools.bench_stats import OVERLOADED, RequestRecord, compare, summarize, wall_time
+from llmctl.tools.bench_targets import Target, make_target
 
 now = time.perf_counter
 
@@ -399,7 +399,7 @@ def _list(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def build_parser(prog: str = "python -m tools.bench", target: bool = True) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llmctl.tools.bench", target: bool = True) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     if target:
@@ -470,7 +470,7 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     return 0 if all(p["summary"]["ok"] > 0 for p in result["points"]) else 1
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.bench") -> int:
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     check_args(ap, args)
@@ -486,4 +486,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m tools.bench") -> 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=os.environ.get("LLMCTL_PROG", "python -m llmctl.tools.bench")))

@@ -18,9 +18,9 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameDecoder, FrameType
-from tools.bench_stats import OVERLOADED, RequestRecord
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameDecoder, FrameType
+from llmctl.tools.bench_stats import OVERLOADED, RequestRecord
 
 now = time.perf_counter
 CONNECT_TIMEOUT = 10.0
@@ -50,7 +50,7 @@ def make_target(url: str, **options: Any) -> Target:
         return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
                           api_key=options.get("api_key"))
     if scheme == "bare":
-        from tools.bare_llama import BareLlamaTarget   # imports llama_cpp only when asked
+        from llmctl.tools.bare_llama import BareLlamaTarget   # imports llama_cpp only when asked
         return BareLlamaTarget.from_url(url)
     raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
                      "or bare:MODEL.gguf")

@@ -1,7 +1,7 @@
 """Closed-loop load: N clients, each sending its next request when the last ended.
 
-    python -m tools.closed_loop --port 8080 --clients 8 --requests 3 --max-tokens 64
-    python -m tools.closed_loop --engine --slots 8 --clients 8 --requests 3   # in-process
+    python -m llmctl.tools.closed_loop --port 8080 --clients 8 --requests 3 --max-tokens 64
+    python -m llmctl.tools.closed_loop --engine --slots 8 --clients 8 --requests 3   # in-process
 
 Prints aggregate completion tokens per second over the whole run (wall clock).  Every
 request is greedy on a distinct prompt, so the prompt cache only shares the template.
@@ -24,7 +24,7 @@ def request(i: int, max_tokens: int) -> dict:
 
 
 def over_tcp(args: argparse.Namespace) -> tuple[int, float]:
-    from tools.client import Client
+    from llmctl.common.client import Client
     tokens = [0] * args.clients
 
     def client(k: int) -> None:
@@ -45,7 +45,7 @@ def over_tcp(args: argparse.Namespace) -> tuple[int, float]:
 
 
 def in_process(args: argparse.Namespace) -> tuple[int, float]:
-    from worker.batch import BatchEngine
+    from llmctl.worker.batch import BatchEngine
     e = BatchEngine(args.model, args.n_ctx, 0, args.threads, args.n_batch, slots=args.slots,
                     kv_unified=args.kv_unified)
     todo = [(k, r) for r in range(args.requests) for k in range(args.clients)]

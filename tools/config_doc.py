@@ -1,14 +1,14 @@
-"""Regenerate the configuration reference in README.md from control/config.py.
+"""Regenerate the configuration reference in README.md from common/config.py.
 
-    python -m tools.config_doc          # rewrite README.md between the markers
-    python -m tools.config_doc --check  # exit 1 if README.md is out of date
+    python -m llmctl.tools.config_doc          # rewrite README.md between the markers
+    python -m llmctl.tools.config_doc --check  # exit 1 if README.md is out of date
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from control import config
+from llmctl.common import config
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

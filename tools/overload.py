@@ -1,6 +1,6 @@
 """Overload benchmark: offered load at a multiple of capacity (not a pass/fail test).
 
-    python -m tools.overload [--factor 4] [--duration 30] [--max-tokens 32] [--json PATH]
+    python -m llmctl.tools.overload [--factor 4] [--duration 30] [--max-tokens 32] [--json PATH]
 
 Starts llmctl on free ports (1 worker x 1 slot, max_queue 2 unless told otherwise),
 measures its capacity (requests/s, closed loop, one client per slot), then offers
@@ -21,8 +21,8 @@ from typing import Any
 
 import psutil
 
-from dataplane import protocol as p
-from dataplane.protocol import FrameDecoder, FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import FrameDecoder, FrameType
 
 
 class Conn:
@@ -136,7 +136,7 @@ async def run(port: int, gw_pid: int, slots: int, factor: float, duration: float
 def main(argv: list[str] | None = None) -> int:
     from tests.service import Service
 
-    ap = argparse.ArgumentParser(prog="python -m tools.overload")
+    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.overload")
     ap.add_argument("--factor", type=float, default=4.0)
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--max-tokens", type=int, default=32)

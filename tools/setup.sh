@@ -38,5 +38,5 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$KEY" ]; then
 fi
 
 "$VPY" -m pip install -q -e '.[test]'
-"$VPY" -m tools.fetch_model
+"$VPY" -m llmctl.tools.fetch_model
 echo "set-up done: .venv ready, model in models/"

@@ -1,7 +1,7 @@
 """Chaos soak: load on a running llmctl while its workers are killed (a benchmark, not a test).
 
-    python -m tools.soak -c config.toml --duration 180 --clients 4 --kill-every 5-15
-    python -m tools.soak -c config.toml --duration 180 --stop-fraction 0.3 --json soak.json
+    python -m llmctl.tools.soak -c config.toml --duration 180 --clients 4 --kill-every 5-15
+    python -m llmctl.tools.soak -c config.toml --duration 180 --stop-fraction 0.3 --json soak.json
 
 While ``--clients`` closed-loop clients send requests over the wire protocol, a worker
 chosen at random is sent SIGKILL (as an OOM killer or an operator might) every
@@ -31,9 +31,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tools.bench import BUILTIN_PROMPTS, Workload, closed_loop
-from tools.bench_stats import RequestRecord
-from tools.bench_targets import TcpTarget
+from llmctl.tools.bench import BUILTIN_PROMPTS, Workload, closed_loop
+from llmctl.tools.bench_stats import RequestRecord
+from llmctl.tools.bench_targets import TcpTarget
 
 LOST = ("client_timeout", "connection_closed", "connection_error", "connect_failed")
 SERVING = ("ready", "busy")
@@ -41,7 +41,7 @@ SERVING = ("ready", "busy")
 
 def status(config: str) -> dict[str, Any]:
     """``llmctl status --json`` of the service under test."""
-    r = subprocess.run([sys.executable, "-m", "control", "status", "--json", "-c", config],
+    r = subprocess.run([sys.executable, "-m", "llmctl.control", "status", "--json", "-c", config],
                        capture_output=True, text=True, timeout=30)
     try:
         return json.loads(r.stdout)
@@ -145,7 +145,7 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.soak", description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", default=os.environ.get("LLMCTL_CONFIG", "config.toml"),
                     help="config of the running service (its workers are the victims)")
     ap.add_argument("--target", default=None, help="tcp://HOST:PORT (default: the gateway's)")

@@ -58,11 +58,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataplane.errors import InternalError
-from dataplane.prefix import fields_hashes
-from worker import threadpool
-from worker.kvstore import KVStore, common_prefix
-from worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
+from llmctl.common.errors import InternalError
+from llmctl.common.prefix import fields_hashes
+from llmctl.worker import threadpool
+from llmctl.worker.kvstore import KVStore, common_prefix
+from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats, prefill_chunk, reusable_prefix)
 
 log = logging.getLogger(__name__)

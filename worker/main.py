@@ -19,12 +19,12 @@ import time
 
 import zmq
 
-from control.config import Config
-from control.procs import CONFIG_JSON_ENV, setup_child_logging
-from dataplane import messages as m
-from dataplane.errors import InternalError, LlmctlError
-from worker.batch import BatchEngine
-from worker.engine import Event, ModelLoadError
+from llmctl.common.config import Config
+from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
+from llmctl.common import messages as m
+from llmctl.common.errors import InternalError, LlmctlError
+from llmctl.worker.batch import BatchEngine
+from llmctl.worker.engine import Event, ModelLoadError
 
 log = logging.getLogger(__name__)
 

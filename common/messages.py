@@ -146,14 +146,6 @@ def decode_credit(body: bytes) -> list[tuple[int, int]]:
 
 # ---- control socket (CLI <-> supervisor, supervisor <-> gateway admin) -----------------
 
-def request(cmd: str, **args: Any) -> bytes:
-    return json.dumps({"cmd": cmd, **args}).encode("utf-8")
-
-
-def reply(ok: bool, **data: Any) -> bytes:
-    return json.dumps({"ok": ok, **data}).encode("utf-8")
-
-
 def parse(raw: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(raw)

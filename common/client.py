@@ -1,6 +1,6 @@
 """A small blocking client of the wire protocol (PROTOCOL.md v1), for tests and tools.
 
-    python -m tools.client --host 127.0.0.1 --port 8080 "Once upon a time"
+    python -m llmctl.common.client --host 127.0.0.1 --port 8080 "Once upon a time"
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from dataplane import protocol as p
-from dataplane.protocol import Frame, FrameDecoder, FrameType
+from llmctl.common import protocol as p
+from llmctl.common.protocol import Frame, FrameDecoder, FrameType
 
 
 class ServerError(Exception):
@@ -110,7 +110,7 @@ class Client:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.client")
+    ap = argparse.ArgumentParser(prog="python -m llmctl.common.client")
     ap.add_argument("prompt")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from dataplane.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
+from llmctl.common.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
 
 __all__ = [
     "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",

@@ -19,11 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from control.fields import setting as _f
-from control.gpu import GpuConfig
+from dataclasses import field
 
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "LLMCTL_CONFIG"
+
+
+# The [gpu] section's vocabulary, shared with the estimator (control/gpu_estimate.py).
+DEFAULT_BUDGET_MB = 1024
+DEFAULT_CUDA_OVERHEAD_MB = 150     # see docs/gpu.md: calibrate on the real card
+KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "f32": (1, 4)}   # (values per block, bytes per block)
+ON_BREACH = ("alert", "restart_largest")
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None,
+       choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    """A dataclass field whose metadata this module checks and documents."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
 
 
 class ConfigError(ValueError):
@@ -116,6 +128,26 @@ class ControlConfig:
     restart_window_s: float = _f(120.0, 1.0, 86_400.0, doc="window of the flapping guard")
     log_max_bytes: int = _f(10 * 1024 * 1024, 1024, 1 << 40, doc="size at which a log file rotates")
     log_backups: int = _f(3, 0, 100, doc="rotated log files kept")
+
+
+@dataclass(frozen=True)
+class GpuConfig:
+    vram_budget_mb: int = _f(DEFAULT_BUDGET_MB, 1, 1 << 24,
+                             doc="VRAM all workers together may use (MiB, as nvidia-smi counts)")
+    fit: bool = _f(False, doc="shrink workers.count, then model.n_ctx, then model.n_gpu_layers "
+                              "until the estimate fits, instead of refusing to start")
+    kv_type: str = _f("f16", choices=tuple(KV_TYPES),
+                      doc="KV cache element type the estimate assumes")
+    compute_buffer_mb: int = _f(-1, -1, 1 << 20,
+                                doc="llama.cpp compute buffer per worker (MiB); -1 = derive from "
+                                    "the model: n_ubatch x (n_vocab + n_ctx x n_head) x 4 B")
+    cuda_overhead_mb: int = _f(DEFAULT_CUDA_OVERHEAD_MB, 0, 1 << 20,
+                               doc="CUDA context + cuBLAS per worker process (MiB); calibrate "
+                                   "on the card (docs/gpu.md)")
+    on_breach: str = _f("alert", choices=ON_BREACH,
+                        doc="measured use above the budget: alert = log it; restart_largest = "
+                            "also restart the largest worker with fewer GPU layers")
+    sample_interval_s: float = _f(2.0, 0.1, 3600.0, doc="how often the supervisor reads VRAM use")
 
 
 @dataclass(frozen=True)

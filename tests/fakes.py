@@ -1,0 +1,33 @@
+"""Test doubles."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from llmctl.control.gpu_estimate import MiB
+
+
+class FakeReader:
+    """A VramReader with injected readings, for tests (set ``per_pid`` between samples)."""
+
+    def __init__(self, per_pid: Mapping[int, int] | None = None, *, total: int = 1024 * MiB,
+                 name: str = "Fake GPU", available: bool = True, other_used: int = 0) -> None:
+        self.per_pid = dict(per_pid or {})
+        self.total = total
+        self.name = name
+        self._available = available
+        self.other_used = other_used
+
+    def available(self) -> bool:
+        return self._available
+
+    def device_name(self) -> str:
+        return self.name if self._available else "cpu"
+
+    def total_bytes(self) -> int:
+        return self.total if self._available else 0
+
+    def used_bytes(self) -> int:
+        return sum(self.per_pid.values()) + self.other_used if self._available else 0
+
+    def per_process(self) -> dict[int, int]:
+        return dict(self.per_pid) if self._available else {}
