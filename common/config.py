@@ -179,8 +179,9 @@ class Config:
         return f"ipc://{self.run_dir / 'workers.sock'}"
 
     @property
-    def admin_endpoint(self) -> str:
-        return f"ipc://{self.run_dir / 'gateway.sock'}"
+    def link_endpoint(self) -> str:
+        """The supervisor <-> gateway link (the supervisor binds it)."""
+        return f"ipc://{self.run_dir / 'link.sock'}"
 
     @property
     def pidfile(self) -> Path:

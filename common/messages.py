@@ -27,6 +27,12 @@ costs one ZeroMQ message, not N (each wakes I/O threads that share the cores wit
 the compute): a worker sends everything one engine step produced as one BATCH of
 ``(kind, rid, body)`` records; the gateway sends the token credit it owes a worker
 as one CREDIT of ``(rid, n)`` pairs.
+
+Two layers: ``encode``/``decode`` frame a message (``Message``: kind, rid, raw body);
+``from_worker`` / ``from_gateway`` decode and validate a whole message once, at the
+socket, into the typed messages below (``msgspec`` structs), refusing with
+``MessageError`` what the receiving side must not get.  Code past the socket never
+sees a dict or a raw body.
 """
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Union
+
+import msgspec
 
 _RID = struct.Struct(">Q")
 _RECORD = struct.Struct(">cQI")     # BATCH record header: kind, rid, body length
@@ -81,7 +89,7 @@ class Message:
 
 
 def dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return _json.encode(body)
 
 
 def encode(kind: Kind, rid: int | None = None, body: bytes | dict[str, Any] = b"") -> list[bytes]:
@@ -142,6 +150,246 @@ def decode_credit(body: bytes) -> list[tuple[int, int]]:
     if len(body) % _GRANT.size:
         raise MessageError(f"CREDIT body of {len(body)} bytes is not whole (rid, n) pairs")
     return [_GRANT.unpack_from(body, i) for i in range(0, len(body), _GRANT.size)]
+
+
+# ---- typed messages ----------------------------------------------------------------------
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
+    """A GENERATE's body: what a worker needs to run a request (validated at the gateway's
+    door; the deadline is the gateway's business)."""
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    window: int = 0                 # TOKEN messages it may send ahead; 0 = unbounded
+
+
+class ReadyInfo(msgspec.Struct, frozen=True):
+    """READY: the worker is loaded and warm; ``slots`` is its credit."""
+    worker: str
+    pid: int
+    slots: int
+    name: str = ""
+    model: str = ""
+    n_ctx: int = 0
+    device: str = "cpu"
+
+
+class KvStoreStats(msgspec.Struct, frozen=True):
+    entries: int = 0
+    bytes: int = 0
+    limit: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    saves: int = 0
+    evictions: int = 0
+
+
+class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
+    """DONE's statistics; ``prefix_hashes`` and ``kv_store`` describe the worker's cache."""
+    finish_reason: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    phase: str = "decode"
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    prefix_hashes: list[int] | None = None
+    kv_store: KvStoreStats | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str
+    message: str = ""
+    retry_after_ms: int | None = None
+
+
+class Ready(msgspec.Struct, frozen=True):
+    info: ReadyInfo
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    pass
+
+
+class Bye(msgspec.Struct, frozen=True):
+    pass
+
+
+class Drain(msgspec.Struct, frozen=True):
+    pass
+
+
+class Generate(msgspec.Struct, frozen=True):
+    rid: int
+    request: WorkRequest
+
+
+class Cancel(msgspec.Struct, frozen=True):
+    rid: int
+
+
+class Park(msgspec.Struct, frozen=True):
+    rid: int
+
+
+class Resume(msgspec.Struct, frozen=True):
+    rid: int
+
+
+class Credit(msgspec.Struct, frozen=True):
+    grants: list[tuple[int, int]]
+
+
+class Token(msgspec.Struct, frozen=True):
+    rid: int
+    text: str
+
+
+class Done(msgspec.Struct, frozen=True):
+    rid: int
+    stats: DoneStats
+
+
+class Error(msgspec.Struct, frozen=True):
+    rid: int
+    error: ErrorBody
+
+
+class Parked(msgspec.Struct, frozen=True):
+    rid: int
+
+
+class Invalid(msgspec.Struct, frozen=True):
+    """A well-framed message for request ``rid`` whose body does not validate: the
+    receiver ends that request with an error (so its credit comes back) and counts it."""
+    rid: int
+    kind: str
+    why: str
+
+
+class Batch(msgspec.Struct, frozen=True):
+    items: list[Union[Token, Done, Error, Parked, Invalid]]
+
+
+FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Invalid]
+FromGateway = Union[Generate, Cancel, Credit, Park, Resume, Drain, Heartbeat, Invalid]
+
+_json = msgspec.json.Encoder()
+_ready = msgspec.json.Decoder(ReadyInfo)
+_work = msgspec.json.Decoder(WorkRequest)
+_done = msgspec.json.Decoder(DoneStats)
+_error = msgspec.json.Decoder(ErrorBody)
+
+
+def body(obj: msgspec.Struct) -> bytes:
+    """The JSON body of a typed message part (a WorkRequest, DoneStats, ...)."""
+    return _json.encode(obj)
+
+
+def _typed(decoder: msgspec.json.Decoder, msg: Message) -> Any:
+    try:
+        return decoder.decode(msg.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MessageError(f"{msg.kind.name} body: {exc}") from None
+
+
+def _need_rid(msg: Message) -> int:
+    if msg.rid is None:
+        raise MessageError(f"{msg.kind.name} without a request id")
+    return msg.rid
+
+
+def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
+    rid = _need_rid(msg)
+    try:
+        if msg.kind is Kind.TOKEN:
+            try:
+                return Token(rid, msg.body.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise MessageError("TOKEN body is not UTF-8") from None
+        if msg.kind is Kind.DONE:
+            return Done(rid, _typed(_done, msg))
+        if msg.kind is Kind.ERROR:
+            return Error(rid, _typed(_error, msg))
+    except MessageError as exc:
+        return Invalid(rid, msg.kind.name, str(exc))
+    return Parked(rid)
+
+
+def from_worker(frames: list[bytes]) -> FromWorker:
+    """A message a worker sent, decoded and validated; ``MessageError`` if it is not one."""
+    msg = decode(frames)
+    k = msg.kind
+    if k is Kind.READY:
+        return Ready(_typed(_ready, msg))
+    if k is Kind.HEARTBEAT:
+        return Heartbeat()
+    if k is Kind.BYE:
+        return Bye()
+    if k is Kind.BATCH:
+        return Batch([_per_request(sub) for sub in decode_batch(msg.body)])
+    if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):
+        return _per_request(msg)
+    raise MessageError(f"a worker does not send {k.name}")
+
+
+def from_gateway(frames: list[bytes]) -> FromGateway:
+    """A message the gateway sent, decoded and validated; ``MessageError`` if it is not one."""
+    msg = decode(frames)
+    k = msg.kind
+    if k is Kind.GENERATE:
+        rid = _need_rid(msg)
+        try:
+            return Generate(rid, _typed(_work, msg))
+        except MessageError as exc:
+            return Invalid(rid, k.name, str(exc))
+    if k is Kind.CANCEL:
+        return Cancel(_need_rid(msg))
+    if k is Kind.PARK:
+        return Park(_need_rid(msg))
+    if k is Kind.RESUME:
+        return Resume(_need_rid(msg))
+    if k is Kind.CREDIT:
+        return Credit(decode_credit(msg.body))
+    if k is Kind.DRAIN:
+        return Drain()
+    if k is Kind.HEARTBEAT:
+        return Heartbeat()
+    raise MessageError(f"the gateway does not send {k.name}")
+
+
+def work_request(fields: WorkRequest | Any) -> WorkRequest:
+    """A WorkRequest as it is, or one validated from its fields (in-process drivers)."""
+    if isinstance(fields, WorkRequest):
+        return fields
+    try:
+        return msgspec.convert(fields, WorkRequest)
+    except msgspec.ValidationError as exc:
+        raise MessageError(f"GENERATE body: {exc}") from None
+
+
+def ready(info: ReadyInfo) -> list[bytes]:
+    return encode(Kind.READY, None, body(info))
+
+
+def generate(rid: int, request: WorkRequest) -> list[bytes]:
+    return encode(Kind.GENERATE, rid, body(request))
+
+
+def error(rid: int, err: Any) -> list[bytes]:
+    """ERROR for ``rid`` from a typed error (``common.errors.LlmctlError``)."""
+    return encode(Kind.ERROR, rid, body(ErrorBody(err.code.value, err.message,
+                                                  err.retry_after_ms)))
 
 
 # ---- control socket (CLI <-> supervisor, supervisor <-> gateway admin) -----------------

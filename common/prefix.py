@@ -15,7 +15,7 @@ a match only steers routing, never what the worker computes.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Any, Iterable
 
 MIN_BLOCK = 64
 MAX_HASHES = 64
@@ -53,12 +53,10 @@ def prefix_hashes(prompt: str | None, messages: Iterable[tuple[str, str]] | None
     return tuple(out)
 
 
-def fields_hashes(fields: dict) -> tuple[int, ...]:
-    """The same hashes from a GENERATE body as a worker receives it."""
-    messages = fields.get("messages")
-    pairs = [(str(m.get("role", "")), str(m.get("content", ""))) for m in messages] \
-        if messages else None
-    return prefix_hashes(fields.get("prompt"), pairs)
+def request_hashes(req: Any) -> tuple[int, ...]:
+    """The same hashes from a GENERATE's body as a worker receives it (a WorkRequest)."""
+    pairs = [(m.role, m.content) for m in req.messages] if req.messages else None
+    return prefix_hashes(req.prompt, pairs)
 
 
 def matched(hashes: tuple[int, ...], held: set[int] | frozenset[int]) -> int:

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+import msgspec
+
 from llmctl.common.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
+from llmctl.common.messages import ChatMessage, WorkRequest
 
 __all__ = [
     "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",
@@ -208,14 +211,17 @@ class GenerateRequest:
     deadline_ms: int
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    def worker_fields(self) -> dict[str, Any]:
+    def work(self, window: int = 0) -> WorkRequest:
         """What a worker needs to run it (the deadline is the gateway's business)."""
-        return {
-            "prompt": self.prompt,
-            "messages": [{"role": r, "content": c} for r, c in self.messages] if self.messages else None,
-            "max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "top_k": self.top_k, "seed": self.seed, "stop": list(self.stop),
-        }
+        return WorkRequest(
+            prompt=self.prompt,
+            messages=[ChatMessage(r, c) for r, c in self.messages] if self.messages else None,
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window)
+
+    def worker_fields(self) -> dict[str, Any]:
+        """``work()`` as plain JSON-like data."""
+        return msgspec.to_builtins(self.work())
 
 
 MAX_STOP = 16

@@ -55,6 +55,7 @@ class ChildProcess:
         self.crashes: deque[float] = deque()     # failures before READY, in the window
         self.failures_in_row = 0
         self.was_ready = False                    # this spawn got ready (has served)
+        self.drained = False                      # told to drain, it holds no request
         self.backoff_s = 0.0                      # the delay of the pending restart
         self.next_start = 0.0
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -205,7 +206,7 @@ class ChildProcess:
         backoff = {"backoff_s": round(self.backoff_s, 3),
                    "restart_in_s": round(max(0.0, self.next_start - time.monotonic()), 3),
                    "failures_in_row": self.failures_in_row} if self.state == "backoff" else {}
-        return {"name": self.name, "pid": self.pid, "state": self.state, "rss": self.rss(),
+        return {"id": self.name, "pid": self.pid, "state": self.state, "rss": self.rss(),
                 "uptime_s": round(self.uptime, 3), "restarts": self.restarts, **backoff,
                 "last_exit": describe_exit(self.last_exit) if self.last_exit is not None else None,
                 "stderr_tail": list(self.tail)[-10:] if self.state in ("fatal", "backoff")

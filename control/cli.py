@@ -14,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from llmctl.common import admin
 from llmctl.common import config as config_mod
 from llmctl.control import gpu
 from llmctl.common.config import Config, ConfigError
@@ -29,7 +30,8 @@ class ControlClient:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
-    def call(self, cmd: str, timeout: float = 2.0, **args: Any) -> dict[str, Any] | None:
+    def call(self, cmd: admin.Command, timeout: float = 2.0) -> dict[str, Any] | None:
+        """The supervisor's reply (a JSON object with ``ok``), None if it does not answer."""
         if not (self.cfg.run_dir / "control.sock").exists():
             return None
         ctx = zmq.Context.instance()
@@ -37,9 +39,9 @@ class ControlClient:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.cfg.control_endpoint)
-            sock.send_json({"cmd": cmd, **args})
+            sock.send(admin.encode(cmd))
             if sock.poll(int(timeout * 1000)):
-                return sock.recv_json()
+                return json.loads(sock.recv())
             return None
         finally:
             sock.close(linger=0)
@@ -64,7 +66,7 @@ def _port_free(host: str, port: int) -> str | None:
 
 
 def _clean_run_dir(cfg: Config) -> None:
-    for name in ("supervisor.pid", "control.sock", "gateway.sock", "workers.sock"):
+    for name in ("supervisor.pid", "control.sock", "link.sock", "workers.sock"):
         (cfg.run_dir / name).unlink(missing_ok=True)
 
 
@@ -116,7 +118,7 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         if proc.poll() is not None:
             why = f"the supervisor exited ({proc.returncode})"
             break
-        status = client.call("status", timeout=1.0)
+        status = client.call(admin.Status(), timeout=1.0)
         if status and status.get("ok"):
             gw = status["gateway"]
             ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
@@ -127,15 +129,15 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
                       f"worker(s) ready")
                 return 0
             fatal = [c for c in [gw, *status["workers"]] if c["state"] == "fatal"]
-            if gw["state"] == "fatal" or len(fatal) == len(status["workers"]):
-                why = "processes failed: " + ", ".join(c.get("id", c.get("name", "?")) for c in fatal)
+            if gw["state"] == "fatal" or status["workers"] and len(fatal) == len(status["workers"]):
+                why = "processes failed: " + ", ".join(c["id"] for c in fatal)
                 break
         time.sleep(0.2)
     print(f"error: llmctl did not start: {why}", file=sys.stderr)
     if status:
         for c in [status["gateway"], *status["workers"]]:
             if c.get("stderr_tail") or c["state"] not in ("ready", "busy", "running"):
-                print(f"--- {c.get('id', c.get('name'))}: {c['state']} "
+                print(f"--- {c['id']}: {c['state']} "
                       f"({c.get('last_exit') or 'no exit'}); last output:", file=sys.stderr)
                 for line in c.get("stderr_tail", []):
                     print(f"    {line}", file=sys.stderr)
@@ -165,7 +167,7 @@ def _tail_file(path: Path, n: int) -> None:
 # ---- stop ------------------------------------------------------------------------------
 
 def _stop(cfg: Config, pid: int, quiet: bool = False) -> None:
-    ControlClient(cfg).call("stop", timeout=2.0)
+    ControlClient(cfg).call(admin.Stop(), timeout=2.0)
     grace = cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5
     deadline = time.monotonic() + grace
     while pid_alive(pid) and time.monotonic() < deadline:
@@ -219,7 +221,7 @@ def _cache_line(counters: dict[str, int], workers: list[dict[str, Any]]) -> str:
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    st = ControlClient(cfg).call("status") if _read_pid(cfg) else None
+    st = ControlClient(cfg).call(admin.Status()) if _read_pid(cfg) else None
     if not st or not st.get("ok"):
         if args.json:
             print(json.dumps({"running": False}))
@@ -279,14 +281,14 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                       f"{mt['tokens_per_s']:.1f} tok/s; errors: {errs}", highlight=False)
     for c in [gw, *st["workers"]]:
         if c.get("stderr_tail"):
-            console.print(f"[red]{c.get('id', c.get('name'))} last output:[/]")
+            console.print(f"[red]{c['id']} last output:[/]")
             for line in c["stderr_tail"]:
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
 def cmd_restart(cfg: Config, args: argparse.Namespace) -> int:
-    st = ControlClient(cfg).call("restart", workers=args.workers) if _read_pid(cfg) else None
+    st = ControlClient(cfg).call(admin.Restart(workers=args.workers)) if _read_pid(cfg) else None
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -300,7 +302,7 @@ def cmd_top(cfg: Config, args: argparse.Namespace) -> int:
     client = ControlClient(cfg)
 
     def fetch() -> dict[str, Any] | None:
-        st = client.call("status", timeout=1.0) if _read_pid(cfg) else None
+        st = client.call(admin.Status(), timeout=1.0) if _read_pid(cfg) else None
         return st if st and st.get("ok") else None
 
     return run(fetch, refresh_s=args.interval)
@@ -320,7 +322,7 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
     client = ControlClient(cfg)
-    st = client.call("reload") if _read_pid(cfg) else None
+    st = client.call(admin.Reload()) if _read_pid(cfg) else None
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -336,7 +338,7 @@ def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + cfg.workers.ready_timeout_s * (cfg.workers.count + 2) \
         + cfg.control.drain_timeout_s * cfg.workers.count
     while time.monotonic() < deadline:
-        status = client.call("status")
+        status = client.call(admin.Status())
         if status is None:
             print("error: the supervisor stopped answering", file=sys.stderr)
             return 1

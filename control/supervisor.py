@@ -1,10 +1,17 @@
 """The supervisor: a reconcile loop over its child processes.
 
-Desired state: one gateway and ``workers.count`` workers, all running.  Every tick
-the loop compares that with what runs, restarts what died (``ChildProcess``'s
-policy), kills what the gateway declared dead while it still runs (a hung worker),
-and gives up on what flaps (FATAL).  Readiness comes from the gateway: a worker is
-ready once its READY reached the gateway (matched by pid).
+Desired state: one gateway, and the workers ``Rollout`` wants (``workers.count`` of them,
+each on its desired config).  Every tick the loop compares that with what runs:
+
+* what died is restarted (``ChildProcess``'s policy: backoff forever for what had been
+  ready, FATAL for what never gets ready);
+* readiness and loss are events the gateway pushes over the link (``gwlink.py``): a
+  worker's READY reached it, a worker it declared dead (the supervisor kills a hung
+  process that still runs), a drained worker;
+* the gateway is pinged every heartbeat interval: one that was ready and stops
+  answering for ``workers.liveness`` intervals (hung, SIGSTOP) is killed and restarted;
+* ``Rollout.step`` converges the workers to their desired configs, one at a time; a
+  reload and the VRAM governor's restart are nothing but new desired states.
 """
 from __future__ import annotations
 
@@ -20,65 +27,65 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from llmctl.common import admin
 from llmctl.common import config as config_mod
-from llmctl.control import gpu
-from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import bind_private, describe_exit, make_private
-from llmctl.common import messages as m
+from llmctl.control import gpu
+from llmctl.control.child import ChildProcess, WorkerProcess
+from llmctl.control.gwlink import GatewayLink
+from llmctl.control.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-STATUS_POLL_S = 0.5
+PROCS_EVERY_S = 0.5          # process figures pushed to the gateway (/metrics)
 # Sections a rolling reload applies; the rest needs a restart of the gateway.
 ROLLING = ("model", "workers", "generation")
 GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
-
-
-class WorkerGroup:
-    """The workers, named w0, w1, ...; replaced one at a time by a reload."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.procs: list[WorkerProcess] = [WorkerProcess(f"w{i}", cfg)
-                                           for i in range(cfg.workers.count)]
-        self.retiring: list[WorkerProcess] = []   # draining during a reload
 
 
 class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.gateway = ChildProcess("gateway", cfg)
-        self.workers = WorkerGroup(cfg)
+        self.gateway_up: admin.GatewayUp | None = None     # its addresses, once it listens
+        self.rollout = Rollout(cfg, drain=self._drain_worker, forget=self._forget)
+        self.rollout.want(cfg)
         self.started = time.time()
         self.stop_event = asyncio.Event()
-        self.gw_status: dict[str, Any] = {}
         self.stopping = False
         self.reload_state: dict[str, Any] = {"state": "idle"}
-        self._reload_task: asyncio.Task | None = None
-        self.ctx: zmq.asyncio.Context | None = None
+        self.link: GatewayLink | None = None
         self.gpu: gpu.GpuMonitor | None = None
         self._cpu: dict[str, float | None] = {}
+        self._last_ping = self._last_procs = 0.0
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        return self.rollout.all()
 
     @property
     def children(self) -> list[ChildProcess]:
-        return [self.gateway, *self.workers.procs]
+        return [self.gateway, *self.workers]
 
     # ---- main loop --------------------------------------------------------------------
     async def run(self) -> None:
-        self.ctx = zmq.asyncio.Context()
+        ctx = zmq.asyncio.Context()
         # NVML or not, said once; cheap (no GGUF read) so status has it from the start.
         self.gpu = gpu.GpuMonitor(self.cfg.gpu, n_gpu_layers=self.cfg.model.n_gpu_layers)
-        control = self.ctx.socket(zmq.REP)
+        control = ctx.socket(zmq.REP)
         control.setsockopt(zmq.LINGER, 0)
+        self.link = GatewayLink(ctx, self.cfg.link_endpoint, self._on_event)
         tasks: list[asyncio.Task] = []
         try:
             bind_private(control, self.cfg.control_endpoint)
-            for child in self.children:
-                await child.start()
-            tasks = [asyncio.create_task(self._serve_control(control)),
-                     asyncio.create_task(self._poll_gateway()),
-                     asyncio.create_task(self._watch_vram())]
+            self.link.bind()
+            tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
+                                                      self.link.run(), self._watch_vram())]
+            await self.gateway.start()
+            self.link.expect(self.gateway.pid)
+            await self.rollout.step()            # the workers start with the gateway
             while not self.stop_event.is_set():
                 await self._reconcile()
                 try:
@@ -87,75 +94,113 @@ class Supervisor:
                     pass
             await self._shutdown()
         finally:
-            if self._reload_task is not None:
-                self._reload_task.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             control.close(linger=0)
-            for child in [*self.children, *self.workers.retiring]:
+            self.link.close()
+            for child in self.children:
                 if child.pid:   # on an exception path, leave nothing behind
                     await child.stop(self.cfg.control.stop_timeout_s)
-            self.ctx.term()
-
-    def _live(self) -> dict[int, dict[str, Any]]:
-        """The gateway's view of its workers, by pid."""
-        return {w["pid"]: w for w in self.gw_status.get("workers", [])}
+            ctx.term()
 
     async def _reconcile(self) -> None:
+        assert self.link is not None
         for child in self.children:
             if child.exited() and child is not self.gateway:
-                await self._gateway_call({"cmd": "worker_exited", "worker": child.routing_id,
-                                          "why": describe_exit(child.last_exit)}, timeout=0.5)
+                self._forget(child, describe_exit(child.last_exit))
+            restarted = child.state == "backoff"
             await child.maybe_restart()
-        gw = self.gw_status
-        if gw.get("listening") and gw.get("pid") == self.gateway.pid:
-            self.gateway.mark_ready()
-        live = self._live()
-        lost = {v["pid"]: (k, v["why"]) for k, v in self.gw_status.get("lost", {}).items()}
-        for w in self.workers.procs:
-            pid = w.pid
-            if pid is None:
-                continue
-            if pid in lost and w.state in ("starting", "running"):
-                log.error("%s (pid %d) is alive but the gateway declared it dead (%s): "
-                          "killing it", w.name, pid, lost[pid][1])
-                self._kill(w)
-            elif w.state == "starting" and pid in live:
-                w.state = "running"
-                w.mark_ready()
-            elif w.state == "starting" and w.uptime > self.cfg.workers.ready_timeout_s:
+            if restarted and child is self.gateway and child.pid:
+                self.link.expect(child.pid)
+        now = time.monotonic()
+        for w in self.workers:
+            if w.state == "starting" and w.pid and w.uptime > self.cfg.workers.ready_timeout_s:
                 log.error("%s sent no READY within %.0fs: killing it", w.name,
                           self.cfg.workers.ready_timeout_s)
-                self._kill(w)
+                _kill(w)
+        self._check_gateway(now)
+        await self.rollout.step()
+        self._track_reload()
+        if now - self._last_procs >= PROCS_EVERY_S:
+            self._last_procs = now
+            self.link.tell(admin.Procs(procs=self._procs()))
 
-    @staticmethod
-    def _kill(w: ChildProcess) -> None:
-        try:
-            assert w.proc is not None
-            w.proc.kill()
-        except ProcessLookupError:
-            pass
+    def _check_gateway(self, now: float) -> None:
+        """Ping the gateway; kill one that was ready and stopped answering (hung)."""
+        assert self.link is not None
+        gw, w = self.gateway, self.cfg.workers
+        if gw.pid is None:
+            return
+        if now - self._last_ping >= w.heartbeat_interval_s:
+            self._last_ping = now
+            self.link.tell(admin.Ping())
+        silent = now - self.link.last_heard
+        if gw.was_ready and silent > w.heartbeat_interval_s * w.liveness:
+            log.error("the gateway (pid %d) answered nothing for %.1fs: killing it",
+                      gw.pid, silent)
+            _kill(gw)
+        elif not gw.was_ready and gw.uptime > self.cfg.control.start_timeout_s:
+            log.error("the gateway did not come up within %.0fs: killing it",
+                      self.cfg.control.start_timeout_s)
+            _kill(gw)
+
+    def _on_event(self, ev: admin.FromGateway) -> None:
+        """Something the gateway pushed: it is up, a worker is ready, lost or drained."""
+        match ev:
+            case admin.GatewayUp():
+                self.gateway.mark_ready()
+                self.gateway_up = ev
+            case admin.WorkerReady(worker=wid):
+                w = self._by_routing_id(wid)
+                if w is not None and w.state == "starting":
+                    w.state = "running"
+                    w.mark_ready()
+            case admin.WorkerLost(worker=wid, pid=pid, why=why):
+                w = self._by_routing_id(wid)
+                if w is not None and w.pid == pid and w.state in ("starting", "running"):
+                    log.error("%s (pid %d) is alive but the gateway declared it dead (%s): "
+                              "killing it", w.name, pid, why)
+                    _kill(w)
+            case admin.WorkerDrained(worker=wid):
+                w = self._by_routing_id(wid)
+                if w is not None:
+                    w.drained = True
+
+    def _by_routing_id(self, wid: str) -> WorkerProcess | None:
+        return next((w for w in self.workers if w.routing_id == wid), None)
+
+    def _drain_worker(self, w: WorkerProcess) -> None:
+        async def drain() -> None:
+            assert self.link is not None
+            reply = await self.link.call(admin.DrainWorker(worker=w.routing_id))
+            if reply is None or not reply.ok:     # the gateway does not know it: nothing runs
+                w.drained = True
+        asyncio.create_task(drain())
+
+    def _forget(self, w: ChildProcess, why: str) -> None:
+        if self.link is not None:
+            self.link.tell(admin.WorkerExited(worker=w.routing_id, why=why))
 
     async def _shutdown(self) -> None:
+        assert self.link is not None
         self.stopping = True
         c = self.cfg.control
         log.info("stopping: draining for up to %.1fs", c.drain_timeout_s)
         deadline = time.monotonic() + c.drain_timeout_s
-        st = await self._gateway_call({"cmd": "drain"})
-        while st and st.get("open", 0) > 0 and time.monotonic() < deadline:
+        reply = await self.link.call(admin.Drain())
+        while reply and reply.data.get("open", 0) > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            st = await self._gateway_call({"cmd": "status"})
-        if st and st.get("open", 0) > 0:
-            log.warning("drain timeout: %d request(s) still open", st["open"])
-        workers = [*self.workers.procs, *self.workers.retiring]
-        await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in workers))
+            reply = await self.link.call(admin.Status())
+        if reply and reply.data.get("open", 0) > 0:
+            log.warning("drain timeout: %d request(s) still open", reply.data["open"])
+        await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in self.workers))
         await self.gateway.stop(c.stop_timeout_s)
         log.info("all children stopped")
 
-    # ---- rolling reload -----------------------------------------------------------------
+    # ---- reload: a new desired state ----------------------------------------------------
     def start_reload(self) -> dict[str, Any]:
-        if self._reload_task is not None and not self._reload_task.done():
+        if self.reload_state.get("state") == "rolling":
             return {"ok": False, "error": "a reload is already running"}
         try:
             new = config_mod.load(self.cfg.source)
@@ -168,150 +213,120 @@ class Supervisor:
             applied["workers"] = dataclasses.replace(
                 new.workers, **{k: getattr(self.cfg.workers, k) for k in GATEWAY_WORKER_KEYS})
         target = dataclasses.replace(self.cfg, **applied)
+        if target.generation != self.cfg.generation and self.link is not None:
+            g = target.generation
+            self.link.tell(admin.SetDefaults(
+                max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
+                top_k=g.top_k, deadline_ms=g.deadline_ms, max_deadline_ms=g.max_deadline_ms))
         self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
-                             "step": "", "error": None}
-        self._reload_task = asyncio.create_task(self._roll(target))
-        return {"ok": True, **self.reload_state}
+                             "step": "", "error": None, "target": target}
+        self.rollout.want(target)
+        return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}
 
-    async def _roll(self, target: Config) -> None:
-        try:
-            if target.generation != self.cfg.generation:
-                await self._gateway_call({"cmd": "set_defaults",
-                                          "defaults": _defaults(target)})
-            old = list(self.workers.procs)
-            n = max(len(old), target.workers.count)
-            for i in range(n):
-                if i < target.workers.count:
-                    self.reload_state["step"] = f"starting new w{i}"
-                    new = WorkerProcess(f"w{i}", target)
-                    await new.start()
-                    if not await self._wait_ready(new):
-                        tail = "\n".join(list(new.tail)[-10:])
-                        await new.stop(self.cfg.control.stop_timeout_s)
-                        raise RuntimeError(f"new w{i} did not become ready; last output:\n{tail}")
-                    new.state = "running"
-                    new.mark_ready()
-                if i < len(old):
-                    self.reload_state["step"] = f"draining old w{i}"
-                    self.workers.retiring.append(old[i])
-                    idx = self.workers.procs.index(old[i])
-                    if i < target.workers.count:
-                        self.workers.procs[idx] = new
-                    else:
-                        self.workers.procs.remove(old[i])
-                    await self._retire(old[i])
-                else:
-                    self.workers.procs.append(new)
-            self.cfg = target
-            self.reload_state.update(state="done", step="")
-            log.info("reload done: %s", ", ".join(self.reload_state["changed"]) or "no change")
-        except Exception as exc:  # report it; the old workers keep serving
-            log.error("reload failed: %s", exc)
-            self.reload_state.update(state="failed", error=str(exc))
-
-    async def _wait_ready(self, w: WorkerProcess) -> bool:
-        deadline = time.monotonic() + self.cfg.workers.ready_timeout_s
-        while time.monotonic() < deadline:
-            if w.pid is None:
-                return False
-            st = await self._gateway_call({"cmd": "status"})
-            if st and any(x["pid"] == w.pid for x in st.get("workers", [])):
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    async def _wait_drained(self, w: WorkerProcess) -> None:
-        deadline = time.monotonic() + self.cfg.control.drain_timeout_s
-        while time.monotonic() < deadline:
-            st = await self._gateway_call({"cmd": "status"})
-            me = [x for x in (st or {}).get("workers", []) if x["pid"] == w.pid]
-            if not me or me[0]["inflight"] + me[0].get("parked", 0) == 0:
-                return
-            await asyncio.sleep(0.1)
-
-    async def _drain_and_stop(self, w: WorkerProcess, why: str) -> None:
-        """Take no new work to ``w``, let it finish (bounded), stop it, forget it."""
-        await self._gateway_call({"cmd": "drain_worker", "worker": w.routing_id})
-        await self._wait_drained(w)
-        await w.stop(self.cfg.control.stop_timeout_s)
-        await self._gateway_call({"cmd": "worker_exited", "worker": w.routing_id, "why": why})
-
-    async def _retire(self, w: WorkerProcess) -> None:
-        await self._drain_and_stop(w, "retired by reload")
-        self.workers.retiring.remove(w)
+    def _track_reload(self) -> None:
+        r = self.reload_state
+        if r.get("state") != "rolling":
+            return
+        r["step"] = self.rollout.step_text()
+        if self.rollout.failed:
+            r.update(state="failed", error=self.rollout.failed, step="")
+            log.error("reload failed: %s", self.rollout.failed)
+        elif self.rollout.converged:
+            self.cfg = r["target"]
+            r.update(state="done", step="")
+            log.info("reload done: %s", ", ".join(r["changed"]) or "no change")
 
     # ---- GPU memory -----------------------------------------------------------------------
     async def _watch_vram(self) -> None:
-        """Sample per-worker VRAM (NVML); act on a breach of the budget."""
+        """Sample per-worker VRAM (NVML); a breach may ask for a worker with fewer layers."""
         if self.gpu is None or not self.gpu.enforced:
             return
         # With a GPU, read the GGUF for the estimate (seconds: off the event loop).
         self.gpu = await asyncio.to_thread(gpu.GpuMonitor.for_config, self.cfg)
         while True:
-            pids = {w.name: w.pid for w in self.workers.procs}
+            pids = {w.name: w.pid for w in self.rollout.workers.values()}
             for action in await asyncio.to_thread(self.gpu.poll, pids):
-                if action.kind == "restart" and action.n_gpu_layers is not None:
-                    await self._restart_with_layers(action.worker or "", action.n_gpu_layers)
+                w = self.rollout.workers.get(action.worker or "")
+                if action.kind == "restart" and action.n_gpu_layers is not None and w:
+                    log.warning("restarting %s with n_gpu_layers=%d to get under the VRAM "
+                                "budget", w.name, action.n_gpu_layers)
+                    self.rollout.want_one(w.name, dataclasses.replace(
+                        w.cfg, model=dataclasses.replace(w.cfg.model,
+                                                         n_gpu_layers=action.n_gpu_layers)))
             await asyncio.sleep(self.cfg.gpu.sample_interval_s)
 
-    async def _restart_with_layers(self, name: str, layers: int) -> None:
-        w = next((x for x in self.workers.procs if x.name == name), None)
-        if w is None:
-            return
-        log.warning("restarting %s with n_gpu_layers=%d to get under the VRAM budget",
-                    name, layers)
-        w.cfg = dataclasses.replace(w.cfg, model=dataclasses.replace(w.cfg.model,
-                                                                      n_gpu_layers=layers))
-        await self._retire_in_place(w)
-
-    async def _retire_in_place(self, w: WorkerProcess) -> None:
-        """Drain a worker, stop it and start it again at once (not a crash)."""
-        await self._drain_and_stop(w, "restarted by the VRAM governor")
-        w.restarts += 1
-        await w.start()
-
-    # ---- the gateway's view -------------------------------------------------------------
-    async def _gateway_call(self, req: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
-        if self.gateway.pid is None or self.ctx is None:
-            return None
-        sock = self.ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(self.cfg.admin_endpoint)
-            await sock.send_json(req)
-            if await sock.poll(int(timeout * 1000)):
-                return m.parse(await sock.recv())
-            return None
-        finally:
-            sock.close(linger=0)
-
-    async def _poll_gateway(self) -> None:
-        """Keep the gateway's view here, and push the process figures there (the one
-        place that aggregates metrics)."""
-        me = psutil.Process()
+    # ---- control socket -----------------------------------------------------------------
+    async def _serve_control(self, sock: zmq.asyncio.Socket) -> None:
         while True:
-            st = await self._gateway_call({"cmd": "status"})
-            self.gw_status = st or {}
-            if st is not None:
-                procs = {
-                    "supervisor": {"pid": me.pid, "rss": me.memory_info().rss,
-                                   "cpu": me.cpu_percent(None)},
-                    "gateway": {"pid": self.gateway.pid, "rss": self.gateway.rss(),
-                                "cpu": self.gateway.cpu_percent()},
-                    "workers": [{"name": w.name, "pid": w.pid, "state": self._state_of(w),
-                                 "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
-                                 "vram_mib": self._vram_of(w)} for w in self.workers.procs],
-                    "gpu": self.gpu.last if self.gpu else None,
-                }
-                self._cpu = {"supervisor": procs["supervisor"]["cpu"],
-                             "gateway": procs["gateway"]["cpu"],
-                             **{w["name"]: w["cpu"] for w in procs["workers"]}}
-                await self._gateway_call({"cmd": "procs", "procs": procs}, timeout=0.5)
-            await asyncio.sleep(STATUS_POLL_S)
+            raw = await sock.recv()
+            try:
+                cmd = admin.decode_command(raw)
+            except admin.AdminError as exc:
+                await sock.send(admin.reply_json(False, error=str(exc)))
+                continue
+            await sock.send(admin.reply_json(**await self._command(cmd)))
 
-    def _state_of(self, w: WorkerProcess) -> str:
-        info = self._live().get(w.pid) if w.pid else None
-        if w in self.workers.retiring:
+    async def _command(self, cmd: admin.Command) -> dict[str, Any]:
+        match cmd:
+            case admin.Status():
+                assert self.link is not None
+                reply = await self.link.call(admin.Status(), timeout=0.5)
+                return {"ok": True, **self.status(reply.data if reply else {})}
+            case admin.Stop():
+                self.stop_event.set()
+                return {"ok": True, "stopping": True, "pid": os.getpid()}
+            case admin.Restart(workers=names):
+                known = {w.name for w in self.workers}
+                names = names or sorted(known)
+                if unknown := set(names) - known:
+                    return {"ok": False, "error": f"no such worker: {', '.join(sorted(unknown))}"}
+                for w in self.workers:
+                    if w.name in names:
+                        w.reset()
+                return {"ok": True, "restarted": names}
+            case admin.Reload():
+                return self.start_reload()
+        return {"ok": False, "error": f"{type(cmd).__name__} is not a command of the CLI"}
+
+    def status(self, gw: dict[str, Any]) -> dict[str, Any]:
+        """The whole picture: this process table joined with the gateway's view."""
+        live = {w["id"]: w for w in gw.get("workers", [])}
+        wm = gw.get("metrics", {}).get("workers", {})
+        workers = []
+        for w in self.workers:
+            snap = w.snapshot()
+            info = live.get(w.routing_id)
+            if info and w.state == "running":
+                snap.update({k: info[k] for k in ("slots", "credits", "inflight", "parked",
+                                                  "served", "device", "kv_store")})
+            else:
+                snap.update({"inflight": 0, "credits": 0})
+            snap["state"] = self._state_of(w, info)
+            snap["vram_mib"] = self._vram_of(w)
+            snap["cpu"] = self._cpu.get(w.name)
+            snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
+            workers.append(snap)
+        up = self.gateway_up
+        return {
+            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+            "config": self.cfg.source, "model": self.cfg.model.path,
+            "stopping": self.stopping,
+            "reload": {k: v for k, v in self.reload_state.items() if k != "target"},
+            "gpu": self.gpu.last if self.gpu else None,
+            "metrics": gw.get("metrics", {}), "free_credits": gw.get("free_credits", 0),
+            "gateway": {**self.gateway.snapshot(),
+                        "listening": gw.get("listening", up.listening if up else []),
+                        "http_listening": gw.get("http_listening",
+                                                 up.http_listening if up else []),
+                        "metrics_url": gw.get("metrics_url", ""),
+                        **{k: gw.get(k, 0) for k in ("queue", "inflight", "parked",
+                                                     "connections")},
+                        "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
+            "workers": workers,
+        }
+
+    def _state_of(self, w: WorkerProcess, info: dict[str, Any] | None) -> str:
+        if w in self.rollout.retiring:
             return "draining"
         return info["state"] if info and w.state == "running" else w.state
 
@@ -320,80 +335,30 @@ class Supervisor:
             return None
         return self.gpu.last["workers"].get(w.name)
 
-    # ---- control socket -----------------------------------------------------------------
-    async def _serve_control(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            raw = await sock.recv()
-            try:
-                reply = await self._command(m.parse(raw))
-            except m.MessageError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            await sock.send_json(reply)
-
-    async def _command(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            fresh = await self._gateway_call({"cmd": "status"}, timeout=0.5)
-            if fresh is not None:
-                self.gw_status = fresh
-            return {"ok": True, **self.status()}
-        if cmd == "stop":
-            self.stop_event.set()
-            return {"ok": True, "stopping": True, "pid": os.getpid()}
-        if cmd == "restart":
-            names = req.get("workers") or [w.name for w in self.workers.procs]
-            unknown = set(names) - {w.name for w in self.workers.procs}
-            if unknown:
-                return {"ok": False, "error": f"no such worker: {', '.join(sorted(unknown))}"}
-            for w in self.workers.procs:
-                if w.name in names:
-                    w.reset()
-            return {"ok": True, "restarted": names}
-        if cmd == "reload":
-            return self.start_reload()
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-    def status(self) -> dict[str, Any]:
-        gw = self.gw_status
-        live = self._live()
-        workers = []
-        wm = gw.get("metrics", {}).get("workers", {})
-        for w in [*self.workers.procs, *self.workers.retiring]:
-            snap = w.snapshot()
-            snap["id"] = snap.pop("name")
-            info = live.get(w.pid) if w.pid else None
-            if info and w.state == "running":
-                snap.update({k: info[k] for k in ("slots", "credits", "inflight", "served",
-                                                  "device", "kv_store")})
-            else:
-                snap.update({"inflight": 0, "credits": 0})
-            snap["state"] = self._state_of(w)
-            snap["vram_mib"] = self._vram_of(w)
-            snap["cpu"] = self._cpu.get(w.name)
-            snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
-            workers.append(snap)
-        return {
-            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
-            "config": self.cfg.source, "model": self.cfg.model.path,
-            "stopping": self.stopping, "reload": self.reload_state,
+    def _procs(self) -> dict[str, Any]:
+        """Process figures for the gateway's /metrics."""
+        me = psutil.Process()
+        procs = {
+            "supervisor": {"pid": me.pid, "rss": me.memory_info().rss,
+                           "cpu": me.cpu_percent(None)},
+            "gateway": {"pid": self.gateway.pid, "rss": self.gateway.rss(),
+                        "cpu": self.gateway.cpu_percent()},
+            "workers": [{"name": w.name, "pid": w.pid, "state": w.state,
+                         "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
+                         "vram_mib": self._vram_of(w)} for w in self.rollout.workers.values()],
             "gpu": self.gpu.last if self.gpu else None,
-            "metrics": gw.get("metrics", {}),
-            "free_credits": gw.get("free_credits", 0),
-            "gateway": {**self.gateway.snapshot(), "listening": gw.get("listening", []),
-                        "http_listening": gw.get("http_listening", []),
-                        "metrics_url": gw.get("metrics_url", ""),
-                        "queue": gw.get("queue", 0), "inflight": gw.get("inflight", 0),
-                        "parked": gw.get("parked", 0),
-                        "connections": gw.get("connections", 0),
-                        "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
-            "workers": workers,
         }
+        self._cpu = {"supervisor": procs["supervisor"]["cpu"], "gateway": procs["gateway"]["cpu"],
+                     **{w["name"]: w["cpu"] for w in procs["workers"]}}
+        return procs
 
 
-def _defaults(cfg: Config) -> dict[str, Any]:
-    g = cfg.generation
-    return {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-            "top_k": g.top_k, "deadline_ms": g.deadline_ms, "max_deadline_ms": g.max_deadline_ms}
+def _kill(w: ChildProcess) -> None:
+    try:
+        assert w.proc is not None
+        w.proc.kill()
+    except ProcessLookupError:
+        pass
 
 
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
@@ -427,7 +392,7 @@ def main(cfg: Config) -> int:
     try:
         asyncio.run(_main())
     finally:
-        for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "gateway.sock",
+        for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "link.sock",
                   cfg.run_dir / "workers.sock"):
             p.unlink(missing_ok=True)
     return 0

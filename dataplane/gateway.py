@@ -1,8 +1,13 @@
-"""The gateway: one asyncio loop, a ZeroMQ ROUTER to the workers, the client fronts.
+"""The gateway's core: every request's life, from ``submit`` to its one ending.
 
-It owns the scheduler (admission queue + credits) and every request's life: each
-accepted request ends in exactly one DONE or ERROR (``_finish``), whatever happens
-to its client or its worker.
+State and decisions, no I/O: the fronts (``tcp.py``, ``http.py``) call ``submit``,
+``cancel`` and ``grant``; the worker link (``link.py``) hands in each typed message a
+worker sent (``on_worker``), calls ``tick`` a few times a second and sends what the core
+queued (``outgoing``); the supervisor link (``admin.py``) forwards the supervisor's
+commands and takes the core's events (a worker became ready, was lost, drained).
+
+Each accepted request ends in exactly one DONE or ERROR (``_finish``), whatever happens
+to its client or its worker: finished requests ignore everything that comes later.
 """
 from __future__ import annotations
 
@@ -13,15 +18,14 @@ import time
 from collections import deque
 from typing import Any
 
-import zmq
-import zmq.asyncio
+import msgspec
 
+from llmctl.common import admin, messages as m
 from llmctl.common.config import Config
-from llmctl.common.procs import bind_private
-from llmctl.common import messages as m
 from llmctl.common.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
-                              from_code)
+                                  from_code)
 from llmctl.common.protocol import Defaults, GenerateRequest
+from llmctl.dataplane.counters import Counters
 from llmctl.dataplane.metrics import GatewayMetrics
 from llmctl.dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
 
@@ -31,9 +35,8 @@ PARKED_PER_SLOT = 8      # a worker keeps at most slots x this many parked reque
 
 
 class Gateway:
-    def __init__(self, cfg: Config, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.ctx = ctx
         self.sched = Scheduler(cfg.gateway.max_queue)
         g = cfg.generation
         self.defaults = Defaults(g.max_tokens, g.temperature, g.top_p, g.top_k, g.deadline_ms,
@@ -41,31 +44,20 @@ class Gateway:
         self.model_name = os.path.basename(cfg.model.path).removesuffix(".gguf")
         self.window = cfg.gateway.token_window
         self.interval = cfg.workers.heartbeat_interval_s
-        self.probe_interval = cfg.workers.probe_interval_s
         self._probe_params = GenerateRequest(
             prompt="Hello", messages=None, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
             seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
-        self.listening: list[str] = []        # the TCP front
-        self.http_listening: list[str] = []   # the HTTP front, when [http] enabled
+        self.counters = Counters()
+        self.metrics = GatewayMetrics()
+        self.procs: dict[str, Any] = {}       # process figures pushed by the supervisor
+        self.listening: list[str] = []        # set by main once the fronts listen
+        self.http_listening: list[str] = []
         self.metrics_url = ""
-        self.connections = 0
+        self.wake = asyncio.Event()           # the worker link has something to send
+        self.events: asyncio.Queue[admin.FromGateway] = asyncio.Queue()   # for the supervisor
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
-        self._wake = asyncio.Event()
-        self.router: zmq.asyncio.Socket | None = None
-        self.counters: dict[str, int] = dict.fromkeys((
-            "admitted", "dispatched", "done", "cancelled", "cancelled_queued",
-            "cancelled_prefill", "cancelled_decode", "expired_queued", "expired_running",
-            "requeued", "worker_failed", "slow_clients", "parked", "resumed", "probes",
-            "probes_failed",
-            "prompt_tokens", "cache_hit_tokens"), 0)
-        # Workers declared dead here, by routing id: the supervisor kills the process
-        # if it still runs (hung), then restarts it.
-        self.lost: dict[str, dict[str, Any]] = {}
-        self.metrics = GatewayMetrics()
-        self.procs: dict[str, Any] = {}     # process figures pushed by the supervisor
-        self.errors: dict[str, int] = {}
 
     # ---- the fronts' interface ------------------------------------------------------
     def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0) -> Request:
@@ -76,21 +68,21 @@ class Gateway:
         except LlmctlError as err:
             self.note_error(err)
             raise
-        self.counters["admitted"] += 1
-        self._wake.set()
+        self.counters.admitted += 1
+        self.wake.set()
         return req
 
     def note_error(self, err: LlmctlError) -> None:
         """Count an error answered to a client (by code), whichever front sent it."""
-        self.errors[err.code.value] = self.errors.get(err.code.value, 0) + 1
+        self.counters.errors[err.code.value] += 1
 
     def cancel(self, req: Request) -> None:
         """The client cancelled, or went away: DONE(cancelled), free the work."""
         if req.finished:
             return
-        self.counters["cancelled"] += 1
+        self.counters.cancelled += 1
         if not self._stop_work(req):
-            self.counters["cancelled_queued"] += 1
+            self.counters.cancelled_queued += 1
         self._finish(req, stats={"finish_reason": "cancelled", "prompt_tokens": 0,
                                  "completion_tokens": req.pieces})
 
@@ -104,14 +96,230 @@ class Gateway:
             req.park_sent = False
             if req.parked:
                 self.sched.want_resume(req)
-            self._wake.set()
+            self.wake.set()
 
+    def drain(self) -> None:
+        """A stop: admit nothing new; what runs finishes."""
+        self.sched.draining = True
+        log.info("draining: new requests are refused")
+
+    # ---- the worker link's interface --------------------------------------------------
+    def outgoing(self) -> list[tuple[str, list[bytes]]]:
+        """Everything to send to workers now, in order: resumes, control messages, the
+        token credit owed (one CREDIT per worker), then new work for free credits."""
+        out = []
+        for w, req in self.sched.take_resumes():
+            self.counters.resumed += 1
+            out.append((w.id, m.encode(m.Kind.RESUME, req.rid)))
+        while self._outbox:
+            out.append(self._outbox.popleft())
+        if self._credit:
+            credit, self._credit = self._credit, {}
+            out += [(wid, m.encode_credit(grants)) for wid, grants in credit.items()
+                    if wid in self.sched.workers]
+        for w, req in self.sched.take():
+            self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
+            self.counters.dispatched += 1
+            out.append((w.id, m.generate(req.rid, req.params.work(self.window))))
+        return out
+
+    def send(self, wid: str, frames: list[bytes]) -> None:
+        self._outbox.append((wid, frames))
+        self.wake.set()
+
+    def on_worker(self, wid: str, msg: m.FromWorker) -> None:
+        """One typed message from a worker (decoded and validated at the socket)."""
+        w = self.sched.workers.get(wid)
+        if w is not None:
+            w.last_seen = time.monotonic()
+        if isinstance(msg, m.Ready):
+            self._on_ready(wid, msg.info)
+        elif w is None:
+            if not isinstance(msg, m.Bye):   # we restarted: it must say READY again
+                log.info("message from unknown worker %s: ignored until its READY", wid)
+        elif isinstance(msg, m.Batch):
+            for item in msg.items:
+                self._on_item(w, item)
+            self.wake.set()
+        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Invalid)):
+            self._on_item(w, msg)
+            self.wake.set()
+        elif isinstance(msg, m.Bye):
+            self.worker_lost(wid, "worker left")
+
+    def _on_ready(self, wid: str, info: m.ReadyInfo) -> None:
+        requeued, failed = self.sched.add_worker(WorkerState(
+            id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
+            device=info.device, n_ctx=info.n_ctx))
+        self._fail_orphans(wid, "it restarted", requeued, failed)
+        log.info("worker %s ready (pid %d, %d slot(s))", wid, info.pid, info.slots)
+        self.events.put_nowait(admin.WorkerReady(worker=wid, pid=info.pid, slots=info.slots))
+        self.wake.set()
+
+    def _on_item(self, w: WorkerState,
+                 msg: m.Token | m.Done | m.Error | m.Parked | m.Invalid) -> None:
+        if isinstance(msg, m.Token):
+            self._on_token(w, msg)
+        elif isinstance(msg, m.Invalid):
+            self.counters.dropped_messages += 1
+            log.error("worker %s sent a malformed %s for request %d: %s", w.id, msg.kind,
+                      msg.rid, msg.why)
+            if msg.kind in ("DONE", "ERROR"):        # it ended: end it here too
+                self._on_end(w, m.Error(msg.rid, m.ErrorBody(
+                    "internal", f"the worker's answer was malformed: {msg.why}")))
+        elif isinstance(msg, m.Parked):
+            req = self.sched.park(w.id, msg.rid)
+            if req is not None:
+                self.counters.parked += 1
+                if req.stalled_since is None:   # credit came meanwhile: run it again
+                    self.sched.want_resume(req)
+        else:
+            self._on_end(w, msg)
+
+    def _on_token(self, w: WorkerState, msg: m.Token) -> None:
+        req = w.inflight.get(msg.rid)
+        if req is None or req.finished:
+            return
+        now = time.monotonic()
+        if req.t_first is None:
+            req.t_first = now
+        gap = (now - req.t_last) * 1000 if req.t_last is not None else None
+        req.t_last = now
+        if not req.internal:
+            self.metrics.on_token(w.name, gap, now)
+        req.pieces += 1
+        if req.pieces - req.granted >= self.window and req.stalled_since is None:
+            req.stalled_since = now     # the worker may send no more: paused
+        req.sink.on_token(req, msg.text)
+
+    def _on_end(self, w: WorkerState, msg: m.Done | m.Error) -> None:
+        req = self.sched.complete(w.id, msg.rid)
+        if isinstance(msg, m.Done):
+            st = msg.stats
+            if st.prefix_hashes is not None:      # what the worker's prompt cache holds
+                w.prefixes = set(st.prefix_hashes)
+            if st.kv_store is not None:
+                w.kv_store = msgspec.structs.asdict(st.kv_store)
+        if w.draining and not w.inflight and not w.parked:
+            self.events.put_nowait(admin.WorkerDrained(worker=w.id))
+        if req is None:
+            return
+        if isinstance(msg, m.Error):
+            self._finish(req, err=from_code(msg.error.code, msg.error.message,
+                                            msg.error.retry_after_ms))
+            return
+        st = msg.stats
+        if not req.internal:
+            self.counters.prompt_tokens += st.prompt_tokens
+            self.counters.cache_hit_tokens += st.cached_tokens
+        if req.finished and st.finish_reason == "cancelled" and st.phase in ("prefill", "decode"):
+            if st.phase == "prefill":
+                self.counters.cancelled_prefill += 1
+            else:
+                self.counters.cancelled_decode += 1
+        stats = msgspec.structs.asdict(st)
+        del stats["prefix_hashes"], stats["kv_store"]
+        stats["worker"] = w.name
+        self._finish(req, stats=stats)
+
+    def worker_lost(self, wid: str, why: str, tell: bool = True) -> None:
+        """A worker is gone or declared dead: re-queue what it had not started to answer,
+        fail the rest; ``tell``: the supervisor learns it (kills it if it still runs)."""
+        w = self.sched.workers.get(wid)
+        if w is not None:
+            log.warning("worker %s (pid %d) lost: %s", wid, w.pid, why)
+            if tell:
+                self.events.put_nowait(admin.WorkerLost(worker=wid, pid=w.pid, why=why))
+        requeued, failed = self.sched.remove_worker(wid)
+        self._fail_orphans(wid, why, requeued, failed)
+
+    def _fail_orphans(self, wid: str, why: str, requeued: list[Request],
+                      failed: list[Request]) -> None:
+        requeued = [r for r in requeued if not r.internal]
+        self.counters.requeued += len(requeued)
+        self.counters.worker_failed += len(failed)
+        if requeued or failed:
+            log.warning("worker %s (%s): %d request(s) re-queued, %d failed",
+                        wid, why, len(requeued), len(failed))
+        for req in failed:
+            if req.pieces:
+                msg = f"worker {wid} failed ({why}) after output began"
+            else:
+                msg = (f"worker {wid} failed ({why}); {req.attempts} worker(s) died serving "
+                       f"this request, it is not sent to another (at most {MAX_DISPATCHES})")
+            self._finish(req, err=WorkerFailed(msg))
+        self.wake.set()
+
+    def drain_worker(self, wid: str) -> bool:
+        """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle."""
+        w = self.sched.workers.get(wid)
+        if w is None:
+            return False
+        w.draining = True
+        self.send(wid, m.encode(m.Kind.DRAIN))
+        if not w.inflight and not w.parked:
+            self.events.put_nowait(admin.WorkerDrained(worker=wid))
+        return True
+
+    # ---- time -----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Deadlines, stalled streams, liveness of workers, deep probes."""
+        for req in self.sched.expire_queued(now):
+            self.counters.expired_queued += 1
+            self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
+        for req in self.sched.expired_running(now):
+            if not req.internal:
+                self.counters.expired_running += 1
+            self._stop_work(req)
+            self._finish(req, err=DeadlineExceeded("deadline passed while running"))
+        self._check_stalled(now)
+        liveness = self.interval * self.cfg.workers.liveness
+        probe_every = self.cfg.workers.probe_interval_s
+        for w in list(self.sched.workers.values()):
+            if now - w.last_seen > liveness:
+                self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
+            elif probe_every and not w.inflight and not w.draining \
+                    and now - w.last_busy >= probe_every:
+                self._probe(w)
+
+    def _check_stalled(self, now: float) -> None:
+        """Streams whose client takes no output: park them after ``park_after_s`` (their
+        slot serves others meanwhile), end them with slow_client after
+        ``slow_client_timeout_s``."""
+        g = self.cfg.gateway
+        for w in self.sched.workers.values():
+            for req in [*w.inflight.values(), *w.parked.values()]:
+                since = req.stalled_since
+                if since is None or req.finished:
+                    continue
+                if now - since >= g.slow_client_timeout_s:
+                    self.counters.slow_clients += 1
+                    log.info("stream %d took no output for %.1fs: cancelled (slow_client)",
+                             req.stream, now - since)
+                    self._stop_work(req)
+                    self._finish(req, err=SlowClient(
+                        f"the client took no output for {g.slow_client_timeout_s:g}s; "
+                        "the request was cancelled and its slot freed"))
+                elif g.park_after_s and not req.parked and not req.park_sent \
+                        and now - since >= g.park_after_s \
+                        and len(w.parked) < w.slots * PARKED_PER_SLOT:
+                    req.park_sent = True
+                    self.send(w.id, m.encode(m.Kind.PARK, req.rid))
+
+    def _probe(self, w: WorkerState) -> None:
+        """Deep probe of an idle worker: a real 1-token generation with a deadline."""
+        req = Request(params=self._probe_params, sink=_ProbeSink(self, w.id), internal=True)
+        self.sched.assign(w, req)
+        self.counters.probes += 1
+        self.send(w.id, m.generate(req.rid, req.params.work()))
+
+    # ---- endings ----------------------------------------------------------------------
     def _stop_work(self, req: Request) -> bool:
         """Take the request back from the queue or its worker; True if a worker had it."""
         if self.sched.dequeue(req):
             return False
         if req.worker is not None:
-            self._send(req.worker, m.encode(m.Kind.CANCEL, req.rid))
+            self.send(req.worker, m.encode(m.Kind.CANCEL, req.rid))
             return True
         return False
 
@@ -133,315 +341,10 @@ class Gateway:
         out = dict(stats)
         out["ttft_ms"] = round(((req.t_first or now) - req.t_admit) * 1000, 3)
         out["total_ms"] = round((now - req.t_admit) * 1000, 3)
-        out["worker"] = req.worker or stats.get("worker", "")
-        self.counters["done"] += 1
+        out["worker"] = stats.get("worker") or req.worker or ""
+        self.counters.done += 1
         self.metrics.on_done(str(out["worker"]), out, now)
         req.sink.on_done(req, out)
-
-    # ---- worker side ----------------------------------------------------------------
-    def _send(self, wid: str, frames: list[bytes]) -> None:
-        self._outbox.append((wid, frames))
-        self._wake.set()
-
-    async def _sender(self) -> None:
-        assert self.router is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            for w, req in self.sched.take_resumes():
-                self.counters["resumed"] += 1
-                await self._route(w.id, m.encode(m.Kind.RESUME, req.rid))
-            while self._outbox:
-                wid, frames = self._outbox.popleft()
-                await self._route(wid, frames)
-            if self._credit:      # all the credit a worker is owed, in one message
-                credit, self._credit = self._credit, {}
-                for wid, grants in credit.items():
-                    if wid in self.sched.workers:
-                        await self._route(wid, m.encode_credit(grants))
-            for w, req in self.sched.take():
-                self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
-                body = req.params.worker_fields()
-                body["window"] = self.cfg.gateway.token_window
-                self.counters["dispatched"] += 1
-                await self._route(w.id, m.encode(m.Kind.GENERATE, req.rid, body))
-
-    async def _route(self, wid: str, frames: list[bytes]) -> None:
-        assert self.router is not None
-        try:
-            await self.router.send_multipart([wid.encode(), *frames])
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            log.warning("worker %s is unreachable: dropping it", wid)
-            self.worker_lost(wid, "unreachable")
-
-    def worker_lost(self, wid: str, why: str) -> None:
-        w = self.sched.workers.get(wid)
-        if w is not None:
-            self.lost[wid] = {"pid": w.pid, "why": why}
-            log.warning("worker %s (pid %d) declared dead: %s", wid, w.pid, why)
-        requeued, failed = self.sched.remove_worker(wid)
-        self._fail_orphans(wid, why, requeued, failed)
-
-    def _fail_orphans(self, wid: str, why: str, requeued: list[Request],
-                      failed: list[Request]) -> None:
-        requeued = [r for r in requeued if not r.internal]
-        self.counters["requeued"] += len(requeued)
-        self.counters["worker_failed"] += len(failed)
-        if requeued or failed:
-            log.warning("worker %s lost (%s): %d request(s) re-queued, %d failed",
-                        wid, why, len(requeued), len(failed))
-        for req in failed:
-            if req.pieces:
-                msg = f"worker {wid} failed ({why}) after output began"
-            else:
-                msg = (f"worker {wid} failed ({why}); {req.attempts} worker(s) died serving "
-                       f"this request, it is not sent to another (at most {MAX_DISPATCHES})")
-            self._finish(req, err=WorkerFailed(msg))
-        self._wake.set()
-
-    async def _receiver(self) -> None:
-        assert self.router is not None
-        while True:
-            frames = await self.router.recv_multipart()
-            wid = frames[0].decode(errors="replace")
-            try:
-                msg = m.decode(frames[1:])
-                if msg.kind is m.Kind.BATCH:
-                    for sub in m.decode_batch(msg.body):
-                        self._on_worker(wid, sub)
-                else:
-                    self._on_worker(wid, msg)
-            except (m.MessageError, ValueError) as exc:
-                log.error("malformed message from worker %s: %s", wid, exc)
-
-    def _on_worker(self, wid: str, msg: m.Message) -> None:
-        w = self.sched.workers.get(wid)
-        if w is not None:
-            w.last_seen = time.monotonic()
-        kind = msg.kind
-        if kind is m.Kind.READY:
-            info = msg.json()
-            requeued, failed = self.sched.add_worker(WorkerState(
-                id=wid, slots=int(info["slots"]), name=str(info.get("name", wid)),
-                pid=int(info.get("pid", 0)),
-                model=str(info.get("model", "")), device=str(info.get("device", "cpu")),
-                n_ctx=int(info.get("n_ctx", 0))))
-            self._fail_orphans(wid, "it restarted", requeued, failed)
-            self.lost.pop(wid, None)
-            log.info("worker %s ready (pid %s, %s slot(s))", wid, info.get("pid"), info["slots"])
-            self._wake.set()
-        elif w is None:
-            if kind is not m.Kind.BYE:
-                # Traffic from a worker we do not know (we restarted): it must say READY.
-                log.info("unknown worker %s: asking it to reconnect", wid)
-        elif kind is m.Kind.TOKEN and msg.rid is not None:
-            req = w.inflight.get(msg.rid)
-            if req is not None and not req.finished:
-                now = time.monotonic()
-                if req.t_first is None:
-                    req.t_first = now
-                gap = (now - req.t_last) * 1000 if req.t_last is not None else None
-                req.t_last = now
-                if not req.internal:
-                    self.metrics.on_token(w.name, gap, now)
-                req.pieces += 1
-                if req.pieces - req.granted >= self.window and req.stalled_since is None:
-                    req.stalled_since = now     # the worker may send no more: paused
-                req.sink.on_token(req, msg.text())
-        elif kind is m.Kind.PARKED and msg.rid is not None:
-            req = self.sched.park(wid, msg.rid)
-            if req is not None:
-                self.counters["parked"] += 1
-                if req.stalled_since is None:   # credit came meanwhile: run it again
-                    self.sched.want_resume(req)
-            self._wake.set()
-        elif kind in (m.Kind.DONE, m.Kind.ERROR) and msg.rid is not None:
-            req = self.sched.complete(wid, msg.rid)
-            body = msg.json()
-            held = body.pop("prefix_hashes", None)     # what the worker's prompt cache holds
-            if isinstance(held, list):
-                w.prefixes = set(held)
-            store = body.pop("kv_store", None)
-            if isinstance(store, dict):
-                w.kv_store = store
-            if req is not None:
-                if kind is m.Kind.DONE and not req.internal:
-                    self.counters["prompt_tokens"] += int(body.get("prompt_tokens") or 0)
-                    self.counters["cache_hit_tokens"] += int(body.get("cached_tokens") or 0)
-                if req.finished and body.get("finish_reason") == "cancelled":
-                    phase = body.get("phase")   # where the worker was when it stopped
-                    if phase in ("prefill", "decode"):
-                        self.counters[f"cancelled_{phase}"] += 1
-                if kind is m.Kind.DONE:
-                    body["worker"] = w.name
-                    self._finish(req, stats=body)
-                else:
-                    self._finish(req, err=from_code(str(body.get("code")),
-                                                    str(body.get("message", ""))))
-            self._wake.set()
-        elif kind is m.Kind.BYE:
-            self.worker_lost(wid, "worker left")
-
-    async def _ticker(self) -> None:
-        """Heartbeats to workers, liveness of workers, deadlines."""
-        liveness = self.interval * self.cfg.workers.liveness
-        while True:
-            await asyncio.sleep(min(self.interval, 0.1))
-            now = time.monotonic()
-            for req in self.sched.expire_queued(now):
-                self.counters["expired_queued"] += 1
-                self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
-            for req in self.sched.expired_running(now):
-                if not req.internal:
-                    self.counters["expired_running"] += 1
-                self._stop_work(req)
-                self._finish(req, err=DeadlineExceeded("deadline passed while running"))
-            self._check_stalled(now)
-            for w in list(self.sched.workers.values()):
-                if now - w.last_seen > liveness:
-                    self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
-                elif self.probe_interval and not w.inflight and not w.draining \
-                        and now - w.last_busy >= self.probe_interval:
-                    self._probe(w)
-            if now - getattr(self, "_last_hb", 0.0) >= self.interval:
-                self._last_hb = now
-                for wid in list(self.sched.workers):
-                    self._send(wid, m.encode(m.Kind.HEARTBEAT))
-
-    def _check_stalled(self, now: float) -> None:
-        """Streams whose client takes no output: park them after ``park_after_s`` (their
-        slot serves others meanwhile), end them with slow_client after
-        ``slow_client_timeout_s``."""
-        g = self.cfg.gateway
-        for w in self.sched.workers.values():
-            for req in [*w.inflight.values(), *w.parked.values()]:
-                since = req.stalled_since
-                if since is None or req.finished:
-                    continue
-                if now - since >= g.slow_client_timeout_s:
-                    self.counters["slow_clients"] += 1
-                    log.info("stream %d took no output for %.1fs: cancelled (slow_client)",
-                             req.stream, now - since)
-                    self._stop_work(req)
-                    self._finish(req, err=SlowClient(
-                        f"the client took no output for {g.slow_client_timeout_s:g}s; "
-                        "the request was cancelled and its slot freed"))
-                elif g.park_after_s and not req.parked and not req.park_sent \
-                        and now - since >= g.park_after_s \
-                        and len(w.parked) < w.slots * PARKED_PER_SLOT:
-                    req.park_sent = True
-                    self._send(w.id, m.encode(m.Kind.PARK, req.rid))
-
-    def _probe(self, w: WorkerState) -> None:
-        """Deep probe of an idle worker: a real 1-token generation with a deadline."""
-        req = Request(params=self._probe_params, sink=_ProbeSink(self, w.id), internal=True)
-        self.sched.assign(w, req)
-        self.counters["probes"] += 1
-        self._send(w.id, m.encode(m.Kind.GENERATE, req.rid, req.params.worker_fields()))
-
-    # ---- status ---------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        return {
-            "pid": os.getpid(), "listening": self.listening,
-            "http_listening": self.http_listening, "model": self.model_name,
-            "metrics_url": self.metrics_url,
-            "draining": self.sched.draining, "queue": len(self.sched.queue),
-            "max_queue": self.sched.max_queue, "inflight": self.sched.inflight_count(),
-            "parked": self.sched.parked_count(),
-            "open": self.sched.open_count(), "connections": self.connections,
-            "counters": dict(self.counters), "errors": dict(self.errors),
-            "workers": [w.snapshot(now) for w in self.sched.workers.values()],
-            "lost": dict(self.lost),
-            "metrics": self.metrics.snapshot(now),
-            "free_credits": sum(w.available for w in self.sched.workers.values()),
-        }
-
-    def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req.get("cmd")
-        if cmd == "status":
-            return {"ok": True, **self.status()}
-        if cmd == "drain":
-            self.sched.draining = True
-            log.info("draining: new requests are refused")
-            return {"ok": True, **self.status()}
-        if cmd == "worker_exited":
-            self.worker_lost(str(req.get("worker")), str(req.get("why", "exited")))
-            self.lost.pop(str(req.get("worker")), None)   # the supervisor knows already
-            return {"ok": True}
-        if cmd == "drain_worker":
-            w = self.sched.workers.get(str(req.get("worker")))
-            if w is None:
-                return {"ok": False, "error": f"no worker {req.get('worker')!r}"}
-            w.draining = True
-            self._send(w.id, m.encode(m.Kind.DRAIN))
-            return {"ok": True, "inflight": len(w.inflight) + len(w.parked)}
-        if cmd == "procs":
-            self.procs = dict(req.get("procs", {}))
-            return {"ok": True}
-        if cmd == "set_defaults":
-            self.defaults = Defaults(**req["defaults"])
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
-
-    # ---- lifecycle ------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> None:
-        from aiohttp import web
-
-        from llmctl.dataplane.http import build_app, serve_http
-        from llmctl.dataplane.prom import add_metrics_route
-        from llmctl.dataplane.tcp import serve_tcp
-
-        router = self.ctx.socket(zmq.ROUTER)
-        admin = self.ctx.socket(zmq.REP)
-        tasks: list[asyncio.Task] = []
-        server = None
-        http = None
-        try:
-            for s in (router, admin):
-                s.setsockopt(zmq.LINGER, 0)
-            router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unroutable = error, not a drop
-            # Outbound per worker is bounded by its credits plus control messages.
-            router.setsockopt(zmq.SNDHWM, 10_000)
-            router.setsockopt(zmq.RCVHWM, 100_000)
-            bind_private(router, self.cfg.workers_endpoint)
-            self.router = router
-            server = await serve_tcp(self)
-            # One HTTP server: the OpenAI front when enabled, /metrics always.
-            app = build_app(self) if self.cfg.http.enabled else web.Application()
-            add_metrics_route(app, self)
-            http = await serve_http(self, app)
-            self.metrics_url = f"http://{self.cfg.http.host}:{self.cfg.http.port}/metrics"
-            if not self.cfg.http.enabled:
-                self.http_listening = []
-            bind_private(admin, self.cfg.admin_endpoint)
-            tasks = [asyncio.create_task(c) for c in
-                     (self._sender(), self._receiver(), self._ticker(), self._admin(admin))]
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t is not stopper and t.exception():
-                    raise t.exception()  # type: ignore[misc]
-        finally:
-            for t in tasks:
-                t.cancel()
-            if server is not None:
-                server.close()
-            if http is not None:
-                await http.cleanup()
-            router.close(linger=0)
-            admin.close(linger=0)
-
-    async def _admin(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            raw = await sock.recv()
-            try:
-                reply = self.handle_admin(m.parse(raw))
-            except m.MessageError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            await sock.send_json(reply)
 
 
 class _ProbeSink:
@@ -458,5 +361,5 @@ class _ProbeSink:
         pass
 
     def on_error(self, req: Request, err: LlmctlError) -> None:
-        self.gw.counters["probes_failed"] += 1
+        self.gw.counters.probes_failed += 1
         self.gw.worker_lost(self.wid, f"deep probe failed: {err.code.value}: {err.message}")

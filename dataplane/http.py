@@ -25,23 +25,21 @@ import math
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
                               NotReady, ShuttingDown, Unauthorized, openai_type)
 from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
+from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
 from llmctl.dataplane.transport import limit_output
-
-if TYPE_CHECKING:
-    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "LLMCTL_API_KEY"
-GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 SHUTDOWN_TIMEOUT_S = 1.0    # open responses get this long when the gateway stops
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -212,7 +210,7 @@ class _ClientGone(Exception):
 class _Exchange:
     """One generation request on its way from submit to the client."""
 
-    def __init__(self, gw: "Gateway", request: web.Request, chat: bool) -> None:
+    def __init__(self, gw: Gateway, request: web.Request, chat: bool) -> None:
         self.gw = gw
         self.request = request
         self.reply = Reply(chat, gw.model_name)
@@ -301,7 +299,7 @@ class _Exchange:
         except asyncio.TimeoutError:
             log.warning("%s: took no output for %.1fs: cancelling and disconnecting",
                         self.request.remote, timeout)
-            self.gw.counters["slow_clients"] += 1
+            self.gw.counters.slow_clients += 1
             if self.request.transport is not None:
                 self.request.transport.abort()
             raise _ClientGone() from None
@@ -334,7 +332,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=False)
 
 
-def _model_card(gw: "Gateway") -> dict[str, Any]:
+def _model_card(gw: Gateway) -> dict[str, Any]:
     return {"id": gw.model_name, "object": "model", "created": int(gw.started),
             "owned_by": "llmctl"}
 
@@ -410,7 +408,7 @@ def _middleware(key: str) -> Any:
     return errors_and_auth
 
 
-def build_app(gw: "Gateway") -> web.Application:
+def build_app(gw: Gateway) -> web.Application:
     """The OpenAI-compatible application; add routes (e.g. /metrics) before serving it.
     Routes under /v1/ need the API key when one is set; others do not."""
     app = web.Application(middlewares=[_middleware(api_key(gw.cfg.http.api_key))],
@@ -424,7 +422,7 @@ def build_app(gw: "Gateway") -> web.Application:
     return app
 
 
-async def serve_http(gw: "Gateway", app: web.Application | None = None) -> web.AppRunner:
+async def serve_http(gw: Gateway, app: web.Application | None = None) -> web.AppRunner:
     """Listen on [http] host:port; the caller stops it with ``await runner.cleanup()``."""
     cfg = gw.cfg.http
     # handler_cancellation: a client that disconnects cancels its handler, whose
@@ -437,8 +435,8 @@ async def serve_http(gw: "Gateway", app: web.Application | None = None) -> web.A
     except BaseException:
         await runner.cleanup()
         raise
-    gw.http_listening = [f"{a[0]}:{a[1]}" for a in runner.addresses]
     if cfg.enabled:
-        log.info("OpenAI-compatible HTTP API listening on %s%s", ", ".join(gw.http_listening),
+        log.info("OpenAI-compatible HTTP API listening on %s%s",
+                 ", ".join(f"{a[0]}:{a[1]}" for a in runner.addresses),
                  " (API key required)" if api_key(cfg.api_key) else "")
     return runner

@@ -1,4 +1,11 @@
-"""Gateway process entry point: owns its event loop, ZeroMQ context, signals, logging."""
+"""Gateway process entry point: owns its event loop, ZeroMQ context, signals, logging, and
+wires the core (``gateway.py``) to its links and fronts:
+
+* ``link.WorkerLink``: the ROUTER to the workers;
+* ``admin.SupervisorLink``: the DEALER to the supervisor (events, commands, pings);
+* ``tcp``: the wire protocol's front; ``http``: the OpenAI-compatible front (when
+  ``[http] enabled``) on one aiohttp server that serves ``/metrics`` (``prom``) always.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,12 +15,34 @@ import signal
 import sys
 
 import zmq.asyncio
+from aiohttp import web
 
 from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
+from llmctl.dataplane import http, prom, tcp
+from llmctl.dataplane.admin import SupervisorLink
 from llmctl.dataplane.gateway import Gateway
+from llmctl.dataplane.link import WorkerLink
 
 log = logging.getLogger(__name__)
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    ppid = os.getppid()
+    while os.getppid() == ppid:
+        await asyncio.sleep(0.5)
+    log.error("supervisor is gone: exiting")
+    stop.set()
+
+
+async def _until(stop: asyncio.Event, tasks: list[asyncio.Task]) -> None:
+    """Until ``stop`` is set or a task ends; a task's exception is raised."""
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    for t in done:
+        if t is not stopper and t.exception():
+            raise t.exception()  # type: ignore[misc]
 
 
 async def _serve(cfg: Config) -> None:
@@ -21,20 +50,37 @@ async def _serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    ppid = os.getppid()
-
-    async def watch_parent() -> None:
-        while os.getppid() == ppid:
-            await asyncio.sleep(0.5)
-        log.error("supervisor is gone: exiting")
-        stop.set()
-
-    watcher = asyncio.create_task(watch_parent())
     ctx = zmq.asyncio.Context()
+    gw = Gateway(cfg)
+    workers, supervisor = WorkerLink(gw, ctx), SupervisorLink(gw, ctx)
+    server: asyncio.AbstractServer | None = None
+    runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task] = []
     try:
-        await Gateway(cfg, ctx).run(stop)
+        workers.bind()
+        supervisor.connect()
+        server = await tcp.serve_tcp(gw)
+        gw.listening = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets]
+        # One HTTP server: the OpenAI front when enabled, /metrics always.
+        app = http.build_app(gw) if cfg.http.enabled else web.Application()
+        prom.add_metrics_route(app, gw)
+        runner = await http.serve_http(gw, app)
+        gw.http_listening = [f"{a[0]}:{a[1]}" for a in runner.addresses] if cfg.http.enabled \
+            else []
+        gw.metrics_url = f"http://{cfg.http.host}:{cfg.http.port}/metrics"
+        supervisor.up()
+        tasks = [asyncio.create_task(c) for c in
+                 (*workers.tasks(), *supervisor.tasks(), _watch_parent(stop))]
+        await _until(stop, tasks)
     finally:
-        watcher.cancel()
+        for t in tasks:
+            t.cancel()
+        if server is not None:
+            server.close()
+        if runner is not None:
+            await runner.cleanup()
+        workers.close()
+        supervisor.close()
         ctx.term()
 
 

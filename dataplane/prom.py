@@ -9,7 +9,7 @@ Every name is prefixed ``llmctl_``.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,10 +17,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.metrics import PROM_BUCKETS_S, Windowed
-
-if TYPE_CHECKING:
-    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ def _histogram(name: str, doc: str, w: Windowed) -> HistogramMetricFamily:
 
 
 class GatewayCollector:
-    def __init__(self, gw: "Gateway") -> None:
+    def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
     def collect(self) -> Iterator[Metric]:
@@ -44,10 +42,10 @@ class GatewayCollector:
         c = CounterMetricFamily("llmctl_requests", "Requests by outcome", labels=["outcome"])
         for key in ("admitted", "dispatched", "done", "cancelled", "requeued", "worker_failed",
                     "expired_queued", "expired_running"):
-            c.add_metric([key], gw.counters.get(key, 0))
+            c.add_metric([key], getattr(gw.counters, key))
         yield c
         e = CounterMetricFamily("llmctl_errors", "Errors answered, by code", labels=["code"])
-        for code, n in sorted(gw.errors.items()):
+        for code, n in sorted(gw.counters.errors.items()):
             e.add_metric([code], n)
         yield e
         yield CounterMetricFamily("llmctl_prompt_tokens", "Prompt tokens of finished requests",
@@ -60,7 +58,7 @@ class GatewayCollector:
         yield CounterMetricFamily("llmctl_streamed_tokens", "TOKEN pieces streamed to clients",
                                   value=mt.tokens_out.total)
         yield CounterMetricFamily("llmctl_slow_clients", "Clients dropped for not reading",
-                                  value=gw.counters.get("slow_clients", 0))
+                                  value=gw.counters.slow_clients)
         yield _histogram("llmctl_ttft_seconds", "Time to first token, admission to first TOKEN",
                          mt.ttft)
         yield _histogram("llmctl_request_duration_seconds", "End-to-end latency of finished "
@@ -86,7 +84,7 @@ class GatewayCollector:
         yield GaugeMetricFamily("llmctl_free_credits", "Dispatch credits not in use",
                                 value=sum(w.available for w in st.workers.values()))
         yield GaugeMetricFamily("llmctl_connections", "Open TCP client connections",
-                                value=gw.connections)
+                                value=gw.counters.connections)
         yield GaugeMetricFamily("llmctl_tokens_per_second", "Tokens streamed per second over "
                                 "the window", value=mt.tokens_out.rate())
         yield from self._processes()
@@ -107,9 +105,8 @@ class GatewayCollector:
         live = {w.name: w for w in self.gw.sched.workers.values()}
         for w in workers:
             name = w["name"]
-            # The gateway's own view is fresher than the supervisor's last push.
-            now = live[name].state if name in live and w.get("state") in ("ready", "busy",
-                                                                              "draining") \
+            # A running process: the gateway's own view (ready, busy, draining) says more.
+            now = live[name].state if name in live and w.get("state") == "running" \
                 else w.get("state")
             for s in WORKER_STATES:
                 state.add_metric([name, s], 1.0 if now == s else 0.0)
@@ -131,13 +128,13 @@ class GatewayCollector:
                                 value=float(g.get("total_mib", 0.0)) * 2 ** 20)
 
 
-def registry_for(gw: "Gateway") -> CollectorRegistry:
+def registry_for(gw: Gateway) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(GatewayCollector(gw))  # type: ignore[arg-type]
     return reg
 
 
-def add_metrics_route(app: web.Application, gw: "Gateway") -> None:
+def add_metrics_route(app: web.Application, gw: Gateway) -> None:
     registry = registry_for(gw)
 
     async def metrics(_: web.Request) -> web.Response:

@@ -4,17 +4,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmctl.common import protocol as p
 from llmctl.common.errors import (BadRequest, InternalError, LlmctlError, ProtocolError,
                               TooManyStreams, Unauthorized)
 from llmctl.common.protocol import Frame, FrameType
+from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
 from llmctl.dataplane.transport import limit_output
-
-if TYPE_CHECKING:
-    from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +24,7 @@ class _Closed(Exception):
 class Connection:
     """One client connection; the sink of its streams' output."""
 
-    def __init__(self, gw: "Gateway", reader: asyncio.StreamReader,
+    def __init__(self, gw: Gateway, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.gw = gw
         self.cfg = gw.cfg.gateway
@@ -52,7 +50,7 @@ class Connection:
             self._drop_slow_client()
 
     def _drop_slow_client(self) -> None:
-        self.gw.counters["slow_clients"] += 1
+        self.gw.counters.slow_clients += 1
         for req in list(self.streams.values()):
             self.gw.cancel(req)
         self.writer.transport.abort()
@@ -111,7 +109,7 @@ class Connection:
         return p.decode_body(body)
 
     async def run(self) -> None:
-        self.gw.connections += 1
+        self.gw.counters.connections += 1
         try:
             await self._serve()
         except Exception as exc:    # a bug: answer and log it, never a silent drop
@@ -121,7 +119,7 @@ class Connection:
             self._write(p.error(0, err))
             await self._close()
         finally:
-            self.gw.connections -= 1
+            self.gw.counters.connections -= 1
 
     async def _serve(self) -> None:
         crediter = asyncio.create_task(self._return_credit())
@@ -215,13 +213,13 @@ def _version() -> str:
         return "0"
 
 
-async def serve_tcp(gw: "Gateway") -> asyncio.AbstractServer:
+async def serve_tcp(gw: Gateway) -> asyncio.AbstractServer:
     cfg = gw.cfg.gateway
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await Connection(gw, reader, writer).run()
 
     server = await asyncio.start_server(handle, cfg.host, cfg.port, reuse_address=True)
-    gw.listening = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets]
-    log.info("binary protocol listening on %s", ", ".join(gw.listening))
+    log.info("binary protocol listening on %s",
+             ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets))
     return server

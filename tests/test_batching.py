@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmctl.common.prefix import fields_hashes, matched, prefix_hashes
+from llmctl.common.messages import work_request
+from llmctl.common.prefix import matched, prefix_hashes, request_hashes
 from llmctl.common.protocol import GenerateRequest
 from llmctl.dataplane.scheduler import Request, Scheduler, WorkerState
 from tests.service import MODEL, wait_until
@@ -231,7 +232,7 @@ def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored
     assert 0 < stored4.store.bytes <= stored4.store.limit
     # The gateway learns about stored prefixes too (cache-aware routing).
     held = set(stored4.prefixes())
-    assert all(matched(fields_hashes(f), held) == len(fields_hashes(f)) for f in prompts)
+    assert all(matched(request_hashes(work_request(f)), held) == len(request_hashes(work_request(f))) for f in prompts)
     assert_kv_consistent(stored4)
 
 
@@ -375,9 +376,9 @@ class NullSink:
 def test_prefix_hashes_agree_between_gateway_and_worker():
     msgs = (("system", SYSTEM), ("user", "hi"))
     p = params(messages=msgs)
-    assert prefix_hashes(p.prompt, p.messages) == fields_hashes(p.worker_fields())
+    assert prefix_hashes(p.prompt, p.messages) == request_hashes(p.work())
     q = params(prompt=LONG)
-    assert prefix_hashes(q.prompt) == fields_hashes(q.worker_fields())
+    assert prefix_hashes(q.prompt) == request_hashes(q.work())
     other = prefix_hashes(None, (("system", SYSTEM), ("user", "something else entirely")))
     shared = matched(other, set(prefix_hashes(None, msgs)))
     assert 0 < shared < len(other)                       # the system prompt's blocks

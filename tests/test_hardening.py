@@ -166,7 +166,7 @@ def test_run_dir_sockets_and_logs_are_private_whatever_the_umask(make_service):
     run = s.dir / "run"
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
     assert mode(run) == 0o700 and mode(run / "logs") == 0o700
-    for name in ("control.sock", "gateway.sock", "workers.sock", "supervisor.pid"):
+    for name in ("control.sock", "link.sock", "workers.sock", "supervisor.pid"):
         assert mode(run / name) == 0o600, name
     logs = list((run / "logs").iterdir())
     assert {"supervisor.log", "gateway.log", "w0.log"} <= {x.name for x in logs}
@@ -208,6 +208,7 @@ def counting(i: int) -> str:
     return ", ".join(f"{i}{k}" for k in range(1, 6)) + ","   # greedy: counts on for long
 
 
+@pytest.mark.timeout(900)      # 50 x ~300 tokens of generation before they all stall
 def test_fifty_non_reading_clients_do_not_hold_the_slots(make_service):
     s = make_service(workers={"count": 1, "slots": 8},
                      gateway={"park_after_s": 0.5, "slow_client_timeout_s": 600.0,

@@ -332,7 +332,7 @@ def test_health_is_503_when_not_ready_or_draining():
     from llmctl.dataplane.http import build_app
 
     async def main() -> list[tuple[int, dict]]:
-        gw = Gateway(Config(), ctx=None)        # no run(): no worker ever READY
+        gw = Gateway(Config())         # the core alone: no worker link, no worker ever READY
         out = []
         async with TestClient(TestServer(build_app(gw))) as c:
             for draining in (False, True):

@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.common.errors import InternalError
-from llmctl.common.prefix import fields_hashes
 from llmctl.worker import threadpool
 from llmctl.worker.kvstore import KVStore, common_prefix
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
@@ -74,7 +73,6 @@ MAX_REPORTED = 512     # prefix hashes reported to the gateway in a DONE
 @dataclass(eq=False)
 class Seq(Sequence):
     slot: "Slot | None" = None
-    hashes: tuple[int, ...] = ()
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
 
@@ -159,11 +157,6 @@ class BatchEngine(Prompting):
     def runnable(self) -> bool:
         """Is there work that a step would advance (not only paused sequences)?"""
         return any(s.prefilled < len(s.tokens) - 1 or s.window > 0 for s in self.running.values())
-
-    def prepare(self, rid: int, fields: dict[str, Any]) -> Seq:
-        seq = super().prepare(rid, fields)
-        seq.hashes = fields_hashes(fields)
-        return seq
 
     def grant(self, rid: int, n: int) -> None:
         """The client took ``n`` more TOKEN messages: the sequence may send n more."""

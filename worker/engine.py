@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from llmctl.common.errors import BadRequest
+from llmctl.common.messages import WorkRequest, work_request
+from llmctl.common.prefix import request_hashes
 from llmctl.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Sequence:
     generated: int = 0
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_done: float | None = None
+    hashes: tuple[int, ...] = ()           # prefix hashes of its prompt (routing)
 
     def __post_init__(self) -> None:
         self.n_prompt = self.n_prompt or len(self.tokens)
@@ -77,35 +80,37 @@ class Prompting:
     n_ctx: int
     seq_class: type = Sequence
 
-    def tokenize_request(self, fields: dict[str, Any]) -> list[int]:
-        model = self._model
-        messages = fields.get("messages")
-        if messages:
+    def tokenize_request(self, request: WorkRequest | Mapping[str, Any]) -> list[int]:
+        model, req = self._model, work_request(request)
+        if req.messages:
             if self._formatter is None:
                 raise BadRequest("this model has no chat template: send a prompt instead")
             try:
-                rendered = self._formatter(messages=messages)
+                rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
+                                                     for m in req.messages])
             except Exception as exc:  # jinja raises many types for bad conversations
                 raise BadRequest(f"chat template rejected the messages: {exc}") from None
             add_bos = not getattr(rendered, "added_special", False)
             return model.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
-        return model.tokenize(fields["prompt"].encode("utf-8"), add_bos=True, special=False)
+        if req.prompt is None:
+            raise BadRequest("exactly one of prompt and messages is required")
+        return model.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False)
 
-    def _sampler(self, fields: dict[str, Any]) -> Any:
-        return make_sampler(fields)
-
-    def prepare(self, rid: int, fields: dict[str, Any]) -> Any:
-        """Validate against the model and build a sequence; raises BadRequest."""
-        tokens = self.tokenize_request(fields)
+    def prepare(self, rid: int, request: WorkRequest | Mapping[str, Any]) -> Any:
+        """Validate against the model and build a sequence; raises BadRequest.  A mapping
+        (an in-process driver's fields) is validated into a WorkRequest first."""
+        req = work_request(request)
+        tokens = self.tokenize_request(req)
         if not tokens:
             raise BadRequest("the prompt is empty")
         if len(tokens) >= self.n_ctx:
             raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        max_tokens = min(int(fields["max_tokens"]), self.n_ctx - len(tokens))
-        window = int(fields.get("window") or 0) or 1 << 30
-        return self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens, window=window,
-                              sampler=self._sampler(fields),
-                              stream=TextStream(tuple(fields.get("stop") or ())))
+        max_tokens = min(req.max_tokens, self.n_ctx - len(tokens))
+        seq = self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens,
+                             window=req.window or 1 << 30, sampler=make_sampler(req),
+                             stream=TextStream(tuple(req.stop)))
+        seq.hashes = request_hashes(req)
+        return seq
 
 
 def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
@@ -123,21 +128,19 @@ def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
                                bos_token=text_of(model.token_bos()))
 
 
-def make_sampler(fields: dict[str, Any]) -> Any:
+def make_sampler(req: WorkRequest) -> Any:
     """A sampler chain: greedy at temperature 0, else top-k, top-p, temperature, dist(seed)."""
     from llama_cpp._internals import LlamaSampler
 
     sampler = LlamaSampler()
-    temp = float(fields.get("temperature", 0.0))
-    if temp <= 0.0:
+    if req.temperature <= 0.0:
         sampler.add_greedy()
     else:
-        seed = fields.get("seed")
-        if fields.get("top_k"):
-            sampler.add_top_k(int(fields["top_k"]))
-        sampler.add_top_p(float(fields.get("top_p", 1.0)), 1)
-        sampler.add_temp(temp)
-        sampler.add_dist(RANDOM_SEED if seed is None else int(seed))
+        if req.top_k:
+            sampler.add_top_k(req.top_k)
+        sampler.add_top_p(req.top_p, 1)
+        sampler.add_temp(req.temperature)
+        sampler.add_dist(RANDOM_SEED if req.seed is None else req.seed)
     return sampler
 
 

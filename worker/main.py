@@ -55,10 +55,9 @@ class Worker:
 
     def _ready_msg(self) -> list[bytes]:
         e = self.engine
-        return m.encode(m.Kind.READY, None, {
-            "worker": self.id, "name": self.id.split(".")[0], "pid": os.getpid(),
-            "slots": e.capacity, "model": e.model_name,
-            "n_ctx": e.n_ctx, "device": e.device})
+        return m.ready(m.ReadyInfo(worker=self.id, name=self.id.split(".")[0], pid=os.getpid(),
+                                   slots=e.capacity, model=e.model_name, n_ctx=e.n_ctx,
+                                   device=e.device))
 
     def run(self) -> int:
         ctx = zmq.Context()
@@ -127,52 +126,50 @@ class Worker:
 
     # ---- messages ---------------------------------------------------------------------
     def _handle(self, frames: list[bytes]) -> list[list[bytes]]:
+        """One message from the gateway, decoded and validated here, once; what to send."""
         try:
-            return self._dispatch(m.decode(frames))
-        except (m.MessageError, ValueError) as exc:
+            msg = m.from_gateway(frames)
+        except m.MessageError as exc:
             self.dropped += 1
-            log.error("dropping malformed message from gateway: %s", exc)
+            log.error("dropped a malformed message from the gateway: %s", exc)
             return []
-
-    def _dispatch(self, msg: m.Message) -> list[list[bytes]]:
-        if msg.kind is m.Kind.GENERATE and msg.rid is not None:
-            return self._generate(msg)
-        if msg.kind is m.Kind.CANCEL and msg.rid is not None:
-            ev = self.engine.cancel(msg.rid)
-            return [m.encode_batch(self._records(ev))] if ev else []
-        if msg.kind is m.Kind.CREDIT:
-            for rid, n in m.decode_credit(msg.body):
-                self.engine.grant(rid, n)
-            return []
-        if msg.kind is m.Kind.PARK and msg.rid is not None:
-            if self.engine.park(msg.rid):
-                return [m.encode_batch([(m.Kind.PARKED, msg.rid, b"")])]
-            return []
-        if msg.kind is m.Kind.RESUME and msg.rid is not None:
-            try:
-                self.engine.resume(msg.rid)
-            except LlmctlError as exc:
-                return [m.encode(m.Kind.ERROR, msg.rid, exc.to_dict())]
-            return []
-        if msg.kind is m.Kind.DRAIN:
-            self.draining = True
+        match msg:
+            case m.Generate(rid=rid, request=req):
+                return self._generate(rid, req)
+            case m.Invalid(rid=rid, why=why):
+                self.dropped += 1
+                log.error("request %d: %s", rid, why)
+                return [m.error(rid, InternalError(f"the worker got a malformed request: {why}"))]
+            case m.Cancel(rid=rid):
+                ev = self.engine.cancel(rid)
+                return [m.encode_batch(self._records(ev))] if ev else []
+            case m.Credit(grants=grants):
+                for rid, n in grants:
+                    self.engine.grant(rid, n)
+            case m.Park(rid=rid):
+                if self.engine.park(rid):
+                    return [m.encode_batch([(m.Kind.PARKED, rid, b"")])]
+            case m.Resume(rid=rid):
+                try:
+                    self.engine.resume(rid)
+                except LlmctlError as exc:
+                    return [m.error(rid, exc)]
+            case m.Drain():
+                self.draining = True
         return []  # HEARTBEAT: liveness already noted
 
-    def _generate(self, msg: m.Message) -> list[list[bytes]]:
+    def _generate(self, rid: int, req: m.WorkRequest) -> list[list[bytes]]:
         """Start a request.  Whatever goes wrong with it ends it alone, with an ERROR
         (``bad_request`` for what the model refuses, ``internal`` for anything else):
         no request can take the worker down."""
-        assert msg.rid is not None
         try:
-            seq = self.engine.prepare(msg.rid, msg.json())
-            self.engine.start(seq)
+            self.engine.start(self.engine.prepare(rid, req))
         except LlmctlError as exc:
-            return [m.encode(m.Kind.ERROR, msg.rid, exc.to_dict())]
+            return [m.error(rid, exc)]
         except Exception as exc:
-            log.exception("request %d could not be started", msg.rid)
-            err = InternalError(f"the worker could not start this request: "
-                                f"{type(exc).__name__}: {exc}")
-            return [m.encode(m.Kind.ERROR, msg.rid, err.to_dict())]
+            log.exception("request %d could not be started", rid)
+            return [m.error(rid, InternalError(f"the worker could not start this request: "
+                                               f"{type(exc).__name__}: {exc}"))]
         return []
 
     @staticmethod
@@ -182,7 +179,7 @@ class Worker:
         if ev.text:
             out.append((m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
         if ev.error is not None:
-            out.append((m.Kind.ERROR, ev.rid, m.dumps(ev.error.to_dict())))
+            out.append((m.Kind.ERROR, ev.rid, m.error(ev.rid, ev.error)[2]))
         elif ev.done is not None:
             out.append((m.Kind.DONE, ev.rid, m.dumps(ev.done)))
         return out
@@ -220,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     # Warm-up: one real token, so READY means "serves", not only "loaded".
-    warm = engine.prepare(0, {"prompt": "Hello", "max_tokens": 1, "temperature": 0.0})
+    warm = engine.prepare(0, m.WorkRequest(prompt="Hello", max_tokens=1))
     engine.start(warm)
     while engine.active is not None:
         engine.step()

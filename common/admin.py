@@ -1,0 +1,152 @@
+"""The control plane's messages, typed: CLI -> supervisor, supervisor <-> gateway.
+
+* The CLI sends a ``Command`` to the supervisor's control socket (REQ/REP,
+  ``run_dir/control.sock``) and gets a JSON object back (``reply``).
+* The supervisor and the gateway share one link (``run_dir/link.sock``): the supervisor
+  binds a ROUTER, each gateway spawn connects a DEALER.  The supervisor sends ``Command``s
+  (``Ping`` every heartbeat interval, the others when its desired state asks for them);
+  the gateway answers each with a ``Reply`` carrying the command's ``id``, and pushes
+  ``Event``s on its own: it is up, a worker is ready, lost or drained.
+
+Every message is a msgspec struct tagged by its kind and is decoded and validated once,
+where it is received (``decode_command``, ``decode_from_gateway``); a malformed one raises
+``AdminError``, and the receiver logs, counts and drops it.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class AdminError(ValueError):
+    """A control message that does not parse (a bug or a version mismatch)."""
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
+           forbid_unknown_fields=False):
+    id: int = 0            # commands: matched by their Reply; events: 0
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+class Status(_Msg, tag="status"):
+    """CLI: the whole status; supervisor -> gateway: the gateway's part of it."""
+
+
+class Stop(_Msg, tag="stop"):
+    """CLI: drain and stop everything."""
+
+
+class Restart(_Msg, tag="restart"):
+    """CLI: clear the failure history of FATAL workers (all when ``workers`` is empty)."""
+    workers: list[str] = []
+
+
+class Reload(_Msg, tag="reload"):
+    """CLI: re-read the config file and converge to it."""
+
+
+class Ping(_Msg, tag="ping"):
+    """Supervisor -> gateway, every heartbeat interval: liveness of the gateway."""
+
+
+class Drain(_Msg, tag="drain"):
+    """Supervisor -> gateway: admit nothing new (a stop)."""
+
+
+class DrainWorker(_Msg, tag="drain_worker"):
+    """Supervisor -> gateway: give ``worker`` nothing new; say WorkerDrained when it is idle."""
+    worker: str
+
+
+class WorkerExited(_Msg, tag="worker_exited"):
+    """Supervisor -> gateway: the process of ``worker`` is gone (forget it)."""
+    worker: str
+    why: str = "exited"
+
+
+class Procs(_Msg, tag="procs"):
+    """Supervisor -> gateway: process figures (states, RSS, CPU, VRAM) for /metrics."""
+    procs: dict[str, Any]
+
+
+class SetDefaults(_Msg, tag="set_defaults"):
+    """Supervisor -> gateway: new [generation] defaults (a reload)."""
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    deadline_ms: int
+    max_deadline_ms: int
+
+
+Command = Union[Status, Stop, Restart, Reload, Ping, Drain, DrainWorker, WorkerExited, Procs,
+                SetDefaults]
+CLI_COMMANDS = (Status, Stop, Restart, Reload)
+
+
+# ---- gateway -> supervisor ---------------------------------------------------------------
+
+class Reply(_Msg, tag="reply"):
+    ok: bool = True
+    error: str | None = None
+    data: dict[str, Any] = {}
+
+
+class GatewayUp(_Msg, tag="gateway_up"):
+    """The gateway listens (it is ready); its addresses."""
+    pid: int
+    listening: list[str]
+    http_listening: list[str] = []
+    metrics_url: str = ""
+
+
+class WorkerReady(_Msg, tag="worker_ready"):
+    """A worker's READY reached the gateway: it serves."""
+    worker: str
+    pid: int
+    slots: int
+
+
+class WorkerLost(_Msg, tag="worker_lost"):
+    """The gateway declared a worker dead (silent, unreachable, a failed deep probe); the
+    supervisor kills the process if it still runs (hung) and restarts it."""
+    worker: str
+    pid: int
+    why: str
+
+
+class WorkerDrained(_Msg, tag="worker_drained"):
+    """A worker told to drain holds no request any more."""
+    worker: str
+
+
+FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained]
+
+_encoder = msgspec.json.Encoder()
+_commands = msgspec.json.Decoder(Command)
+_from_gateway = msgspec.json.Decoder(FromGateway)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_command(raw: bytes) -> Command:
+    try:
+        return _commands.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise AdminError(f"not a command: {exc}") from None
+
+
+def decode_from_gateway(raw: bytes) -> FromGateway:
+    try:
+        return _from_gateway.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise AdminError(f"not a gateway message: {exc}") from None
+
+
+def reply_json(ok: bool, **data: Any) -> bytes:
+    """A reply to the CLI: a JSON object with ``ok`` first."""
+    return _encoder.encode({"ok": ok, **data})

@@ -1,0 +1,170 @@
+"""The workers' desired state, and the one mechanism that converges to it.
+
+The supervisor keeps, for every worker name (``w0``, ``w1``, ...), the config it must run.
+A reload sets a new desired config for all of them; the VRAM governor sets one worker's
+(fewer GPU layers).  ``Rollout.step()``, called on every reconcile tick, compares what
+runs with what is desired and replaces at most one worker at a time:
+
+* **surge** (a reload: no request may see a gap): start the new process beside the old
+  one, wait for its READY, then drain the old one (the gateway gives it nothing new and
+  says when it holds nothing, or ``drain_timeout_s`` passes) and stop it;
+* **in place** (the governor: the old process must free its GPU memory first): drain
+  the old one, stop it, then start the new one.
+
+A worker that is missing is started; one that is no longer wanted is drained and
+stopped.  A new process that dies or sends no READY within ``ready_timeout_s`` aborts
+a surge: the old one keeps serving, and the desired state goes back to what runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from llmctl.common.config import Config
+from llmctl.control.child import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replacement:
+    name: str
+    old: WorkerProcess | None
+    new: WorkerProcess | None
+    surge: bool
+    phase: str = "starting"        # starting | draining | stopping
+    since: float = field(default_factory=time.monotonic)
+    stopper: asyncio.Task | None = None
+
+
+class Rollout:
+    def __init__(self, cfg: Config, drain: Callable[[WorkerProcess], None],
+                 forget: Callable[[WorkerProcess, str], None]) -> None:
+        self.cfg = cfg
+        self.workers: dict[str, WorkerProcess] = {}  # name -> the process serving it
+        self.desired: dict[str, Config] = {}
+        self.in_place: set[str] = set()              # names to replace without a surge
+        self.retiring: list[WorkerProcess] = []      # old processes being drained
+        self.current: Replacement | None = None
+        self.drain, self.forget = drain, forget      # tell the gateway
+        self.failed: str | None = None               # why the last surge was aborted
+
+    # ---- what is wanted --------------------------------------------------------------
+    def want(self, cfg: Config) -> None:
+        """Every worker of ``cfg.workers.count`` on ``cfg`` (a reload), with a surge."""
+        self.desired = {f"w{i}": cfg for i in range(cfg.workers.count)}
+        self.in_place.clear()
+        self.failed = None
+
+    def want_one(self, name: str, cfg: Config) -> None:
+        """One worker on ``cfg``, replaced in place (the governor)."""
+        if name in self.desired:
+            self.desired[name] = cfg
+            self.in_place.add(name)
+
+    @property
+    def converged(self) -> bool:
+        """Every wanted worker runs its desired config and has been ready; nothing else runs."""
+        return self.current is None and not self.retiring \
+            and set(self.workers) == set(self.desired) \
+            and all(self.workers[n].cfg == c and self.workers[n].was_ready
+                    for n, c in self.desired.items())
+
+    def step_text(self) -> str:
+        r = self.current
+        return f"{r.phase} {'new' if r.phase == 'starting' else 'old'} {r.name}" if r else ""
+
+    # ---- one tick --------------------------------------------------------------------
+    async def step(self) -> None:
+        if self.current is not None:
+            await self._advance(self.current)
+            return
+        for name in sorted(set(self.workers) - set(self.desired)):     # no longer wanted
+            self.current = Replacement(name, self.workers.pop(name), None, surge=False,
+                                       phase="draining")
+            self._retire(self.current.old)
+            return
+        for name, cfg in sorted(self.desired.items()):
+            w = self.workers.get(name)
+            if w is None:
+                new = WorkerProcess(name, cfg)
+                await new.start()
+                self.workers[name] = new
+            elif w.cfg != cfg:
+                surge = name not in self.in_place
+                self.current = Replacement(name, w, None, surge=surge,
+                                           phase="starting" if surge else "draining")
+                if surge:
+                    self.current.new = WorkerProcess(name, cfg)
+                    await self.current.new.start()
+                else:
+                    self.workers.pop(name)
+                    self._retire(w)
+                return
+
+    async def _advance(self, r: Replacement) -> None:
+        c = self.cfg
+        if r.phase == "starting":
+            new = r.new
+            assert new is not None
+            if new.was_ready:
+                if r.old is not None and r.surge:
+                    self.workers[r.name] = new       # it serves; the old one goes
+                    r.phase, r.since = "draining", time.monotonic()
+                    self._retire(r.old)
+                else:
+                    self.workers[r.name] = new
+                    self._done(r)
+            elif new.pid is None or time.monotonic() - r.since > c.workers.ready_timeout_s:
+                self._abort(r, f"new {r.name} did not become ready; last output:\n"
+                               + "\n".join(list(new.tail)[-10:]))
+        elif r.phase == "draining":
+            old = r.old
+            assert old is not None
+            if old.drained or old.pid is None or \
+                    time.monotonic() - r.since > c.control.drain_timeout_s:
+                r.phase = "stopping"
+                r.stopper = asyncio.create_task(old.stop(c.control.stop_timeout_s))
+        elif r.phase == "stopping" and r.stopper is not None and r.stopper.done():
+            old = r.old
+            assert old is not None
+            self.forget(old, "retired by reload" if r.surge else "replaced in place")
+            self.retiring.remove(old)
+            if r.surge or r.name not in self.desired:
+                self._done(r)
+            else:                                    # in place: now start the new one
+                r.new = WorkerProcess(r.name, self.desired[r.name])
+                await r.new.start()
+                r.phase, r.since, r.old = "starting", time.monotonic(), None
+                self.in_place.discard(r.name)
+
+    def _retire(self, w: WorkerProcess) -> None:
+        w.drained = False
+        self.retiring.append(w)
+        self.drain(w)
+
+    def _done(self, r: Replacement) -> None:
+        log.info("%s now runs its desired config", r.name)
+        self.current = None
+
+    def _abort(self, r: Replacement, why: str) -> None:
+        log.error("%s", why)
+        assert r.new is not None
+        asyncio.create_task(r.new.stop(self.cfg.control.stop_timeout_s))
+        # What runs keeps serving, and is what is wanted now (no retry loop).
+        self.desired = {n: self.workers[n].cfg if n in self.workers else cfg
+                        for n, cfg in self.desired.items()}
+        self.failed = why
+        self.current = None
+
+    def all(self) -> list[WorkerProcess]:
+        """Every worker process, serving, starting or retiring."""
+        extra = [self.current.new] if self.current and self.current.new and \
+            self.current.new is not self.workers.get(self.current.name) else []
+        return [*self.workers.values(), *extra, *self.retiring]
+
+    def state(self) -> dict[str, Any]:
+        return {"converged": self.converged, "step": self.step_text(), "failed": self.failed}
