@@ -9,13 +9,13 @@ ready once its READY reached the gateway (matched by pid).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import time
 from typing import Any
 
+import msgspec
 import psutil
 import zmq
 import zmq.asyncio
@@ -165,9 +165,9 @@ class Supervisor:
         applied = {s: getattr(new, s) for s in ROLLING}
         if any(k.startswith("workers.") and k.split(".", 1)[1] in GATEWAY_WORKER_KEYS
                for k in not_applied):
-            applied["workers"] = dataclasses.replace(
+            applied["workers"] = msgspec.structs.replace(
                 new.workers, **{k: getattr(self.cfg.workers, k) for k in GATEWAY_WORKER_KEYS})
-        target = dataclasses.replace(self.cfg, **applied)
+        target = msgspec.structs.replace(self.cfg, **applied)
         self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
                              "step": "", "error": None}
         self._reload_task = asyncio.create_task(self._roll(target))
@@ -260,8 +260,8 @@ class Supervisor:
             return
         log.warning("restarting %s with n_gpu_layers=%d to get under the VRAM budget",
                     name, layers)
-        w.cfg = dataclasses.replace(w.cfg, model=dataclasses.replace(w.cfg.model,
-                                                                      n_gpu_layers=layers))
+        w.cfg = msgspec.structs.replace(
+            w.cfg, model=msgspec.structs.replace(w.cfg.model, n_gpu_layers=layers))
         await self._retire_in_place(w)
 
     async def _retire_in_place(self, w: WorkerProcess) -> None:
@@ -401,7 +401,7 @@ def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     changed, not_applied = [], []
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu"):
         a, b = getattr(old, section), getattr(new, section)
-        for f in dataclasses.fields(a):
+        for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
                 key = f"{section}.{f.name}"
                 changed.append(key)
