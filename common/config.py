@@ -5,21 +5,26 @@
 ``from_json``, which run the same validation).  Nothing reads configuration from
 globals.
 
-Every section is a frozen dataclass; every field carries its allowed range in its
-metadata.  Unknown sections or keys, wrong types and out-of-range values raise
-``ConfigError`` naming the file, the section and the key.
+Every section is a frozen ``msgspec.Struct`` that forbids unknown fields; every key is
+typed with its allowed range (``Annotated[int, Meta(ge=..., le=...)]``) or its choices
+(``Literal``), and documented by its ``Meta(description=...)``.  msgspec validates the
+whole tree in one place (``_build``); its errors are rewritten into ``ConfigError``
+messages naming the file, the section and the key, and what is allowed.
+
+The sections are msgspec Structs, not dataclasses: derive a changed copy with
+``msgspec.structs.replace`` and list the keys with ``msgspec.structs.fields``.
 """
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: with string annotations msgspec would
+# evaluate them through typing.get_type_hints on the first decode, which costs every
+# process several milliseconds more than evaluating them once at import.
 
-import dataclasses
-import json
 import os
-import tomllib
-from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
 
-from dataclasses import field
+import msgspec
+from msgspec import Meta
 
 DEFAULT_CONFIG_NAME = "config.toml"
 CONFIG_ENV = "LLMCTL_CONFIG"
@@ -28,130 +33,164 @@ CONFIG_ENV = "LLMCTL_CONFIG"
 # The [gpu] section's vocabulary, shared with the estimator (control/gpu_estimate.py).
 DEFAULT_BUDGET_MB = 1024
 DEFAULT_CUDA_OVERHEAD_MB = 150     # see docs/gpu.md: calibrate on the real card
+KvType = Literal["f16", "q8_0", "f32"]
 KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "f32": (1, 4)}   # (values per block, bytes per block)
-ON_BREACH = ("alert", "restart_largest")
-
-
-def _f(default: Any, lo: float | None = None, hi: float | None = None,
-       choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
-    """A dataclass field whose metadata this module checks and documents."""
-    return field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices, "doc": doc})
+OnBreach = Literal["alert", "restart_largest"]
+ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 
 
 class ConfigError(ValueError):
     """A configuration file is unreadable or one of its values is invalid."""
 
 
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    path: Annotated[str, Meta(
+        description="GGUF file; relative paths are relative to the config file")] \
+        = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    n_ctx: Annotated[int, Meta(ge=64, le=1 << 20,
+                               description="context length of every sequence (tokens)")] = 2048
+    n_gpu_layers: Annotated[int, Meta(
+        ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
+    threads: Annotated[int, Meta(
+        ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")] = 0
+    n_batch: Annotated[int, Meta(
+        ge=1, le=8192,
+        description="prefill chunk size (tokens); cancellation is checked between chunks. "
+                    "On the CPU, 64 or more goes through ggml's tiled attention kernel: faster for long "
+                    "prompts, but a prompt-cache hit is then no longer bit-identical to a miss")] = 63
+    sha256: Annotated[str, Meta(
+        description="expected sha256 of the GGUF; empty = not checked at start")] = ""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str = _f("models/SmolLM2-135M-Instruct.Q4_1.gguf",
-                   doc="GGUF file; relative paths are relative to the config file")
-    n_ctx: int = _f(2048, 64, 1 << 20, doc="context length of every sequence (tokens)")
-    n_gpu_layers: int = _f(-1, -1, 10_000, doc="layers offloaded to the GPU; -1 = all, 0 = CPU")
-    threads: int = _f(0, 0, 256, doc="CPU threads per worker; 0 = cores / workers")
-    n_batch: int = _f(63, 1, 8192, doc="prefill chunk size (tokens); cancellation is checked between chunks. "
-                      "On the CPU, 64 or more goes through ggml's tiled attention kernel: faster for long "
-                      "prompts, but a prompt-cache hit is then no longer bit-identical to a miss")
-    sha256: str = _f("", doc="expected sha256 of the GGUF; empty = not checked at start")
+class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    count: Annotated[int, Meta(ge=1, le=64, description="number of worker processes")] = 1
+    slots: Annotated[int, Meta(
+        ge=1, le=64,
+        description="concurrent sequences per worker (= its dispatch credits), batched on one model copy")] = 1
+    prompt_cache: Annotated[bool, Meta(
+        description="a free slot keeps the KV of its last sequence; a request sharing its prefix reuses it")] \
+        = True
+    prompt_cache_mib: Annotated[int, Meta(
+        ge=0, le=1 << 20,
+        description="host memory per worker for KV states saved when a slot is reused (second cache level); "
+                    "0 = none")] = 256
+    heartbeat_interval_s: Annotated[float, Meta(
+        ge=0.05, le=60.0, description="heartbeat period, both ways")] = 1.0
+    liveness: Annotated[int, Meta(
+        ge=1, le=100, description="missed heartbeat intervals before a worker is declared dead")] = 5
+    ready_timeout_s: Annotated[float, Meta(
+        ge=1.0, le=3600.0, description="time a worker may take to load and send READY")] = 120.0
+    probe_interval_s: Annotated[float, Meta(
+        ge=0.0, le=86_400.0,
+        description="an idle worker gets a deep probe (1-token generation) this often; 0 = never")] = 30.0
+    probe_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=3600.0, description="a deep probe that takes longer fails the worker")] = 10.0
 
 
-@dataclass(frozen=True)
-class WorkersConfig:
-    count: int = _f(1, 1, 64, doc="number of worker processes")
-    slots: int = _f(1, 1, 64, doc="concurrent sequences per worker (= its dispatch credits), batched on one model copy")
-    prompt_cache: bool = _f(True, doc="a free slot keeps the KV of its last sequence; a request sharing its prefix reuses it")
-    prompt_cache_mib: int = _f(256, 0, 1 << 20,
-                               doc="host memory per worker for KV states saved when a slot is reused (second cache level); 0 = none")
-    heartbeat_interval_s: float = _f(1.0, 0.05, 60.0, doc="heartbeat period, both ways")
-    liveness: int = _f(5, 1, 100, doc="missed heartbeat intervals before a worker is declared dead")
-    ready_timeout_s: float = _f(120.0, 1.0, 3600.0, doc="time a worker may take to load and send READY")
-    probe_interval_s: float = _f(30.0, 0.0, 86_400.0,
-                                 doc="an idle worker gets a deep probe (1-token generation) this often; 0 = never")
-    probe_timeout_s: float = _f(10.0, 0.1, 3600.0, doc="a deep probe that takes longer fails the worker")
+class GenerationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_tokens: Annotated[int, Meta(
+        ge=1, le=1 << 20, description="default max_tokens of a GENERATE")] = 128
+    temperature: Annotated[float, Meta(
+        ge=0.0, le=10.0, description="default sampling temperature (0 = greedy)")] = 0.7
+    top_p: Annotated[float, Meta(
+        ge=0.0, le=1.0, description="default nucleus sampling threshold")] = 0.95
+    top_k: Annotated[int, Meta(ge=0, le=100_000, description="default top-k (0 = disabled)")] = 40
+    deadline_ms: Annotated[int, Meta(
+        ge=1, le=86_400_000, description="default deadline of a request, queue time included")] = 60_000
+    max_deadline_ms: Annotated[int, Meta(
+        ge=1, le=86_400_000, description="largest deadline_ms a client may ask for")] = 600_000
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_tokens: int = _f(128, 1, 1 << 20, doc="default max_tokens of a GENERATE")
-    temperature: float = _f(0.7, 0.0, 10.0, doc="default sampling temperature (0 = greedy)")
-    top_p: float = _f(0.95, 0.0, 1.0, doc="default nucleus sampling threshold")
-    top_k: int = _f(40, 0, 100_000, doc="default top-k (0 = disabled)")
-    deadline_ms: int = _f(60_000, 1, 86_400_000, doc="default deadline of a request, queue time included")
-    max_deadline_ms: int = _f(600_000, 1, 86_400_000, doc="largest deadline_ms a client may ask for")
+class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    host: Annotated[str, Meta(description="TCP address of the binary protocol")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="TCP port of the binary protocol")] = 8080
+    max_queue: Annotated[int, Meta(
+        ge=0, le=1_000_000,
+        description="requests that may wait for a worker credit; more are 'overloaded'")] = 64
+    max_streams: Annotated[int, Meta(ge=1, le=10_000, description="open streams per connection")] = 16
+    max_frame: Annotated[int, Meta(
+        ge=64, le=1 << 30, description="largest frame accepted (bytes after the length field)")] = 1 << 20
+    handshake_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=3600.0, description="time a client has to send HELLO")] = 5.0
+    token: Annotated[str, Meta(description="if set, clients must send it in HELLO")] = ""
+    write_buffer_bytes: Annotated[int, Meta(
+        ge=1024, le=1 << 30,
+        description="per-connection write buffer (user space high-water mark and kernel SO_SNDBUF)")] \
+        = 256 * 1024
+    slow_client_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=86_400.0,
+        description="a stream whose client takes no output this long (its token window "
+                    "spent) is cancelled with ERROR slow_client and its slot freed")] = 30.0
+    park_after_s: Annotated[float, Meta(
+        ge=0.0, le=86_400.0,
+        description="a stream whose client takes no output this long is parked: its worker "
+                    "frees the slot for others and resumes it when the client reads; 0 = never")] = 1.0
+    token_window: Annotated[int, Meta(
+        ge=1, le=100_000,
+        description="TOKEN messages a worker may send ahead of what a stream's client has taken")] = 16
 
 
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str = _f("127.0.0.1", doc="TCP address of the binary protocol")
-    port: int = _f(8080, 0, 65535, doc="TCP port of the binary protocol")
-    max_queue: int = _f(64, 0, 1_000_000, doc="requests that may wait for a worker credit; more are 'overloaded'")
-    max_streams: int = _f(16, 1, 10_000, doc="open streams per connection")
-    max_frame: int = _f(1 << 20, 64, 1 << 30, doc="largest frame accepted (bytes after the length field)")
-    handshake_timeout_s: float = _f(5.0, 0.1, 3600.0, doc="time a client has to send HELLO")
-    token: str = _f("", doc="if set, clients must send it in HELLO")
-    write_buffer_bytes: int = _f(256 * 1024, 1024, 1 << 30,
-                                 doc="per-connection write buffer (user space high-water mark and kernel SO_SNDBUF)")
-    slow_client_timeout_s: float = _f(30.0, 0.1, 86_400.0,
-                                      doc="a stream whose client takes no output this long (its token window "
-                                          "spent) is cancelled with ERROR slow_client and its slot freed")
-    park_after_s: float = _f(1.0, 0.0, 86_400.0,
-                             doc="a stream whose client takes no output this long is parked: its worker "
-                                 "frees the slot for others and resumes it when the client reads; 0 = never")
-    token_window: int = _f(16, 1, 100_000,
-                           doc="TOKEN messages a worker may send ahead of what a stream's client has taken")
+class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: Annotated[bool, Meta(description="serve the OpenAI-compatible HTTP front")] = False
+    host: Annotated[str, Meta(description="HTTP address")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="HTTP port")] = 8081
+    api_key: Annotated[str, Meta(
+        description="if set, /v1 routes require `Authorization: Bearer KEY`; "
+                    "env LLMCTL_API_KEY, when set and non-empty, overrides it")] = ""
+    body_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=3600.0,
+        description="time a client has to send a request body; slower is 408")] = 10.0
 
 
-@dataclass(frozen=True)
-class HttpConfig:
-    enabled: bool = _f(False, doc="serve the OpenAI-compatible HTTP front")
-    host: str = _f("127.0.0.1", doc="HTTP address")
-    port: int = _f(8081, 0, 65535, doc="HTTP port")
-    api_key: str = _f("", doc="if set, /v1 routes require `Authorization: Bearer KEY`; "
-                              "env LLMCTL_API_KEY, when set and non-empty, overrides it")
-    body_timeout_s: float = _f(10.0, 0.1, 3600.0,
-                               doc="time a client has to send a request body; slower is 408")
+class ControlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    run_dir: Annotated[str, Meta(
+        description="pidfile, control socket and logs; relative to the config file")] = ".llmctl"
+    start_timeout_s: Annotated[float, Meta(
+        ge=1.0, le=3600.0, description="`llmctl start` waits this long for READY")] = 180.0
+    drain_timeout_s: Annotated[float, Meta(
+        ge=0.0, le=3600.0, description="time in-flight requests get to finish on stop")] = 30.0
+    stop_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=600.0, description="SIGTERM to SIGKILL grace per process")] = 5.0
+    backoff_initial_s: Annotated[float, Meta(
+        ge=0.0, le=600.0, description="first restart delay of a crashed process")] = 0.5
+    backoff_max_s: Annotated[float, Meta(ge=0.0, le=3600.0, description="largest restart delay")] = 30.0
+    stable_after_s: Annotated[float, Meta(
+        ge=0.0, le=86_400.0,
+        description="uptime after which a death no longer counts towards the backoff")] = 20.0
+    max_restarts: Annotated[int, Meta(
+        ge=1, le=1000, description="crashes within restart_window_s that make a worker FATAL")] = 5
+    restart_window_s: Annotated[float, Meta(
+        ge=1.0, le=86_400.0, description="window of the flapping guard")] = 120.0
+    log_max_bytes: Annotated[int, Meta(
+        ge=1024, le=1 << 40, description="size at which a log file rotates")] = 10 * 1024 * 1024
+    log_backups: Annotated[int, Meta(ge=0, le=100, description="rotated log files kept")] = 3
 
 
-@dataclass(frozen=True)
-class ControlConfig:
-    run_dir: str = _f(".llmctl", doc="pidfile, control socket and logs; relative to the config file")
-    start_timeout_s: float = _f(180.0, 1.0, 3600.0, doc="`llmctl start` waits this long for READY")
-    drain_timeout_s: float = _f(30.0, 0.0, 3600.0, doc="time in-flight requests get to finish on stop")
-    stop_timeout_s: float = _f(5.0, 0.1, 600.0, doc="SIGTERM to SIGKILL grace per process")
-    backoff_initial_s: float = _f(0.5, 0.0, 600.0, doc="first restart delay of a crashed process")
-    backoff_max_s: float = _f(30.0, 0.0, 3600.0, doc="largest restart delay")
-    stable_after_s: float = _f(20.0, 0.0, 86_400.0,
-                               doc="uptime after which a death no longer counts towards the backoff")
-    max_restarts: int = _f(5, 1, 1000, doc="crashes within restart_window_s that make a worker FATAL")
-    restart_window_s: float = _f(120.0, 1.0, 86_400.0, doc="window of the flapping guard")
-    log_max_bytes: int = _f(10 * 1024 * 1024, 1024, 1 << 40, doc="size at which a log file rotates")
-    log_backups: int = _f(3, 0, 100, doc="rotated log files kept")
+class GpuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    vram_budget_mb: Annotated[int, Meta(
+        ge=1, le=1 << 24,
+        description="VRAM all workers together may use (MiB, as nvidia-smi counts)")] = DEFAULT_BUDGET_MB
+    fit: Annotated[bool, Meta(
+        description="shrink workers.count, then model.n_ctx, then model.n_gpu_layers "
+                    "until the estimate fits, instead of refusing to start")] = False
+    kv_type: Annotated[KvType, Meta(
+        description="KV cache element type the estimate assumes")] = "f16"
+    compute_buffer_mb: Annotated[int, Meta(
+        ge=-1, le=1 << 20,
+        description="llama.cpp compute buffer per worker (MiB); -1 = derive from "
+                    "the model: n_ubatch x (n_vocab + n_ctx x n_head) x 4 B")] = -1
+    cuda_overhead_mb: Annotated[int, Meta(
+        ge=0, le=1 << 20,
+        description="CUDA context + cuBLAS per worker process (MiB); calibrate "
+                    "on the card (docs/gpu.md)")] = DEFAULT_CUDA_OVERHEAD_MB
+    on_breach: Annotated[OnBreach, Meta(
+        description="measured use above the budget: alert = log it; restart_largest = "
+                    "also restart the largest worker with fewer GPU layers")] = "alert"
+    sample_interval_s: Annotated[float, Meta(
+        ge=0.1, le=3600.0, description="how often the supervisor reads VRAM use")] = 2.0
 
 
-@dataclass(frozen=True)
-class GpuConfig:
-    vram_budget_mb: int = _f(DEFAULT_BUDGET_MB, 1, 1 << 24,
-                             doc="VRAM all workers together may use (MiB, as nvidia-smi counts)")
-    fit: bool = _f(False, doc="shrink workers.count, then model.n_ctx, then model.n_gpu_layers "
-                              "until the estimate fits, instead of refusing to start")
-    kv_type: str = _f("f16", choices=tuple(KV_TYPES),
-                      doc="KV cache element type the estimate assumes")
-    compute_buffer_mb: int = _f(-1, -1, 1 << 20,
-                                doc="llama.cpp compute buffer per worker (MiB); -1 = derive from "
-                                    "the model: n_ubatch x (n_vocab + n_ctx x n_head) x 4 B")
-    cuda_overhead_mb: int = _f(DEFAULT_CUDA_OVERHEAD_MB, 0, 1 << 20,
-                               doc="CUDA context + cuBLAS per worker process (MiB); calibrate "
-                                   "on the card (docs/gpu.md)")
-    on_breach: str = _f("alert", choices=ON_BREACH,
-                        doc="measured use above the budget: alert = log it; restart_largest = "
-                            "also restart the largest worker with fewer GPU layers")
-    sample_interval_s: float = _f(2.0, 0.1, 3600.0, doc="how often the supervisor reads VRAM use")
-
-
-@dataclass(frozen=True)
-class Config:
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -197,70 +236,122 @@ class Config:
         return max(1, (os.cpu_count() or 1) // self.workers.count)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        # indent=0: one line, spaced like json.dumps ('"count": 3').
+        return msgspec.json.format(msgspec.json.encode(self), indent=0).decode()
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
-        raw = json.loads(text)
-        source = raw.pop("source", "") or "<json>"
-        return _build(raw, source, base=None)
+    def from_json(cls, text: str | bytes) -> "Config":
+        try:
+            raw = msgspec.json.decode(text)
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"<json>: invalid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("<json>: expected a table at the top level")
+        source = raw.pop("source", "")
+        return _build(raw, source if source and isinstance(source, str) else "<json>", base=None)
 
 
-_SECTION_TYPES = {
-    "model": ModelConfig, "workers": WorkersConfig, "generation": GenerationConfig,
-    "gateway": GatewayConfig, "http": HttpConfig, "control": ControlConfig, "gpu": GpuConfig,
-}
+# ---- validation -------------------------------------------------------------------
+
+class _Key(msgspec.Struct, frozen=True):
+    """What one key allows, read from its annotation: the messages and the reference."""
+    kind: type                      # bool, int, float or str
+    lo: float | None
+    hi: float | None
+    choices: tuple[str, ...] | None
+    default: Any
+    doc: str
 
 
-_TYPES: dict[Any, type] = {"int": int, "float": float, "str": str, "bool": bool,
-                           int: int, float: float, str: str, bool: bool}
+@cache
+def _keys() -> dict[str, dict[str, _Key]]:
+    """section -> key -> _Key, in declaration order (built on first use, not at import)."""
+    sections: dict[str, dict[str, _Key]] = {}
+    for sec in msgspec.structs.fields(Config):
+        if not (isinstance(sec.type, type) and issubclass(sec.type, msgspec.Struct)):
+            continue                                    # source
+        keys = sections[sec.name] = {}
+        for f in msgspec.structs.fields(sec.type):
+            base, *extras = get_args(f.type) if get_origin(f.type) is Annotated else (f.type,)
+            meta = next((m for m in extras if isinstance(m, Meta)), Meta())
+            choices = get_args(base) if get_origin(base) is Literal else None
+            kind = str if choices else base
+            if kind not in (bool, int, float, str) or meta.gt is not None or meta.lt is not None \
+                    or choices and not all(isinstance(c, str) for c in choices):
+                raise TypeError(f"[{sec.name}] {f.name}: unsupported config type {f.type}")
+            keys[f.name] = _Key(kind, meta.ge, meta.le, choices, f.default, meta.description or "")
+    return sections
 
 
-def _check_value(where: str, f: dataclasses.Field, value: Any) -> Any:
-    want = _TYPES[f.type]
-    if want is bool:
+def _check_value(where: str, key: _Key, value: Any) -> None:
+    """Raise the ConfigError for ``value`` if ``key`` does not allow it."""
+    if key.kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    elif want is int:
+    elif key.kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    elif want is float:
+    elif key.kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        value = float(value)
-    elif want is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-    md = f.metadata
-    lo, hi, choices = md.get("lo"), md.get("hi"), md.get("choices")
-    if lo is not None and value < lo or hi is not None and value > hi:
+        try:
+            value = float(value)
+        except OverflowError:
+            pass                                        # a huge int: out of range below
+    elif not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    lo, hi = key.lo, key.hi
+    if lo is not None and not value >= lo or hi is not None and not value <= hi:   # nan too
         raise ConfigError(f"{where}: {value!r} is out of range [{lo}, {hi}]")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-    return value
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(key.choices)}")
+
+
+def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str) -> ConfigError:
+    """msgspec's error (``... - at `$.model.n_ctx```) as a ConfigError naming section and key.
+
+    Only the path is taken from msgspec; the message is written from the key's
+    annotation and the raw value, as ``_check_value`` words it.
+    """
+    text, sep, path = str(exc).rpartition(" - at `")
+    if not sep:
+        text, path = str(exc), "$"
+    parts = path.rstrip("`").split(".")[1:]
+    keys = _keys()
+    if not parts:
+        for name in raw:
+            if name not in keys:
+                return ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(keys)})")
+    elif parts[0] in keys and parts[0] in raw:
+        name, table = parts[0], raw[parts[0]]
+        if not isinstance(table, Mapping):
+            return ConfigError(f"{source}: [{name}] must be a table")
+        known = keys[name]
+        if len(parts) == 1:
+            for key in table:
+                if key not in known:
+                    return ConfigError(f"{source}: unknown key [{name}] {key} "
+                                       f"(known: {', '.join(known)})")
+        elif len(parts) == 2 and parts[1] in known and parts[1] in table:
+            try:
+                _check_value(f"{source}: [{name}] {parts[1]}", known[parts[1]], table[parts[1]])
+            except ConfigError as err:
+                return err
+        where = f"[{name}]" if len(parts) == 1 else f"[{name}] {'.'.join(parts[1:])}"
+        return ConfigError(f"{source}: {where}: {text}")
+    return ConfigError(f"{source}: {text}")
 
 
 def _build(raw: Mapping[str, Any], source: str, base: Path | None) -> Config:
+    """The one place a tree is decoded: msgspec validates, then the cross checks."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a table at the top level")
-    sections: dict[str, Any] = {}
-    for name in raw:
-        if name not in _SECTION_TYPES:
-            raise ConfigError(f"{source}: unknown section [{name}] "
-                              f"(known: {', '.join(_SECTION_TYPES)})")
-    for name, typ in _SECTION_TYPES.items():
-        table = raw.get(name, {})
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{source}: [{name}] must be a table")
-        known = {f.name: f for f in dataclasses.fields(typ)}
-        values: dict[str, Any] = {}
-        for key, value in table.items():
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key [{name}] {key} "
-                                  f"(known: {', '.join(known)})")
-            values[key] = _check_value(f"{source}: [{name}] {key}", known[key], value)
-        sections[name] = typ(**values)
-    cfg = Config(**sections, source=source)
+    if "source" in raw:                                 # a field of Config, not a section
+        raise ConfigError(f"{source}: unknown section [source] (known: {', '.join(_keys())})")
+    try:
+        cfg = msgspec.convert({**raw, "source": source}, Config)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, raw, source) from None
     _cross_checks(cfg)
     if base is not None:
         cfg = _resolve_paths(cfg, base)
@@ -286,11 +377,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         path = Path(p).expanduser()
         return str(path if path.is_absolute() else (base / path).resolve())
 
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
-        control=dataclasses.replace(cfg.control, run_dir=absolute(cfg.control.run_dir)),
-    )
+    replace = msgspec.structs.replace
+    return replace(cfg, model=replace(cfg.model, path=absolute(cfg.model.path)),
+                   control=replace(cfg.control, run_dir=absolute(cfg.control.run_dir)))
 
 
 def default_path() -> Path:
@@ -305,16 +394,13 @@ def load(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
     try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raw = msgspec.toml.decode(data)                 # imports tomllib only here
+    except msgspec.DecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
     return _build(raw, str(p), base=p.resolve().parent)
 
 
 def reference() -> list[tuple[str, str, Any, str]]:
     """(section, key, default, doc) for every key: the README's config reference."""
-    rows = []
-    for name, typ in _SECTION_TYPES.items():
-        for f in dataclasses.fields(typ):
-            rows.append((name, f.name, f.default, f.metadata.get("doc", "")))
-    return rows
+    return [(name, key, k.default, k.doc)
+            for name, keys in _keys().items() for key, k in keys.items()]

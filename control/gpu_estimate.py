@@ -42,13 +42,14 @@ padding of n_ctx (none for multiples of 256), per-layer head counts (the maximum
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
+
+import msgspec
 
 from llmctl.common.config import DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, KV_TYPES
 
@@ -350,9 +351,9 @@ class Plan:
 
     def apply(self, cfg: Any) -> Any:
         """The config with the plan's workers.count, model.n_ctx and model.n_gpu_layers."""
-        return dataclasses.replace(
-            cfg, workers=dataclasses.replace(cfg.workers, count=self.workers),
-            model=dataclasses.replace(cfg.model, n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers))
+        replace = msgspec.structs.replace
+        return replace(cfg, workers=replace(cfg.workers, count=self.workers),
+                       model=replace(cfg.model, n_ctx=self.n_ctx, n_gpu_layers=self.n_gpu_layers))
 
 
 def _shrink(start: int, candidates: Iterable[int], fits) -> int:

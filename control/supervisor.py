@@ -16,13 +16,13 @@ each on its desired config).  Every tick the loop compares that with what runs:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import time
 from typing import Any
 
+import msgspec
 import psutil
 import zmq
 import zmq.asyncio
@@ -210,9 +210,9 @@ class Supervisor:
         applied = {s: getattr(new, s) for s in ROLLING}
         if any(k.startswith("workers.") and k.split(".", 1)[1] in GATEWAY_WORKER_KEYS
                for k in not_applied):
-            applied["workers"] = dataclasses.replace(
+            applied["workers"] = msgspec.structs.replace(
                 new.workers, **{k: getattr(self.cfg.workers, k) for k in GATEWAY_WORKER_KEYS})
-        target = dataclasses.replace(self.cfg, **applied)
+        target = msgspec.structs.replace(self.cfg, **applied)
         if target.generation != self.cfg.generation and self.link is not None:
             g = target.generation
             self.link.tell(admin.SetDefaults(
@@ -250,9 +250,9 @@ class Supervisor:
                 if action.kind == "restart" and action.n_gpu_layers is not None and w:
                     log.warning("restarting %s with n_gpu_layers=%d to get under the VRAM "
                                 "budget", w.name, action.n_gpu_layers)
-                    self.rollout.want_one(w.name, dataclasses.replace(
-                        w.cfg, model=dataclasses.replace(w.cfg.model,
-                                                         n_gpu_layers=action.n_gpu_layers)))
+                    self.rollout.want_one(w.name, msgspec.structs.replace(
+                        w.cfg, model=msgspec.structs.replace(
+                            w.cfg.model, n_gpu_layers=action.n_gpu_layers)))
             await asyncio.sleep(self.cfg.gpu.sample_interval_s)
 
     # ---- control socket -----------------------------------------------------------------
@@ -366,7 +366,7 @@ def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     changed, not_applied = [], []
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu"):
         a, b = getattr(old, section), getattr(new, section)
-        for f in dataclasses.fields(a):
+        for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
                 key = f"{section}.{f.name}"
                 changed.append(key)

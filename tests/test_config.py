@@ -1,9 +1,10 @@
 """Config: one frozen typed tree, errors that name the file, section and key."""
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from llmctl.common import config
@@ -32,7 +33,7 @@ def test_defaults_and_relative_paths(tmp_path):
 
 
 def test_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         Config().gateway.port = 1  # type: ignore[misc]
 
 
@@ -81,3 +82,141 @@ def test_readme_config_reference_is_current():
     assert config_doc.updated(text) == text, "run `python -m llmctl.tools.config_doc`"
     for _, key, _, _ in config.reference():
         assert f"`{key}`" in text
+
+
+# ---- what msgspec does for the tree --------------------------------------------------------
+
+SECTIONS = [f.name for f in msgspec.structs.fields(Config) if f.name != "source"]
+
+
+def keys_of(section: str) -> list[str]:
+    return [key for sec, key, _, _ in config.reference() if sec == section]
+
+
+def test_every_section_is_a_frozen_strict_keyword_only_struct():
+    assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu"]
+    cfg = Config()
+    for part in [cfg, *(getattr(cfg, name) for name in SECTIONS)]:
+        conf = type(part).__struct_config__
+        assert conf.frozen and conf.forbid_unknown_fields, type(part)
+        first = msgspec.structs.fields(part)[0].name
+        with pytest.raises(AttributeError):
+            setattr(part, first, getattr(part, first))
+        with pytest.raises(TypeError):                  # kw_only
+            type(part)(getattr(part, first))
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_unknown_key_in_every_section(tmp_path, section):
+    path = write(tmp_path, f"[{section}]\nnope = 1\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load(path)
+    assert str(exc.value) == (f"{path}: unknown key [{section}] nope "
+                              f"(known: {', '.join(keys_of(section))})")
+
+
+def test_exact_messages(tmp_path):
+    cases = {
+        "[model]\nn_ctx = 32\n": "[model] n_ctx: 32 is out of range [64, 1048576]",
+        "[model]\nn_ctx = 'x'\n": "[model] n_ctx: expected an integer, got 'x'",
+        "[workers]\nheartbeat_interval_s = 100\n":
+            "[workers] heartbeat_interval_s: 100.0 is out of range [0.05, 60.0]",
+        "[workers]\nheartbeat_interval_s = nan\n":
+            "[workers] heartbeat_interval_s: nan is out of range [0.05, 60.0]",
+        "[gpu]\nkv_type = 'q4_0'\n": "[gpu] kv_type: 'q4_0' is not one of f16, q8_0, f32",
+        "[gpu]\nkv_type = 3\n": "[gpu] kv_type: expected a string, got 3",
+        "[gateway]\nport = 99999999999999999999\n":
+            "[gateway] port: 99999999999999999999 is out of range [0, 65535]",
+        "[[model]]\n": "[model] must be a table",
+        "source = 'x'\n": "unknown section [source] (known: " + ", ".join(SECTIONS) + ")",
+        "x = 1\n": "unknown section [x] (known: " + ", ".join(SECTIONS) + ")",
+    }
+    for text, message in cases.items():
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as exc:
+            config.load(path)
+        assert str(exc.value) == f"{path}: {message}", text
+
+
+WRONG = {bool: ("'yes'", "expected true or false, got 'yes'"),
+         int: ("1.5", "expected an integer, got 1.5"),
+         float: ("'x'", "expected a number, got 'x'"),
+         str: ("[1]", "expected a string, got [1]")}
+
+
+def test_a_wrong_type_in_any_nested_key_names_section_and_key(tmp_path):
+    for section, key, default, _ in config.reference():
+        value, message = WRONG[type(default)]
+        path = write(tmp_path, f"[{section}]\n{key} = {value}\n")
+        with pytest.raises(ConfigError) as exc:
+            config.load(path)
+        assert str(exc.value) == f"{path}: [{section}] {key}: {message}"
+
+
+def test_every_range_bound_is_enforced_as_written():
+    """msgspec enforces exactly the [lo, hi] that the messages (and _keys) report."""
+    cfg = Config()
+    for section, key, _, _ in config.reference():
+        k, typ = config._keys()[section][key], type(getattr(cfg, section))
+        if k.lo is None:
+            continue
+        step = 1 if k.kind is int else 1e-9
+        for inside in (k.lo, k.hi):
+            assert getattr(msgspec.convert({key: inside}, typ), key) == inside
+        for outside in (k.lo - step, k.hi + step):
+            with pytest.raises(ConfigError) as exc:
+                Config.from_json(json.dumps({section: {key: outside}}))
+            assert str(exc.value) == f"<json>: [{section}] {key}: {outside!r} is out of range " \
+                                     f"[{k.lo}, {k.hi}]"
+
+
+def test_round_trip_to_json_from_json_equals_the_original(tmp_path):
+    cfg = config.load(write(tmp_path, """
+[model]
+path = "m.gguf"
+n_ctx = 4096
+[workers]
+count = 3
+prompt_cache = false
+heartbeat_interval_s = 2
+[generation]
+temperature = 0.0
+[gateway]
+token = "s3cr\u00e9t \\\" quoted"
+[http]
+enabled = true
+port = 0
+[control]
+run_dir = "run"
+backoff_max_s = 60
+[gpu]
+kv_type = "q8_0"
+on_breach = "restart_largest"
+"""))
+    assert all(getattr(cfg, name) != getattr(Config(), name) for name in SECTIONS)
+    again = Config.from_json(cfg.to_json())
+    assert again == cfg and again.source == str(tmp_path / "c.toml")
+    assert isinstance(again.workers.heartbeat_interval_s, float)
+    assert Config.from_json(Config().to_json()) == msgspec.structs.replace(Config(), source="<json>")
+
+
+def test_from_json_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="<json>: invalid JSON"):
+        Config.from_json("{not json")
+    with pytest.raises(ConfigError, match="<json>: expected a table at the top level"):
+        Config.from_json("[1, 2]")
+    with pytest.raises(ConfigError, match=r"<json>: unknown key \[http\] prot"):
+        Config.from_json('{"http": {"prot": 1}}')
+
+
+def test_choices_are_the_estimators_vocabulary():
+    assert config.ON_BREACH == ("alert", "restart_largest")
+    assert config._keys()["gpu"]["kv_type"].choices == tuple(config.KV_TYPES)
+    assert config._keys()["gpu"]["on_breach"].choices == config.ON_BREACH
+
+
+def test_replace_and_fields_work_on_the_tree():
+    cfg = Config()
+    new = msgspec.structs.replace(cfg, workers=msgspec.structs.replace(cfg.workers, count=2))
+    assert new.workers.count == 2 and cfg.workers.count == 1 and new.model is cfg.model
+    assert [f.name for f in msgspec.structs.fields(cfg.workers)] == keys_of("workers")

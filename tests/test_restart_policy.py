@@ -1,9 +1,10 @@
 """The restart policy of a supervised process (control/child.py), as pure state."""
 from __future__ import annotations
 
-import dataclasses
 import time
 import types
+
+from msgspec.structs import replace
 
 from llmctl.control.child import ChildProcess
 from llmctl.common.config import Config
@@ -11,8 +12,7 @@ from llmctl.common.config import Config
 
 def child(tmp_path, **control) -> ChildProcess:
     cfg = Config()
-    cfg = dataclasses.replace(cfg, control=dataclasses.replace(
-        cfg.control, run_dir=str(tmp_path), **control))
+    cfg = replace(cfg, control=replace(cfg.control, run_dir=str(tmp_path), **control))
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     return ChildProcess("w0", cfg)
 
