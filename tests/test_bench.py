@@ -18,14 +18,14 @@ from llmctl.tools.bench_stats import RequestRecord, compare, percentile, summari
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
 def test_percentile_matches_numpy_on_known_data(q):
     data = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, 5.0, 3.0, 5.0]
-    assert percentile(data, q) == np.percentile(data, q, method="linear")
+    assert percentile(data, q) == np.percentile(data, q, method="inverted_cdf")
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200),
        st.floats(0, 100))
 def test_percentile_matches_numpy_bit_for_bit(values, q):
-    assert percentile(values, q) == np.percentile(values, q, method="linear")
+    assert percentile(values, q) == np.percentile(values, q, method="inverted_cdf")
 
 
 def test_summary_arithmetic_on_synthetic_records():
