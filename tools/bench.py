@@ -1,161 +1,55 @@
-"""A load generator for llmctl and any OpenAI-compatible server (docs/benchmarks.md).
+"""The load generator of llmctl, for llmctl and any OpenAI-compatible server (docs/benchmarks.md).
 
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --clients 1,2,4,8 --requests 32 \
         --max-tokens 64 --json bench.json --plot bench.png
     python -m llmctl.tools.bench --target http://127.0.0.1:8090/v1 --rate 2 --duration 60
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
 
-Closed loop by default: N clients each send a request, wait for its end, send the next.
-``--rate R`` is open loop instead: Poisson arrivals at R requests/s, however many are in flight.
+(``llmctl bench ...`` is the same command.) Closed loop by default: N clients each send a
+request, wait for its end, send the next. ``--rate R`` is open loop instead: Poisson
+arrivals at R requests/s, however many are in flight.
 Each point first runs ``--warmup`` requests at its concurrency, left out of the figures.
 Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``http://HOST:PORT/v1`` (OpenAI API),
-``bare:MODEL.gguf`` (llama-cpp-python in this process, see tools/bare_llama.py).
+``bare:MODEL.gguf?threads=N`` (llama-cpp-python in this process, see tools/bare_llama.py).
+Percentiles are nearest-rank (``common.stats``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
-import itertools
 import json
 import os
-import platform
-import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from llmctl.tools.bench_stats import OVERLOADED, RequestRecord, compare, summarize, wall_time
-from llmctl.tools.bench_targets import Target, make_target
+from llmctl.common.client import now
+from llmctl.tools.bare_llama import BareLlamaTarget
+from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
+from llmctl.tools.bench_report import machine_info, plot, print_report
+from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
+from llmctl.tools.bench_targets import HttpTarget, Target, TcpTarget
 
-now = time.perf_counter
-
-BUILTIN_PROMPTS: list[dict[str, Any]] = [
-    {"prompt": "Once upon a time, in a small village by the sea,"},
-    {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
-    {"prompt": "The three most important ideas in computer science are"},
-    {"messages": [{"role": "system", "content": "You are a concise assistant."},
-                  {"role": "user", "content": "Explain how a hash table works."}]},
-    {"prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"},
-    {"messages": [{"role": "user", "content": "Write a haiku about autumn leaves."}]},
-    {"prompt": "Recipe for a simple tomato soup. Ingredients:"},
-    {"messages": [{"role": "user", "content":
-                   "Summarise the plot of Romeo and Juliet in a few sentences, then list its "
-                   "main characters and say in one line what each of them wants."}]},
-    {"prompt": "Q: Why is the sky blue?\nA:"},
-    {"messages": [{"role": "user", "content": "Give me five tips to sleep better."}]},
-]
+__all__ = ["BUILTIN_PROMPTS", "Workload", "closed_loop", "open_loop", "load_prompts", "main",
+           "make_target"]
 
 
-# ---- workload ------------------------------------------------------------------------------
-
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """JSONL: one ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}...]}`` a line.
-
-    Blank lines and lines starting with ``#`` are skipped; other keys are kept and sent.
-    """
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        has_p, has_m = isinstance(obj.get("prompt"), str), obj.get("messages") is not None
-        if has_p == has_m:
-            raise ValueError(f"{path}:{n}: needs exactly one of a string \"prompt\" and \"messages\"")
-        if has_m and not (isinstance(obj["messages"], list) and obj["messages"] and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in obj["messages"])):
-            raise ValueError(f"{path}:{n}: messages must be a non-empty list of "
-                             "{\"role\": str, \"content\": str}")
-        out.append(obj)
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
-
-
-class Workload:
-    """Request i of a point: prompt i mod len(prompts), with the run's generation settings."""
-
-    def __init__(self, prompts: list[dict[str, Any]], max_tokens: int, temperature: float | None,
-                 seed: int | None = None, ignore_eos: bool = False) -> None:
-        self.prompts, self.max_tokens, self.temperature = prompts, max_tokens, temperature
-        self.seed, self.ignore_eos = seed, ignore_eos
-
-    def spec(self, i: int) -> dict[str, Any]:
-        spec = dict(self.prompts[i % len(self.prompts)])
-        spec["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            spec["temperature"] = self.temperature
-        if self.seed is not None:
-            spec["seed"] = (self.seed + i) & 0xFFFFFFFF
-        if self.ignore_eos:
-            spec["ignore_eos"] = True
-        return spec
+def make_target(url: str, **options: Any) -> Target:
+    scheme = urlsplit(url).scheme
+    if scheme == "tcp":
+        return TcpTarget(url, token=options.get("token"), timeout=options.get("timeout", 300.0))
+    if scheme in ("http", "https"):
+        return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
+                          api_key=options.get("api_key"))
+    if scheme == "bare":
+        return BareLlamaTarget.from_url(url)      # imports llama_cpp only when opened
+    raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
+                     "or bare:MODEL.gguf")
 
 
 # ---- running a point --------------------------------------------------------------------
-
-async def closed_loop(target: Target, work: Workload, clients: int, requests: int | None,
-                      duration: float | None, on_done: Callable[[RequestRecord], None],
-                      first_index: int = 0) -> list[RequestRecord]:
-    """``clients`` concurrent senders, back to back, until ``requests`` or ``duration``."""
-    counter = itertools.count()
-    records: list[RequestRecord] = []
-    deadline = now() + duration if duration else None
-
-    async def client() -> None:
-        while True:
-            if deadline is not None and now() >= deadline:
-                return
-            i = next(counter)
-            if requests is not None and i >= requests:
-                return
-            rec = await target.request(i, work.spec(first_index + i))
-            records.append(rec)
-            on_done(rec)
-            if rec.error == OVERLOADED:   # a polite client backs off as it is told to
-                await asyncio.sleep(min((rec.retry_after_ms or 100) / 1000, 1.0))
-            elif rec.error in ("connect_failed", "not_ready"):
-                await asyncio.sleep(0.1 if rec.error == "connect_failed" else 0.25)
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return sorted(records, key=lambda r: r.index)
-
-
-async def open_loop(target: Target, work: Workload, rate: float, requests: int | None,
-                    duration: float | None, on_done: Callable[[RequestRecord], None],
-                    seed: int = 0) -> list[RequestRecord]:
-    """Poisson arrivals at ``rate``/s, each sent at its scheduled time whatever is in flight."""
-    rng = random.Random(seed)
-    records: list[RequestRecord] = []
-    tasks = []
-
-    async def one(i: int) -> None:
-        rec = await target.request(i, work.spec(i))
-        records.append(rec)
-        on_done(rec)
-
-    t0 = now()
-    t_next = t0
-    for i in itertools.count():
-        if requests is not None and i >= requests:
-            break
-        if duration is not None and t_next - t0 >= duration:
-            break
-        delay = t_next - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-        t_next += rng.expovariate(rate)
-    await asyncio.gather(*tasks)
-    return sorted(records, key=lambda r: r.index)
-
 
 async def run_point(target: Target, work: Workload, args: argparse.Namespace, clients: int,
                     rate: float | None, progress: "Progress") -> dict[str, Any]:
@@ -245,30 +139,6 @@ class Progress:
 
 # ---- the run ---------------------------------------------------------------------------
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu_model": cpu, "logical_cpus": os.cpu_count(),
-                            "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["cores"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        info["cores"] = os.cpu_count()
-    try:
-        import psutil
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    return info
-
-
 def points_of(args: argparse.Namespace) -> list[tuple[int, float | None]]:
     if args.rate:
         return [(1, r) for r in args.rate]
@@ -314,77 +184,6 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
     return result
 
 
-# ---- output ----------------------------------------------------------------------------
-
-def _f(v: float | None, fmt: str = "{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def print_report(result: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    console = console or Console()
-    m = result["machine"]
-    cfg = result["config"]
-    table = Table(title=f"llmctl bench: {cfg['max_tokens']} max tokens, {cfg['mode']} loop - "
-                        f"{m['cpu_model']}, {m['cores']} cores")
-    for col in ("target", "clients" if cfg["mode"] == "closed" else "rate/s", "ok", "errors",
-                "tok/s", "req/s", "tok/req", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-                "E2E p50", "E2E p95", "E2E p99"):
-        table.add_column(col, justify="left" if col == "target" else "right")
-    for p in result["points"]:
-        s = p["summary"]
-        errs = ", ".join(f"{k}:{v}" for k, v in s["errors"].items()) or "0"
-        table.add_row(p["target"], str(p["clients"] if p["rate"] is None else p["rate"]),
-                      str(s["ok"]), errs, _f(s["tokens_per_s"]), _f(s["requests_per_s"], "{:.2f}"),
-                      _f(s["tokens_per_request"]), _f(s["ttft_ms"]["p50"]), _f(s["ttft_ms"]["p99"]),
-                      _f(s["itl_pooled_ms"]["p50"]), _f(s["itl_pooled_ms"]["p99"]),
-                      _f(s["e2e_ms"]["p50"]), _f(s["e2e_ms"]["p95"]), _f(s["e2e_ms"]["p99"]))
-    console.print(table)
-    console.print("latencies in ms; ITL over all gaps between output pieces; "
-                  "tok/s and req/s count successful requests over the measured wall time")
-    if result.get("comparisons"):
-        ct = Table(title="ratios a/b")
-        for col in ("point", "tok/s", "req/s", "TTFT p50", "E2E p50", "E2E p99"):
-            ct.add_column(col, justify="right")
-        for c in result["comparisons"]:
-            r = c["ratios"]
-            ct.add_row(f"clients={c['clients']}" if c["rate"] is None else f"rate={c['rate']:g}",
-                       *(_f(r[k], "{:.2f}") for k in ("tokens_per_s", "requests_per_s",
-                                                      "ttft_p50", "e2e_p50", "e2e_p99")))
-        console.print(ct)
-        console.print(f"a = {result['comparisons'][0]['a']}, b = {result['comparisons'][0]['b']}")
-
-
-def plot(result: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    closed = result["config"]["mode"] == "closed"
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for url in result["config"]["targets"]:
-        pts = [p for p in result["points"] if p["target"] == url]
-        xs = [p["clients"] if closed else p["rate"] for p in pts]
-        for key, label, style in (("e2e_ms", "E2E", "-"), ("ttft_ms", "TTFT", ":")):
-            for q, marker in (("p50", "o"), ("p99", "^")):
-                lat.plot(xs, [p["summary"][key][q] for p in pts], style, marker=marker,
-                         label=f"{url} {label} {q}")
-        thr.plot(xs, [p["summary"]["tokens_per_s"] for p in pts], "-o", label=url)
-    xlabel = "concurrent clients" if closed else "offered load (requests/s)"
-    lat.set(xlabel=xlabel, ylabel="latency (ms)", title="latency")
-    thr.set(xlabel=xlabel, ylabel="tokens/s", title="throughput")
-    thr.set_ylim(bottom=0)
-    lat.set_ylim(bottom=0)
-    lat.legend(fontsize=6)
-    thr.legend(fontsize=6)
-    m = result["machine"]
-    fig.suptitle(f"{result['config']['max_tokens']} max tokens - {m['cpu_model']}, "
-                 f"{m['cores']} cores", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---- the command ---------------------------------------------------------------------------
 
 def _list(kind: type) -> Callable[[str], list]:
@@ -399,14 +198,13 @@ def _list(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def build_parser(prog: str = "python -m llmctl.tools.bench", target: bool = True) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    if target:
-        ap.add_argument("--target", required=True,
-                        help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
-        ap.add_argument("--compare", metavar="TARGET2",
-                        help="run the same workload against TARGET2 too, alternating points")
+    ap.add_argument("--target", required=True,
+                    help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
+    ap.add_argument("--compare", metavar="TARGET2",
+                    help="run the same workload against TARGET2 too, alternating points")
     ap.add_argument("--clients", type=_list(int), default=[1], metavar="N[,N...]",
                     help="concurrent clients (closed loop); several make a sweep (default 1)")
     ap.add_argument("--rate", type=_list(float), default=None, metavar="R[,R...]",
