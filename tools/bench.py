@@ -4,10 +4,15 @@
         --max-tokens 64 --json bench.json --plot bench.png
     python -m llmctl.tools.bench --target http://127.0.0.1:8090/v1 --rate 2 --duration 60
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
+    python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --overload 4 --duration 30 -c config.toml
+    python -m llmctl.tools.bench --engine models/SmolLM2-135M-Instruct.Q4_1.gguf --clients 1,8
 
 (``llmctl bench ...`` is the same command.) Closed loop by default: N clients each send a
 request, wait for its end, send the next. ``--rate R`` is open loop instead: Poisson
-arrivals at R requests/s, however many are in flight.
+arrivals at R requests/s, however many are in flight. ``--overload F`` measures the
+capacity (closed loop, ``--clients``) and then offers F times it, Poisson, and reports how
+fast ``overloaded`` is answered (tools/bench_overload.py). ``--engine MODEL.gguf`` drives
+the batching engine directly in a worker-side process, no gateway (tools/bench_engine.py).
 Each point first runs ``--warmup`` requests at its concurrency, left out of the figures.
 Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``http://HOST:PORT/v1`` (OpenAI API),
 ``bare:MODEL.gguf?threads=N`` (llama-cpp-python in this process, see tools/bare_llama.py).
@@ -27,7 +32,9 @@ from urllib.parse import urlsplit
 
 from llmctl.common.client import now
 from llmctl.tools.bare_llama import BareLlamaTarget
+from llmctl.tools.bench_engine import EngineTarget
 from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
+from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
 from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
 from llmctl.tools.bench_targets import HttpTarget, Target, TcpTarget
@@ -53,19 +60,24 @@ def make_target(url: str, **options: Any) -> Target:
 
 async def run_point(target: Target, work: Workload, args: argparse.Namespace, clients: int,
                     rate: float | None, progress: "Progress") -> dict[str, Any]:
-    if args.warmup:
-        progress.start(f"{target.url} warm-up", args.warmup)
-        await closed_loop(target, work, clients if rate is None else 1, args.warmup, None,
-                          progress.advance, first_index=10_000)
     label = f"{target.url} " + (f"rate={rate:g}/s" if rate else f"clients={clients}")
-    progress.start(label, args.requests, args.duration)
-    duration = None if args.requests else args.duration
-    if rate:
-        records = await open_loop(target, work, rate, args.requests, duration, progress.advance,
-                                  seed=args.seed or 0)
+    if isinstance(target, EngineTarget):
+        progress.start(label, args.requests)
+        records = await target.closed_loop(work, clients, args.requests, args.warmup,
+                                           progress.advance)
     else:
-        records = await closed_loop(target, work, clients, args.requests, duration,
-                                    progress.advance)
+        if args.warmup:
+            progress.start(f"{target.url} warm-up", args.warmup)
+            await closed_loop(target, work, clients if rate is None else 1, args.warmup, None,
+                              progress.advance, first_index=10_000)
+        progress.start(label, args.requests, args.duration)
+        duration = None if args.requests else args.duration
+        if rate:
+            records = await open_loop(target, work, rate, args.requests, duration,
+                                      progress.advance, seed=args.seed or 0)
+        else:
+            records = await closed_loop(target, work, clients, args.requests, duration,
+                                        progress.advance)
     progress.stop()
     summary = summarize(records, wall_time(records))
     point: dict[str, Any] = {"target": target.url, "clients": None if rate else clients,
@@ -139,6 +151,14 @@ class Progress:
 
 # ---- the run ---------------------------------------------------------------------------
 
+def mode_of(args: argparse.Namespace) -> str:
+    if args.overload:
+        return "overload"
+    if args.engine:
+        return "engine"
+    return "open" if args.rate else "closed"
+
+
 def points_of(args: argparse.Namespace) -> list[tuple[int, float | None]]:
     if args.rate:
         return [(1, r) for r in args.rate]
@@ -148,23 +168,29 @@ def points_of(args: argparse.Namespace) -> list[tuple[int, float | None]]:
 async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
     work = Workload(args.prompts_list, args.max_tokens, args.temperature, args.seed, args.ignore_eos)
     points: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
     try:
         for t in targets:
             await t.open()
         with Progress(args.quiet) as progress:
-            for n, (clients, rate) in enumerate(points_of(args)):
+            if args.overload:
+                got = await run_overload(targets[0], work, args, progress.start, progress.advance)
+                points, extra["overload"] = got["points"], got["overload"]
+            for n, (clients, rate) in enumerate([] if args.overload else points_of(args)):
                 order = targets if n % 2 == 0 else targets[::-1]   # alternate who goes first
                 got = {t.url: await run_point(t, work, args, clients, rate, progress) for t in order}
                 points.extend(got[t.url] for t in targets)
     finally:
         for t in targets:
             await t.close()
+    mode = mode_of(args)
     result: dict[str, Any] = {
         "tool": "llmctl-bench/1",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {
-            "targets": [t.url for t in targets], "mode": "open" if args.rate else "closed",
+            "targets": [t.url for t in targets], "mode": mode,
             "clients": None if args.rate else args.clients, "rate": args.rate,
+            "overload": args.overload, "capacity_s": args.capacity_s if args.overload else None,
             "requests": args.requests, "duration_s": None if args.requests else args.duration,
             "warmup": args.warmup, "max_tokens": args.max_tokens,
             "temperature": args.temperature, "seed": args.seed, "ignore_eos": args.ignore_eos,
@@ -173,6 +199,7 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
         "machine": machine_info(),
         "servers": {t.url: t.info for t in targets},
         "points": points,
+        **extra,
     }
     if len(targets) == 2:
         a, b = targets[0].url, targets[1].url
@@ -201,8 +228,10 @@ def _list(kind: type) -> Callable[[str], list]:
 def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True,
-                    help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
+    what.add_argument("--engine", metavar="MODEL.gguf",
+                      help="drive the batching engine directly (closed loop, no gateway)")
     ap.add_argument("--compare", metavar="TARGET2",
                     help="run the same workload against TARGET2 too, alternating points")
     ap.add_argument("--clients", type=_list(int), default=[1], metavar="N[,N...]",
@@ -228,10 +257,38 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     ap.add_argument("--raw", action="store_true", help="include every request in the JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of latency and tokens/s")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ov = ap.add_argument_group("overload (--overload)")
+    ov.add_argument("--overload", type=float, default=None, metavar="FACTOR",
+                    help="offer FACTOR x the measured capacity, Poisson, for --duration "
+                         "(default 30 s)")
+    ov.add_argument("--capacity-s", type=float, default=5.0, metavar="S",
+                    help="seconds of closed loop (--clients) that measure the capacity")
+    ov.add_argument("-c", "--config", default=None,
+                    help="config of the running service: sample its gateway's RSS")
+    en = ap.add_argument_group("engine (--engine)")
+    en.add_argument("--slots", type=int, default=None, help="default: the most --clients")
+    en.add_argument("--threads", type=int, default=None, help="default: all cores")
+    en.add_argument("--n-ctx", type=int, default=None, help="per slot (default: the config's)")
+    en.add_argument("--n-batch", type=int, default=None, help="default: the config's")
+    en.add_argument("--n-gpu-layers", type=int, default=None, help="default: 0, the CPU")
+    en.add_argument("--kv-unified", action="store_true", help="one KV buffer for all slots")
     return ap
 
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.overload is not None:
+        if args.overload <= 0 or args.capacity_s <= 0:
+            ap.error("--overload and --capacity-s must be positive")
+        if args.compare or args.rate or args.engine or args.plot or len(args.clients) > 1:
+            ap.error("--overload takes one --target and one --clients (the capacity's), "
+                     "without --compare, --rate, --engine or --plot")
+        if args.requests is None and args.duration is None:
+            args.duration = 30.0
+    if args.engine and (args.compare or args.rate or args.duration):
+        ap.error("--engine is a closed loop of --requests: it takes no --compare, --rate "
+                 "or --duration")
+    if args.config and args.overload is None:
+        ap.error("-c/--config goes with --overload")
     if args.requests is None and args.duration is None:
         args.requests = 20
     if args.requests is not None and args.requests <= 0:
@@ -252,7 +309,7 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     """Run, print, write the files; 0 when every point had a successful request."""
     try:
         result = asyncio.run(run_async(args, targets))
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -272,14 +329,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.benc
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     check_args(ap, args)
-    opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
-            "api_key": args.api_key}
-    try:
-        targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
-    except ValueError as exc:
-        ap.error(str(exc))
-    if len(targets) == 2 and targets[0].url == targets[1].url:
-        ap.error("--compare needs a different target")
+    if args.engine:
+        targets: list[Target] = [EngineTarget(
+            args.engine, args.slots or max(args.clients), args.threads, args.n_ctx,
+            args.n_batch, args.n_gpu_layers, args.kv_unified)]
+    else:
+        opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
+                "api_key": args.api_key}
+        try:
+            targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
+        except ValueError as exc:
+            ap.error(str(exc))
+        if len(targets) == 2 and targets[0].url == targets[1].url:
+            ap.error("--compare needs a different target")
     return execute(args, targets)
 
 

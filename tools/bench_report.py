@@ -1,5 +1,5 @@
 """What the load generator (tools/bench.py) prints and draws: the machine, a table per run,
-a PNG of latency and throughput."""
+the overload figures, a PNG of latency and throughput."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
-MODES = {"closed": "closed loop", "open": "open loop"}
+MODES = {"closed": "closed loop", "open": "open loop", "overload": "overload",
+         "engine": "closed loop, the engine in-process"}
 
 
 def machine_info() -> dict[str, Any]:
@@ -46,7 +47,7 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
     cfg = result["config"]
     table = Table(title=f"llmctl bench: {cfg['max_tokens']} max tokens, {MODES[cfg['mode']]} - "
                         f"{m['cpu_model']}, {m['cores']} cores")
-    load = {"open": "rate/s"}.get(cfg["mode"], "clients")
+    load = {"open": "rate/s", "overload": "clients|rate/s"}.get(cfg["mode"], "clients")
     for col in ("target", load, "ok", "errors",
                 "tok/s", "req/s", "tok/req", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
                 "E2E p50", "E2E p95", "E2E p99"):
@@ -73,13 +74,29 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
                                                       "ttft_p50", "e2e_p50", "e2e_p99")))
         console.print(ct)
         console.print(f"a = {result['comparisons'][0]['a']}, b = {result['comparisons'][0]['b']}")
+    if result.get("overload"):
+        print_overload(result["overload"], console)
+
+
+def print_overload(o: dict[str, Any], console: Any) -> None:
+    over, retry = o["overloaded_ms"], o["retry_after_ms"]
+    console.print(f"capacity {o['capacity_rps']:.3g} req/s; offered {o['factor']:g}x = "
+                  f"{o['offered_rps']:.3g} req/s for {o['offered_s']:.0f} s; sent {o['sent']}: "
+                  + ", ".join(f"{k} {v}" for k, v in o["outcomes"].items()))
+    console.print(f"time to answer overloaded: p50 {_f(over['p50'], '{:.2f}')} ms, "
+                  f"p99 {_f(over['p99'], '{:.2f}')} ms, max {_f(over['max'], '{:.2f}')} ms "
+                  f"(n={over['count']})")
+    console.print(f"retry_after_ms: min {retry['min']}, p50 {retry['p50']}, max {retry['max']}")
+    rss = [mib for _, mib in o.get("gateway_rss_mib") or []]
+    if rss:
+        console.print(f"gateway RSS: start {rss[0]} MiB, max {max(rss)} MiB, end {rss[-1]} MiB")
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    closed = result["config"]["mode"] == "closed"
+    closed = result["config"]["mode"] in ("closed", "engine")
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
     for url in result["config"]["targets"]:
         pts = [p for p in result["points"] if p["target"] == url]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 from llmctl.common.stats import percentile
@@ -99,6 +99,12 @@ class RequestRecord:
         d["piece_times"] = [t - t0 for t in self.piece_times]
         d.update(ok=self.ok, tokens=self.tokens, ttft=self.ttft, e2e=self.e2e, itl=self.itl)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RequestRecord":
+        """A record from its fields (as ``asdict`` writes them; other keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]:
