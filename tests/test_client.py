@@ -62,8 +62,14 @@ def port() -> Iterator[int]:
     t.start()
     started.wait(10)
     yield box["server"].sockets[0].getsockname()[1]
+
+    async def shutdown() -> None:
+        box["server"].close()
+        await box["server"].wait_closed()
+    asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
     t.join(10)
+    loop.close()
 
 
 def test_blocking_client_api(port):
