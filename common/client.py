@@ -182,10 +182,9 @@ class Connection:
         ``result.error``; a connection that ended first is ``result.cut`` with the error
         ``connection_closed``, ``connection_error`` or the code of a stream-0 ERROR."""
         sid = self.free_stream() if stream is None else stream
-        res = Result(sid)
+        res = Result(sid, t_start=now())
         fut = self._watch(res)       # before the GENERATE goes out: no frame can pass it
         self._ended.pop(sid, None)
-        res.t_start = now()
         try:
             if not self.closed:
                 await self.send(p.generate(sid, **fields))
