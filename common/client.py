@@ -1,21 +1,46 @@
-"""A small blocking client of the wire protocol (PROTOCOL.md v1), for tests and tools.
+"""The client of the wire protocol (PROTOCOL.md v1): one implementation, asyncio at its core.
+
+* ``Connection`` (asyncio): ``await Connection.open(host, port, token=...)`` connects and
+  does HELLO/WELCOME (``hello=False``: later, with ``await conn.hello(token)``). A reader
+  task timestamps every frame on arrival (``time.perf_counter``) and hands it to the stream
+  waiting for it (``request``, ``collect``), to ``ping``, or else to ``recv_frame()``.
+  ``stray_endings`` counts the DONE/ERROR frames that came for a stream whose end had
+  already been collected: a request answered twice.
+* ``Client``: the same connection, blocking, for tests and scripts: each ``Client`` runs
+  its ``Connection``'s coroutines on a private event loop. Its ``timeout`` bounds every
+  call (for ``collect``, the silence between two frames).
 
     python -m llmctl.common.client --host 127.0.0.1 --port 8080 "Once upon a time"
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Awaitable, Iterable, Iterator, TypeVar
 
 from llmctl.common import protocol as p
+from llmctl.common.errors import LlmctlError
 from llmctl.common.protocol import Frame, FrameDecoder, FrameType
+
+__all__ = ["Connection", "Client", "Result", "ServerError", "now"]
+
+now = time.perf_counter
+T = TypeVar("T")
+NAME = "llmctl-client/1.0"
+MAX_FRAME = 1 << 24           # what this client accepts from a server
+_OWN = object()               # Client._run: the client's own timeout
+ENDED_MEMORY = 1 << 16        # ended streams remembered, to tell a second ending
 
 
 class ServerError(Exception):
+    """The server refused on stream 0 (the handshake, or the connection itself)."""
+
     def __init__(self, stream: int, body: dict[str, Any]) -> None:
         super().__init__(f"stream {stream}: {body.get('code')}: {body.get('message')}")
         self.stream = stream
@@ -25,24 +50,321 @@ class ServerError(Exception):
 
 @dataclass
 class Result:
+    """One stream: its TOKEN pieces with their arrival times, then its DONE or ERROR."""
+
     stream: int
     text: str = ""
     pieces: list[str] = field(default_factory=list)
+    piece_times: list[float] = field(default_factory=list)
     done: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    t_start: float | None = None        # GENERATE sent (``request``)
+    t_end: float | None = None          # DONE/ERROR arrived, or the connection ended
+    cut: bool = False                   # ended by the connection's end, not by its own frame
+
+    @property
+    def ended(self) -> bool:
+        return self.done is not None or self.error is not None
+
+    def _add(self, f: Frame, t: float) -> None:
+        if f.type is FrameType.TOKEN:
+            piece = f.payload.decode("utf-8")    # strict: the server never splits a code point
+            self.pieces.append(piece)
+            self.piece_times.append(t)
+            self.text += piece
+        elif f.type is FrameType.DONE:
+            self.done, self.t_end = p.parse_json(f.payload), t
+        elif f.type is FrameType.ERROR:
+            self.error, self.t_end = p.parse_json(f.payload), t
+
+
+class Connection:
+    """One connection to the gateway's TCP front; many streams may be open on it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 max_frame: int = MAX_FRAME) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = FrameDecoder(max_frame, allowed=p.SERVER_TYPES)
+        self.welcome: dict[str, Any] = {}
+        self.closed = False
+        self.close_error: dict[str, Any] | None = None    # a stream-0 ERROR, if one came
+        self.why: tuple[str, str] = ("connection_closed", "the connection is closed")
+        self.stray_endings = 0
+        self._inbox: deque[tuple[Frame, float]] = deque()  # frames nobody waits for
+        self._wakeup = asyncio.Event()
+        self._streams: dict[int, tuple[Result, asyncio.Future[None]]] = {}
+        self._ended: dict[int, None] = {}   # streams whose end was collected (an ordered set)
+        self._pongs: deque[asyncio.Future[None]] = deque()
+        self._next = 0
+        self.last_rx = now()
+        self._task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, host: str, port: int, token: str | None = None, *, hello: bool = True,
+                   timeout: float | None = 10.0, client: str = NAME,
+                   max_frame: int = MAX_FRAME) -> "Connection":
+        """Connect (and, with ``hello``, do the handshake), each within ``timeout``."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = cls(reader, writer, max_frame)
+        if hello:
+            try:
+                await asyncio.wait_for(conn.hello(token, client), timeout)
+            except BaseException:
+                await conn.close()
+                raise
+        return conn
+
+    async def __aenter__(self) -> "Connection":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- sending ----------------------------------------------------------------------
+    async def send(self, data: bytes) -> None:
+        """Raw bytes, frames or not (tests send malformed ones on purpose)."""
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def hello(self, token: str | None = None, client: str = NAME) -> dict[str, Any]:
+        """HELLO, then the WELCOME (returned); ``ServerError`` when refused."""
+        await self.send(p.hello(client, token))
+        f, _ = await self._next_frame()
+        if f.type is FrameType.ERROR:
+            raise ServerError(0, p.parse_json(f.payload))
+        if f.type is not FrameType.WELCOME:
+            raise ConnectionError(f"expected WELCOME, got {f.type.name}")
+        self.welcome = p.parse_json(f.payload)
+        return self.welcome
+
+    async def generate(self, stream: int, /, **fields: Any) -> float:
+        """Send a GENERATE (None fields left out); returns when it was sent."""
+        self._ended.pop(stream, None)
+        t = now()
+        await self.send(p.generate(stream, **fields))
+        return t
+
+    async def cancel(self, stream: int) -> None:
+        await self.send(p.cancel(stream))
+
+    async def ping(self, payload: bytes = b"") -> float:
+        """A PING's round trip, in seconds."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pongs.append(fut)
+        t = now()
+        try:
+            await self.send(p.ping(payload))
+            await fut
+        finally:
+            if fut in self._pongs:
+                self._pongs.remove(fut)
+        return now() - t
+
+    def free_stream(self) -> int:
+        """A stream id that is not open on this connection."""
+        while True:
+            self._next = self._next % p.MAX_STREAM + 1
+            if self._next not in self._streams:
+                return self._next
+
+    # ---- receiving --------------------------------------------------------------------
+    async def recv_frame(self) -> Frame:
+        """The next frame nobody else waits for; ConnectionError once the server closed."""
+        return (await self._next_frame())[0]
+
+    async def request(self, stream: int | None = None, /, **fields: Any) -> Result:
+        """GENERATE on ``stream`` (default: a free one) and collect it to its end.
+
+        Never raises for what the server or the connection did: an ERROR is
+        ``result.error``; a connection that ended first is ``result.cut`` with the error
+        ``connection_closed``, ``connection_error`` or the code of a stream-0 ERROR."""
+        sid = self.free_stream() if stream is None else stream
+        res = Result(sid, t_start=now())
+        fut = self._watch(res)       # before the GENERATE goes out: no frame can pass it
+        self._ended.pop(sid, None)
+        try:
+            if not self.closed:
+                await self.send(p.generate(sid, **fields))
+            await fut
+        except OSError as exc:
+            if not res.ended:
+                res.cut, res.t_end = True, now()
+                res.error = {"code": "connection_error", "message": str(exc)}
+        finally:
+            self._unwatch(res)
+        return res
+
+    async def collect(self, streams: Iterable[int],
+                      idle_timeout: float | None = None) -> dict[int, Result]:
+        """Collect streams already sent (``generate``) to their ends, frames that came
+        before included; TimeoutError when no frame came for ``idle_timeout`` seconds."""
+        results = {s: Result(s) for s in streams}
+        left: deque[tuple[Frame, float]] = deque()
+        for f, t in self._inbox:
+            r = results.get(f.stream) if f.stream else None
+            if r is not None and not r.ended:
+                r._add(f, t)
+                if r.ended:
+                    self._mark_ended(r.stream)
+            else:
+                left.append((f, t))
+        self._inbox = left
+        waiting = {self._watch(r): r for r in results.values() if not r.ended}
+        t0 = now()
+        try:
+            while waiting:
+                silent = now() - max(t0, self.last_rx)
+                wait = None if idle_timeout is None else max(0.0, idle_timeout - silent)
+                done, _ = await asyncio.wait(waiting, timeout=wait)
+                if not done and idle_timeout is not None and \
+                        now() - max(t0, self.last_rx) >= idle_timeout:
+                    raise TimeoutError(f"no frame for {idle_timeout:g}s")
+                for fut in done:
+                    waiting.pop(fut)
+        finally:
+            for r in results.values():
+                self._unwatch(r)
+        return results
+
+    def _watch(self, res: Result) -> asyncio.Future[None]:
+        fut = asyncio.get_running_loop().create_future()
+        if self.closed:
+            self._cut(res, fut)
+        else:
+            self._streams[res.stream] = (res, fut)
+        return fut
+
+    def _unwatch(self, res: Result) -> None:
+        if self._streams.get(res.stream, (None,))[0] is res:
+            del self._streams[res.stream]
+
+    def _cut(self, res: Result, fut: asyncio.Future[None]) -> None:
+        code, msg = self.why
+        res.cut, res.t_end, res.error = True, now(), {"code": code, "message": msg}
+        if not fut.done():
+            fut.set_result(None)
+
+    async def _next_frame(self) -> tuple[Frame, float]:
+        while not self._inbox:
+            if self.closed:
+                raise ConnectionError(f"the server closed the connection ({self.why[1]})")
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._inbox.popleft()
+
+    async def _read_loop(self) -> None:
+        why = ("connection_closed", "the server closed the connection")
+        try:
+            while data := await self.reader.read(65536):
+                t = self.last_rx = now()
+                for f in self.decoder.feed(data):
+                    self._dispatch(f, t)
+        except (OSError, LlmctlError, ValueError) as exc:   # ValueError: a split code point
+            why = ("connection_error", f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            why = ("connection_closed", "the connection was closed by this client")
+            raise
+        finally:
+            self._closed(why)
+
+    def _dispatch(self, f: Frame, t: float) -> None:
+        if f.stream == 0:
+            if f.type is FrameType.PONG and self._pongs:
+                fut = self._pongs.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                return
+            if f.type is FrameType.ERROR:
+                self.close_error = p.parse_json(f.payload)
+        else:
+            watched = self._streams.get(f.stream)
+            if watched is not None:
+                res, fut = watched
+                res._add(f, t)
+                if res.ended:
+                    del self._streams[f.stream]
+                    self._mark_ended(f.stream)
+                    fut.set_result(None)
+                return
+            if f.type in (FrameType.DONE, FrameType.ERROR) and f.stream in self._ended:
+                self.stray_endings += 1
+        self._inbox.append((f, t))
+        self._wakeup.set()
+
+    def _mark_ended(self, stream: int) -> None:
+        self._ended[stream] = None
+        if len(self._ended) > ENDED_MEMORY:
+            del self._ended[next(iter(self._ended))]
+
+    def _closed(self, why: tuple[str, str]) -> None:
+        self.closed = True
+        if self.close_error is not None:
+            why = (str(self.close_error.get("code") or "connection_error"),
+                   str(self.close_error.get("message")))
+        self.why = why
+        for res, fut in list(self._streams.values()):
+            self._cut(res, fut)
+        self._streams.clear()
+        while self._pongs:
+            fut = self._pongs.popleft()
+            if not fut.done():
+                fut.set_exception(ConnectionError(why[1]))
+        self._wakeup.set()
+        self.writer.close()
+
+    async def close(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
 
 
 class Client:
+    """A blocking ``Connection``: the API of the tests (``hello`` is not done for you)."""
+
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, timeout: float = 60.0,
-                 max_frame: int = 1 << 24) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.decoder = FrameDecoder(max_frame, allowed=p.SERVER_TYPES)
-        self._pending: list[Frame] = []
-        self.welcome: dict[str, Any] = {}
+                 max_frame: int = MAX_FRAME) -> None:
+        self.timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._conn: Connection = self._run(Connection.open(
+                host, port, hello=False, timeout=timeout, max_frame=max_frame))
+        except BaseException:
+            self._loop.close()
+            raise
+
+    def _run(self, aw: Awaitable[T], timeout: Any = _OWN) -> T:
+        """Run ``aw`` on this client's loop within ``timeout`` (default: the client's)."""
+        limit = self.timeout if timeout is _OWN else timeout
+        return self._loop.run_until_complete(asyncio.wait_for(aw, limit))
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    @property
+    def welcome(self) -> dict[str, Any]:
+        return self._conn.welcome
+
+    @property
+    def sock(self) -> Any:
+        """The socket (to shut it down under a running stream, say)."""
+        return self._conn.writer.get_extra_info("socket")
 
     def close(self) -> None:
-        self.sock.close()
+        if self._loop.is_closed():
+            return
+        try:
+            self._run(self._conn.close())
+        finally:
+            self._loop.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -51,16 +373,14 @@ class Client:
         self.close()
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self._run(self._conn.send(data))
+
+    def hello(self, token: str | None = None) -> dict[str, Any]:
+        return self._run(self._conn.hello(token))
 
     def recv_frame(self) -> Frame:
         """The next frame; raises ConnectionError when the server closed."""
-        while not self._pending:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self._pending.extend(self.decoder.feed(data))
-        return self._pending.pop(0)
+        return self._run(self._conn.recv_frame())
 
     def frames(self) -> Iterator[Frame]:
         while True:
@@ -69,44 +389,25 @@ class Client:
             except ConnectionError:
                 return
 
-    def hello(self, token: str | None = None) -> dict[str, Any]:
-        self.send(p.hello("llmctl-client/1.0", token))
-        f = self.recv_frame()
-        if f.type is FrameType.ERROR:
-            raise ServerError(0, json.loads(f.payload))
-        assert f.type is FrameType.WELCOME, f
-        self.welcome = json.loads(f.payload)
-        return self.welcome
-
-    def generate(self, stream: int = 1, **fields: Any) -> None:
-        self.send(p.generate(stream, **fields))
+    def generate(self, stream: int = 1, /, **fields: Any) -> None:
+        self._run(self._conn.generate(stream, **fields))
 
     def collect(self, streams: set[int]) -> dict[int, Result]:
-        """Read until every stream in ``streams`` has ended."""
-        results = {s: Result(s) for s in streams}
-        open_ = set(streams)
-        while open_:
-            f = self.recv_frame()
-            if f.stream == 0 and f.type is FrameType.ERROR:
-                raise ServerError(0, json.loads(f.payload))
-            r = results.get(f.stream)
-            if r is None:
-                continue
-            if f.type is FrameType.TOKEN:
-                piece = f.payload.decode("utf-8")  # strict: the server never splits a code point
-                r.pieces.append(piece)
-                r.text += piece
-            elif f.type is FrameType.DONE:
-                r.done = json.loads(f.payload)
-                open_.discard(f.stream)
-            elif f.type is FrameType.ERROR:
-                r.error = json.loads(f.payload)
-                open_.discard(f.stream)
+        """Read until every stream in ``streams`` has ended. ServerError if the server
+        refused on stream 0, ConnectionError if it closed first."""
+        results = self._run(self._conn.collect(streams, idle_timeout=self.timeout), None)
+        if any(r.cut for r in results.values()):
+            if self._conn.close_error is not None:
+                raise ServerError(0, self._conn.close_error)
+            raise ConnectionError(f"the server closed the connection ({self._conn.why[1]})")
         return results
 
-    def complete(self, stream: int = 1, **fields: Any) -> Result:
+    def complete(self, stream: int = 1, /, **fields: Any) -> Result:
         self.generate(stream, **fields)
         return self.collect({stream})[stream]
+
+    def ping(self, payload: bytes = b"") -> float:
+        return self._run(self._conn.ping(payload))
 
 
 def main(argv: list[str] | None = None) -> int:

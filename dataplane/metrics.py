@@ -1,8 +1,9 @@
 """Request metrics of the gateway: bounded estimators, windowed and since start.
 
 * ``LogHistogram``: fixed, log-spaced buckets (5 % wide) from 10 µs to 1 h: memory is
-  constant whatever the traffic, and a percentile is off by at most half a bucket
-  (about 2.5 %).
+  constant whatever the traffic. A percentile is the nearest-rank one of
+  ``common.stats``, reported as the upper bound of its bucket: never below the exact
+  value, at most one bucket (5 %) above it.
 * ``Windowed``: one ``LogHistogram`` per second in a ring of ``window_s`` seconds, plus
   one since start: percentiles "over the last 60 s" and "since start".
 * ``Rate``: per-second counts in a ring: events per second over the window.
@@ -18,6 +19,8 @@ import math
 import time
 from collections import deque
 from typing import Any
+
+from llmctl.common.stats import rank_index
 
 GROWTH = 1.05
 LO_MS = 0.01
@@ -60,19 +63,19 @@ class LogHistogram:
         return self.sum / self.count if self.count else None
 
     def percentile(self, q: float) -> float | None:
-        """The q-th percentile (0..100): the geometric middle of the bucket that holds
-        the sample of rank q, clamped to the observed min and max."""
+        """The q-th percentile (0..100) by nearest rank (``common.stats``): the upper bound
+        of the bucket that holds the sample of that rank, clamped to the largest value
+        seen. Never below the exact percentile, at most one bucket (5 %) above it."""
         if not self.count:
             return None
-        rank = q / 100.0 * (self.count - 1)
+        rank = rank_index(self.count, q)
+        if rank == 0:
+            return self.min
         seen = 0
         for i in sorted(self.counts):
             seen += self.counts[i]
             if seen > rank:
-                lo = _BOUNDS[i - 1] if i > 0 else 0.0
-                hi = _BOUNDS[min(i, len(_BOUNDS) - 1)]
-                mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-                return min(self.max, max(self.min, mid))
+                return self.max if i >= len(_BOUNDS) else min(self.max, _BOUNDS[i])
         return self.max
 
     def summary(self) -> dict[str, float | int | None]:

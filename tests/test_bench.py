@@ -18,14 +18,14 @@ from llmctl.tools.bench_stats import RequestRecord, compare, percentile, summari
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 95, 99, 100])
 def test_percentile_matches_numpy_on_known_data(q):
     data = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, 5.0, 3.0, 5.0]
-    assert percentile(data, q) == np.percentile(data, q, method="linear")
+    assert percentile(data, q) == np.percentile(data, q, method="inverted_cdf")
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200),
        st.floats(0, 100))
 def test_percentile_matches_numpy_bit_for_bit(values, q):
-    assert percentile(values, q) == np.percentile(values, q, method="linear")
+    assert percentile(values, q) == np.percentile(values, q, method="inverted_cdf")
 
 
 def test_summary_arithmetic_on_synthetic_records():
@@ -84,3 +84,77 @@ def test_short_real_runs_against_both_fronts(make_service, tmp_path):
         for k in ("ttft_ms", "e2e_ms"):
             assert 0 <= sm[k]["p50"] <= sm[k]["p99"]
     assert plot.stat().st_size > 1000 and "ratios" in r.stdout
+
+
+class FakeEngine:
+    """The BatchEngine calls worker/loadgen.py makes: each request is one piece, then DONE."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots, self.running, self.most = slots, {}, 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.running)
+
+    def prepare(self, rid, fields):
+        from llmctl.common.errors import BadRequest
+        if fields["prompt"] == "bad":
+            raise BadRequest("no")
+        return type("Seq", (), {"rid": rid, "fields": fields})()
+
+    def start(self, seq) -> None:
+        self.running[seq.rid] = seq
+        self.most = max(self.most, len(self.running))
+
+    def step(self):
+        from llmctl.worker.engine import Event
+        rid = next(iter(self.running))
+        del self.running[rid]
+        return [Event(rid, "x"), Event(rid, done={"completion_tokens": 1, "prompt_tokens": 2,
+                                                  "finish_reason": "length"})]
+
+
+def test_engine_entry_point_runs_a_closed_loop():
+    from llmctl.worker.loadgen import run
+    engine, out = FakeEngine(slots=8), []
+    reqs = [(i, {"prompt": "bad" if i == 3 else f"p{i}", "max_tokens": 4}) for i in range(7)]
+    run(engine, reqs, 2, out.append)
+    assert sorted(r["index"] for r in out) == list(range(7))        # each request once
+    assert engine.most <= 2                                          # never more than the clients
+    bad = next(r for r in out if r["index"] == 3)
+    assert bad["error"] == "bad_request" and bad["t_end"] >= bad["t_start"]
+    recs = [RequestRecord.from_dict(r) for r in out if r["index"] != 3]
+    assert all(r.ok and r.tokens == 1 and r.pieces == 1 for r in recs)
+
+
+@pytest.mark.integration
+def test_engine_and_overload_modes(make_service, tmp_path):
+    from tests.service import MODEL
+    out = tmp_path / "engine.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "llmctl.control", "bench", "--engine", str(MODEL), "--clients", "2",
+         "--requests", "3", "--warmup", "1", "--max-tokens", "4", "--threads", "1", "--quiet",
+         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    [p] = res["points"]
+    assert res["config"]["mode"] == "engine" and p["summary"]["ok"] == 3
+    assert res["servers"][p["target"]]["slots"] == 2 and 0 < p["summary"]["tokens_out"] <= 12
+
+    s = make_service(gateway={"max_queue": 1})
+    assert s.start().returncode == 0
+    out = tmp_path / "overload.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "llmctl.control", "bench", "--target", f"tcp://127.0.0.1:{s.port}",
+         "--overload", "4", "--capacity-s", "2", "--duration", "3", "--warmup", "0",
+         "--max-tokens", "8", "-c", str(s.config), "--quiet", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    o = res["overload"]
+    assert res["config"]["mode"] == "overload" and [p["phase"] for p in res["points"]] == \
+        ["capacity", "overload"]
+    assert o["capacity_rps"] > 0 and o["offered_rps"] == pytest.approx(4 * o["capacity_rps"])
+    assert sum(o["outcomes"].values()) == o["sent"] == res["points"][1]["summary"]["requests"]
+    assert o["overloaded_ms"]["count"] == o["outcomes"].get("overloaded", 0)
+    assert o["gateway_rss_mib"] and "time to answer overloaded" in r.stdout

@@ -1,13 +1,13 @@
 """The baseline: the bench workload run by bare llama-cpp-python in this process.
 
-    python -m llmctl.tools.bare_llama --model models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --threads 2 --requests 20 --max-tokens 64 --json bare.json
+    llmctl bench --target "bare:models/SmolLM2-135M-Instruct.Q4_1.gguf?threads=2" \
+        --requests 20 --max-tokens 64 --json bare.json
 
 One ``Llama`` object, ``create_completion(stream=True)`` (``create_chat_completion`` for
 ``messages`` prompts), one request at a time: the floor that any server around llama.cpp adds
 its costs to. With ``--clients`` above 1 the requests queue for the single model (FIFO), which
-is what one sequence without batching can do. Same statistics and JSON as tools/bench.py; the
-same target is reachable from it as ``--target bare:MODEL.gguf?threads=2&n_ctx=2048``.
+is what one sequence without batching can do. The target of tools/bench.py's
+``--target bare:MODEL.gguf?threads=2&n_ctx=2048&n_batch=256``.
 
 Tokens out: llama-cpp-python's stream reports no usage, so sampled tokens are counted by a
 logits processor (one call per sampled token; the end-of-generation token is not counted).
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from llmctl.tools import bench
+from llmctl.common.client import now
 from llmctl.tools.bench_stats import RequestRecord
-from llmctl.tools.bench_targets import Target, now
+from llmctl.tools.bench_targets import Target
 
 
 class BareLlamaTarget(Target):
@@ -101,19 +100,3 @@ class BareLlamaTarget(Target):
 
     async def close(self) -> None:
         pass   # the model stays loaded: --compare alternates points between two targets
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = bench.build_parser("python -m llmctl.tools.bare_llama", target=False)
-    ap.add_argument("--model", required=True, help="a GGUF file")
-    ap.add_argument("--threads", type=int, default=None, help="default: all CPU cores")
-    ap.add_argument("--n-ctx", type=int, default=2048)
-    ap.add_argument("--n-batch", type=int, default=256)
-    args = ap.parse_args(argv)
-    bench.check_args(ap, args)
-    target = BareLlamaTarget(args.model, args.threads, args.n_ctx, args.n_batch)
-    return bench.execute(args, [target])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,177 +1,83 @@
-"""A load generator for llmctl and any OpenAI-compatible server (docs/benchmarks.md).
+"""The load generator of llmctl, for llmctl and any OpenAI-compatible server (docs/benchmarks.md).
 
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --clients 1,2,4,8 --requests 32 \
         --max-tokens 64 --json bench.json --plot bench.png
     python -m llmctl.tools.bench --target http://127.0.0.1:8090/v1 --rate 2 --duration 60
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
+    python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --overload 4 --duration 30 -c config.toml
+    python -m llmctl.tools.bench --engine models/SmolLM2-135M-Instruct.Q4_1.gguf --clients 1,8
 
-Closed loop by default: N clients each send a request, wait for its end, send the next.
-``--rate R`` is open loop instead: Poisson arrivals at R requests/s, however many are in flight.
+(``llmctl bench ...`` is the same command.) Closed loop by default: N clients each send a
+request, wait for its end, send the next. ``--rate R`` is open loop instead: Poisson
+arrivals at R requests/s, however many are in flight. ``--overload F`` measures the
+capacity (closed loop, ``--clients``) and then offers F times it, Poisson, and reports how
+fast ``overloaded`` is answered (tools/bench_overload.py). ``--engine MODEL.gguf`` drives
+the batching engine directly in a worker-side process, no gateway (tools/bench_engine.py).
 Each point first runs ``--warmup`` requests at its concurrency, left out of the figures.
 Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``http://HOST:PORT/v1`` (OpenAI API),
-``bare:MODEL.gguf`` (llama-cpp-python in this process, see tools/bare_llama.py).
+``bare:MODEL.gguf?threads=N`` (llama-cpp-python in this process, see tools/bare_llama.py).
+Percentiles are nearest-rank (``common.stats``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
-import itertools
 import json
 import os
-import platform
-import random
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from llmctl.tools.bench_stats import OVERLOADED, RequestRecord, compare, summarize, wall_time
-from llmctl.tools.bench_targets import Target, make_target
+from llmctl.common.client import now
+from llmctl.tools.bare_llama import BareLlamaTarget
+from llmctl.tools.bench_engine import EngineTarget
+from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
+from llmctl.tools.bench_overload import run_overload
+from llmctl.tools.bench_report import machine_info, plot, print_report
+from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
+from llmctl.tools.bench_targets import HttpTarget, Target, TcpTarget
 
-now = time.perf_counter
-
-BUILTIN_PROMPTS: list[dict[str, Any]] = [
-    {"prompt": "Once upon a time, in a small village by the sea,"},
-    {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
-    {"prompt": "The three most important ideas in computer science are"},
-    {"messages": [{"role": "system", "content": "You are a concise assistant."},
-                  {"role": "user", "content": "Explain how a hash table works."}]},
-    {"prompt": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"},
-    {"messages": [{"role": "user", "content": "Write a haiku about autumn leaves."}]},
-    {"prompt": "Recipe for a simple tomato soup. Ingredients:"},
-    {"messages": [{"role": "user", "content":
-                   "Summarise the plot of Romeo and Juliet in a few sentences, then list its "
-                   "main characters and say in one line what each of them wants."}]},
-    {"prompt": "Q: Why is the sky blue?\nA:"},
-    {"messages": [{"role": "user", "content": "Give me five tips to sleep better."}]},
-]
+__all__ = ["BUILTIN_PROMPTS", "Workload", "closed_loop", "open_loop", "load_prompts", "main",
+           "make_target"]
 
 
-# ---- workload ------------------------------------------------------------------------------
-
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """JSONL: one ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}...]}`` a line.
-
-    Blank lines and lines starting with ``#`` are skipped; other keys are kept and sent.
-    """
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        has_p, has_m = isinstance(obj.get("prompt"), str), obj.get("messages") is not None
-        if has_p == has_m:
-            raise ValueError(f"{path}:{n}: needs exactly one of a string \"prompt\" and \"messages\"")
-        if has_m and not (isinstance(obj["messages"], list) and obj["messages"] and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in obj["messages"])):
-            raise ValueError(f"{path}:{n}: messages must be a non-empty list of "
-                             "{\"role\": str, \"content\": str}")
-        out.append(obj)
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
-
-
-class Workload:
-    """Request i of a point: prompt i mod len(prompts), with the run's generation settings."""
-
-    def __init__(self, prompts: list[dict[str, Any]], max_tokens: int, temperature: float | None,
-                 seed: int | None = None, ignore_eos: bool = False) -> None:
-        self.prompts, self.max_tokens, self.temperature = prompts, max_tokens, temperature
-        self.seed, self.ignore_eos = seed, ignore_eos
-
-    def spec(self, i: int) -> dict[str, Any]:
-        spec = dict(self.prompts[i % len(self.prompts)])
-        spec["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            spec["temperature"] = self.temperature
-        if self.seed is not None:
-            spec["seed"] = (self.seed + i) & 0xFFFFFFFF
-        if self.ignore_eos:
-            spec["ignore_eos"] = True
-        return spec
+def make_target(url: str, **options: Any) -> Target:
+    scheme = urlsplit(url).scheme
+    if scheme == "tcp":
+        return TcpTarget(url, token=options.get("token"), timeout=options.get("timeout", 300.0))
+    if scheme in ("http", "https"):
+        return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
+                          api_key=options.get("api_key"))
+    if scheme == "bare":
+        return BareLlamaTarget.from_url(url)      # imports llama_cpp only when opened
+    raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
+                     "or bare:MODEL.gguf")
 
 
 # ---- running a point --------------------------------------------------------------------
 
-async def closed_loop(target: Target, work: Workload, clients: int, requests: int | None,
-                      duration: float | None, on_done: Callable[[RequestRecord], None],
-                      first_index: int = 0) -> list[RequestRecord]:
-    """``clients`` concurrent senders, back to back, until ``requests`` or ``duration``."""
-    counter = itertools.count()
-    records: list[RequestRecord] = []
-    deadline = now() + duration if duration else None
-
-    async def client() -> None:
-        while True:
-            if deadline is not None and now() >= deadline:
-                return
-            i = next(counter)
-            if requests is not None and i >= requests:
-                return
-            rec = await target.request(i, work.spec(first_index + i))
-            records.append(rec)
-            on_done(rec)
-            if rec.error == OVERLOADED:   # a polite client backs off as it is told to
-                await asyncio.sleep(min((rec.retry_after_ms or 100) / 1000, 1.0))
-            elif rec.error in ("connect_failed", "not_ready"):
-                await asyncio.sleep(0.1 if rec.error == "connect_failed" else 0.25)
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return sorted(records, key=lambda r: r.index)
-
-
-async def open_loop(target: Target, work: Workload, rate: float, requests: int | None,
-                    duration: float | None, on_done: Callable[[RequestRecord], None],
-                    seed: int = 0) -> list[RequestRecord]:
-    """Poisson arrivals at ``rate``/s, each sent at its scheduled time whatever is in flight."""
-    rng = random.Random(seed)
-    records: list[RequestRecord] = []
-    tasks = []
-
-    async def one(i: int) -> None:
-        rec = await target.request(i, work.spec(i))
-        records.append(rec)
-        on_done(rec)
-
-    t0 = now()
-    t_next = t0
-    for i in itertools.count():
-        if requests is not None and i >= requests:
-            break
-        if duration is not None and t_next - t0 >= duration:
-            break
-        delay = t_next - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
-        t_next += rng.expovariate(rate)
-    await asyncio.gather(*tasks)
-    return sorted(records, key=lambda r: r.index)
-
-
 async def run_point(target: Target, work: Workload, args: argparse.Namespace, clients: int,
                     rate: float | None, progress: "Progress") -> dict[str, Any]:
-    if args.warmup:
-        progress.start(f"{target.url} warm-up", args.warmup)
-        await closed_loop(target, work, clients if rate is None else 1, args.warmup, None,
-                          progress.advance, first_index=10_000)
     label = f"{target.url} " + (f"rate={rate:g}/s" if rate else f"clients={clients}")
-    progress.start(label, args.requests, args.duration)
-    duration = None if args.requests else args.duration
-    if rate:
-        records = await open_loop(target, work, rate, args.requests, duration, progress.advance,
-                                  seed=args.seed or 0)
+    if isinstance(target, EngineTarget):
+        progress.start(label, args.requests)
+        records = await target.closed_loop(work, clients, args.requests, args.warmup,
+                                           progress.advance)
     else:
-        records = await closed_loop(target, work, clients, args.requests, duration,
-                                    progress.advance)
+        if args.warmup:
+            progress.start(f"{target.url} warm-up", args.warmup)
+            await closed_loop(target, work, clients if rate is None else 1, args.warmup, None,
+                              progress.advance, first_index=10_000)
+        progress.start(label, args.requests, args.duration)
+        duration = None if args.requests else args.duration
+        if rate:
+            records = await open_loop(target, work, rate, args.requests, duration,
+                                      progress.advance, seed=args.seed or 0)
+        else:
+            records = await closed_loop(target, work, clients, args.requests, duration,
+                                        progress.advance)
     progress.stop()
     summary = summarize(records, wall_time(records))
     point: dict[str, Any] = {"target": target.url, "clients": None if rate else clients,
@@ -245,28 +151,12 @@ class Progress:
 
 # ---- the run ---------------------------------------------------------------------------
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu_model": cpu, "logical_cpus": os.cpu_count(),
-                            "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["cores"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        info["cores"] = os.cpu_count()
-    try:
-        import psutil
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    return info
+def mode_of(args: argparse.Namespace) -> str:
+    if args.overload:
+        return "overload"
+    if args.engine:
+        return "engine"
+    return "open" if args.rate else "closed"
 
 
 def points_of(args: argparse.Namespace) -> list[tuple[int, float | None]]:
@@ -278,23 +168,29 @@ def points_of(args: argparse.Namespace) -> list[tuple[int, float | None]]:
 async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str, Any]:
     work = Workload(args.prompts_list, args.max_tokens, args.temperature, args.seed, args.ignore_eos)
     points: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
     try:
         for t in targets:
             await t.open()
         with Progress(args.quiet) as progress:
-            for n, (clients, rate) in enumerate(points_of(args)):
+            if args.overload:
+                got = await run_overload(targets[0], work, args, progress.start, progress.advance)
+                points, extra["overload"] = got["points"], got["overload"]
+            for n, (clients, rate) in enumerate([] if args.overload else points_of(args)):
                 order = targets if n % 2 == 0 else targets[::-1]   # alternate who goes first
                 got = {t.url: await run_point(t, work, args, clients, rate, progress) for t in order}
                 points.extend(got[t.url] for t in targets)
     finally:
         for t in targets:
             await t.close()
+    mode = mode_of(args)
     result: dict[str, Any] = {
         "tool": "llmctl-bench/1",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {
-            "targets": [t.url for t in targets], "mode": "open" if args.rate else "closed",
+            "targets": [t.url for t in targets], "mode": mode,
             "clients": None if args.rate else args.clients, "rate": args.rate,
+            "overload": args.overload, "capacity_s": args.capacity_s if args.overload else None,
             "requests": args.requests, "duration_s": None if args.requests else args.duration,
             "warmup": args.warmup, "max_tokens": args.max_tokens,
             "temperature": args.temperature, "seed": args.seed, "ignore_eos": args.ignore_eos,
@@ -303,6 +199,7 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
         "machine": machine_info(),
         "servers": {t.url: t.info for t in targets},
         "points": points,
+        **extra,
     }
     if len(targets) == 2:
         a, b = targets[0].url, targets[1].url
@@ -312,77 +209,6 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
              "ratios": compare(by[(a, None if r else c, r)], by[(b, None if r else c, r)])}
             for c, r in points_of(args)]
     return result
-
-
-# ---- output ----------------------------------------------------------------------------
-
-def _f(v: float | None, fmt: str = "{:.1f}") -> str:
-    return "-" if v is None else fmt.format(v)
-
-
-def print_report(result: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    console = console or Console()
-    m = result["machine"]
-    cfg = result["config"]
-    table = Table(title=f"llmctl bench: {cfg['max_tokens']} max tokens, {cfg['mode']} loop - "
-                        f"{m['cpu_model']}, {m['cores']} cores")
-    for col in ("target", "clients" if cfg["mode"] == "closed" else "rate/s", "ok", "errors",
-                "tok/s", "req/s", "tok/req", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-                "E2E p50", "E2E p95", "E2E p99"):
-        table.add_column(col, justify="left" if col == "target" else "right")
-    for p in result["points"]:
-        s = p["summary"]
-        errs = ", ".join(f"{k}:{v}" for k, v in s["errors"].items()) or "0"
-        table.add_row(p["target"], str(p["clients"] if p["rate"] is None else p["rate"]),
-                      str(s["ok"]), errs, _f(s["tokens_per_s"]), _f(s["requests_per_s"], "{:.2f}"),
-                      _f(s["tokens_per_request"]), _f(s["ttft_ms"]["p50"]), _f(s["ttft_ms"]["p99"]),
-                      _f(s["itl_pooled_ms"]["p50"]), _f(s["itl_pooled_ms"]["p99"]),
-                      _f(s["e2e_ms"]["p50"]), _f(s["e2e_ms"]["p95"]), _f(s["e2e_ms"]["p99"]))
-    console.print(table)
-    console.print("latencies in ms; ITL over all gaps between output pieces; "
-                  "tok/s and req/s count successful requests over the measured wall time")
-    if result.get("comparisons"):
-        ct = Table(title="ratios a/b")
-        for col in ("point", "tok/s", "req/s", "TTFT p50", "E2E p50", "E2E p99"):
-            ct.add_column(col, justify="right")
-        for c in result["comparisons"]:
-            r = c["ratios"]
-            ct.add_row(f"clients={c['clients']}" if c["rate"] is None else f"rate={c['rate']:g}",
-                       *(_f(r[k], "{:.2f}") for k in ("tokens_per_s", "requests_per_s",
-                                                      "ttft_p50", "e2e_p50", "e2e_p99")))
-        console.print(ct)
-        console.print(f"a = {result['comparisons'][0]['a']}, b = {result['comparisons'][0]['b']}")
-
-
-def plot(result: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    closed = result["config"]["mode"] == "closed"
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for url in result["config"]["targets"]:
-        pts = [p for p in result["points"] if p["target"] == url]
-        xs = [p["clients"] if closed else p["rate"] for p in pts]
-        for key, label, style in (("e2e_ms", "E2E", "-"), ("ttft_ms", "TTFT", ":")):
-            for q, marker in (("p50", "o"), ("p99", "^")):
-                lat.plot(xs, [p["summary"][key][q] for p in pts], style, marker=marker,
-                         label=f"{url} {label} {q}")
-        thr.plot(xs, [p["summary"]["tokens_per_s"] for p in pts], "-o", label=url)
-    xlabel = "concurrent clients" if closed else "offered load (requests/s)"
-    lat.set(xlabel=xlabel, ylabel="latency (ms)", title="latency")
-    thr.set(xlabel=xlabel, ylabel="tokens/s", title="throughput")
-    thr.set_ylim(bottom=0)
-    lat.set_ylim(bottom=0)
-    lat.legend(fontsize=6)
-    thr.legend(fontsize=6)
-    m = result["machine"]
-    fig.suptitle(f"{result['config']['max_tokens']} max tokens - {m['cpu_model']}, "
-                 f"{m['cores']} cores", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---- the command ---------------------------------------------------------------------------
@@ -399,14 +225,15 @@ def _list(kind: type) -> Callable[[str], list]:
     return parse
 
 
-def build_parser(prog: str = "python -m llmctl.tools.bench", target: bool = True) -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    if target:
-        ap.add_argument("--target", required=True,
-                        help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
-        ap.add_argument("--compare", metavar="TARGET2",
-                        help="run the same workload against TARGET2 too, alternating points")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="tcp://HOST:PORT, http://HOST:PORT/v1 or bare:MODEL.gguf")
+    what.add_argument("--engine", metavar="MODEL.gguf",
+                      help="drive the batching engine directly (closed loop, no gateway)")
+    ap.add_argument("--compare", metavar="TARGET2",
+                    help="run the same workload against TARGET2 too, alternating points")
     ap.add_argument("--clients", type=_list(int), default=[1], metavar="N[,N...]",
                     help="concurrent clients (closed loop); several make a sweep (default 1)")
     ap.add_argument("--rate", type=_list(float), default=None, metavar="R[,R...]",
@@ -430,10 +257,38 @@ def build_parser(prog: str = "python -m llmctl.tools.bench", target: bool = True
     ap.add_argument("--raw", action="store_true", help="include every request in the JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of latency and tokens/s")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ov = ap.add_argument_group("overload (--overload)")
+    ov.add_argument("--overload", type=float, default=None, metavar="FACTOR",
+                    help="offer FACTOR x the measured capacity, Poisson, for --duration "
+                         "(default 30 s)")
+    ov.add_argument("--capacity-s", type=float, default=5.0, metavar="S",
+                    help="seconds of closed loop (--clients) that measure the capacity")
+    ov.add_argument("-c", "--config", default=None,
+                    help="config of the running service: sample its gateway's RSS")
+    en = ap.add_argument_group("engine (--engine)")
+    en.add_argument("--slots", type=int, default=None, help="default: the most --clients")
+    en.add_argument("--threads", type=int, default=None, help="default: all cores")
+    en.add_argument("--n-ctx", type=int, default=None, help="per slot (default: the config's)")
+    en.add_argument("--n-batch", type=int, default=None, help="default: the config's")
+    en.add_argument("--n-gpu-layers", type=int, default=None, help="default: 0, the CPU")
+    en.add_argument("--kv-unified", action="store_true", help="one KV buffer for all slots")
     return ap
 
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.overload is not None:
+        if args.overload <= 0 or args.capacity_s <= 0:
+            ap.error("--overload and --capacity-s must be positive")
+        if args.compare or args.rate or args.engine or args.plot or len(args.clients) > 1:
+            ap.error("--overload takes one --target and one --clients (the capacity's), "
+                     "without --compare, --rate, --engine or --plot")
+        if args.requests is None and args.duration is None:
+            args.duration = 30.0
+    if args.engine and (args.compare or args.rate or args.duration):
+        ap.error("--engine is a closed loop of --requests: it takes no --compare, --rate "
+                 "or --duration")
+    if args.config and args.overload is None:
+        ap.error("-c/--config goes with --overload")
     if args.requests is None and args.duration is None:
         args.requests = 20
     if args.requests is not None and args.requests <= 0:
@@ -454,7 +309,7 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     """Run, print, write the files; 0 when every point had a successful request."""
     try:
         result = asyncio.run(run_async(args, targets))
-    except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -474,14 +329,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.benc
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     check_args(ap, args)
-    opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
-            "api_key": args.api_key}
-    try:
-        targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
-    except ValueError as exc:
-        ap.error(str(exc))
-    if len(targets) == 2 and targets[0].url == targets[1].url:
-        ap.error("--compare needs a different target")
+    if args.engine:
+        targets: list[Target] = [EngineTarget(
+            args.engine, args.slots or max(args.clients), args.threads, args.n_ctx,
+            args.n_batch, args.n_gpu_layers, args.kv_unified)]
+    else:
+        opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
+                "api_key": args.api_key}
+        try:
+            targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
+        except ValueError as exc:
+            ap.error(str(exc))
+        if len(targets) == 2 and targets[0].url == targets[1].url:
+            ap.error("--compare needs a different target")
     return execute(args, targets)
 
 

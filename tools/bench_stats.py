@@ -12,37 +12,19 @@ Definitions (all times from ``time.perf_counter()``, reported in milliseconds):
 - tokens out: the server's ``completion_tokens`` when it reports one, else the pieces counted.
 - tokens/s and requests/s: over the measured wall time of the point (first send to last end),
   counting successful requests only.
+- percentiles: nearest rank (``common.stats.percentile``): the p99 of 8 requests is the slowest.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+from llmctl.common.stats import percentile
 
 OVERLOADED = "overloaded"
 PERCENTILES = (50, 95, 99)
-
-
-def percentile(values: Iterable[float], q: float) -> float:
-    """The q-th percentile (0 <= q <= 100) with linear interpolation between the closest ranks.
-
-    The same arithmetic as ``numpy.percentile(values, q, method="linear")``, to the last bit:
-    virtual index h = (n - 1) * (q / 100), and the lerp numpy uses (from the upper neighbour
-    when the fraction is >= 0.5). NaN for no values.
-    """
-    xs = sorted(float(v) for v in values)
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {q}")
-    if not xs:
-        return math.nan
-    h = (len(xs) - 1) * (q / 100)
-    lo = math.floor(h)
-    hi = min(lo + 1, len(xs) - 1)
-    t = h - lo
-    a, b = xs[lo], xs[hi]
-    diff = b - a
-    return b - diff * (1 - t) if t >= 0.5 else a + diff * t
 
 
 def mean(values: Sequence[float]) -> float:
@@ -117,6 +99,12 @@ class RequestRecord:
         d["piece_times"] = [t - t0 for t in self.piece_times]
         d.update(ok=self.ok, tokens=self.tokens, ttft=self.ttft, e2e=self.e2e, itl=self.itl)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RequestRecord":
+        """A record from its fields (as ``asdict`` writes them; other keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]:

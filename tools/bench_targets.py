@@ -1,10 +1,11 @@
-"""What tools/bench.py sends requests to: llmctl's wire protocol, or an OpenAI-compatible HTTP API.
+"""What tools/bench.py sends requests to: llmctl's wire protocol, or an OpenAI-compatible HTTP API
+(``bare:`` targets are in tools/bare_llama.py; ``bench.make_target`` picks one for a URL).
 
 A target turns one request spec (``{"prompt": ...}`` or ``{"messages": [...]}`` plus
 ``max_tokens``, ``temperature``...) into a ``RequestRecord``, timestamping every piece of output
 as it arrives. Failures are recorded (``record.error``), never raised.
 
-- ``tcp://HOST:PORT``: an asyncio client of PROTOCOL v1 on top of ``dataplane.protocol``;
+- ``tcp://HOST:PORT``: the project's client of PROTOCOL v1 (``common.client.Connection``);
   one connection per in-flight request (a closed-loop client = a connection), reused.
 - ``http://HOST:PORT/v1``: ``POST /v1/completions`` (``/v1/chat/completions`` for messages)
   with ``"stream": true``; SSE ``data:`` lines until ``data: [DONE]``. HTTP 429 is ``overloaded``.
@@ -13,16 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from llmctl.common import protocol as p
-from llmctl.common.protocol import FrameDecoder, FrameType
+from llmctl.common.client import Connection, Result, ServerError, now
 from llmctl.tools.bench_stats import OVERLOADED, RequestRecord
 
-now = time.perf_counter
 CONNECT_TIMEOUT = 10.0
 
 
@@ -42,169 +39,45 @@ class Target:
         pass
 
 
-def make_target(url: str, **options: Any) -> Target:
-    scheme = urlsplit(url).scheme
-    if scheme == "tcp":
-        return TcpTarget(url, token=options.get("token"), timeout=options.get("timeout", 300.0))
-    if scheme in ("http", "https"):
-        return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
-                          api_key=options.get("api_key"))
-    if scheme == "bare":
-        from llmctl.tools.bare_llama import BareLlamaTarget   # imports llama_cpp only when asked
-        return BareLlamaTarget.from_url(url)
-    raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
-                     "or bare:MODEL.gguf")
-
-
 # ---- llmctl's wire protocol --------------------------------------------------------------
 
-class _Stream:
-    def __init__(self, record: RequestRecord) -> None:
-        self.record = record
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def finish(self, t: float, error: str | None = None, message: str | None = None) -> None:
-        if self.done.done():
-            return
-        self.record.t_end = t
-        if error is not None:
-            self.record.error, self.record.message = error, message
-        self.done.set_result(None)
-
-
-class TcpConnection:
-    """One connection; a reader task dispatches frames to open streams, timestamped on arrival."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 welcome: dict[str, Any], decoder: FrameDecoder) -> None:
-        self.reader, self.writer, self.welcome, self.decoder = reader, writer, welcome, decoder
-        self.streams: dict[int, _Stream] = {}
-        self.closed = False
-        self.stray_endings = 0     # DONE/ERROR for a stream that had ended: a double answer
-        self._next = 0
-        self._task = asyncio.create_task(self._read_loop())
-
-    @classmethod
-    async def connect(cls, host: str, port: int, token: str | None = None) -> "TcpConnection":
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.write(p.hello("llmctl-bench/1.0", token))
-        decoder = FrameDecoder(1 << 24, allowed=p.SERVER_TYPES)
-        frames: list[p.Frame] = []
-        try:
-            while not frames:
-                data = await asyncio.wait_for(reader.read(65536), CONNECT_TIMEOUT)
-                if not data:
-                    raise ConnectionError("the server closed the connection during the handshake")
-                frames = decoder.feed(data)
-        except BaseException:
-            writer.close()
-            raise
-        first = frames.pop(0)
-        if first.type is not FrameType.WELCOME:
-            writer.close()
-            body = p.parse_json(first.payload) if first.payload else {}
-            raise ConnectionError(f"handshake refused: {body.get('code')}: {body.get('message')}")
-        if frames:  # a server never sends stream frames before GENERATE, but be exact anyway
-            raise ConnectionError("unexpected frames after WELCOME")
-        return cls(reader, writer, p.parse_json(first.payload), decoder)
-
-    def _stream_id(self) -> int:
-        while True:
-            self._next = self._next % p.MAX_STREAM + 1
-            if self._next not in self.streams:
-                return self._next
-
-    async def request(self, index: int, spec: dict[str, Any]) -> RequestRecord:
-        sid = self._stream_id()
-        frame = p.generate(sid, **spec)
-        rec = RequestRecord(index=index, t_start=now())
-        st = self.streams[sid] = _Stream(rec)
-        try:
-            if self.closed:
-                st.finish(now(), "connection_closed", "the connection is closed")
-            else:
-                self.writer.write(frame)
-            await st.done
-        finally:
-            self.streams.pop(sid, None)
-        return rec
-
-    async def _read_loop(self) -> None:
-        why, msg = "connection_closed", "the server closed the connection"
-        try:
-            while True:
-                data = await self.reader.read(65536)
-                t = now()
-                if not data:
-                    break
-                for f in self.decoder.feed(data):
-                    if f.stream == 0:
-                        if f.type is FrameType.ERROR:
-                            body = p.parse_json(f.payload)
-                            why, msg = body.get("code") or "connection_error", body.get("message")
-                        continue
-                    st = self.streams.get(f.stream)
-                    if st is None or st.done.done():
-                        if f.type in (FrameType.DONE, FrameType.ERROR):
-                            self.stray_endings += 1
-                        continue
-                    if f.type is FrameType.TOKEN:
-                        st.record.piece_times.append(t)
-                    elif f.type is FrameType.DONE:
-                        body = p.parse_json(f.payload)
-                        r = st.record
-                        r.completion_tokens = body.get("completion_tokens")
-                        r.prompt_tokens = body.get("prompt_tokens")
-                        r.finish_reason = body.get("finish_reason")
-                        st.finish(t)
-                    elif f.type is FrameType.ERROR:
-                        body = p.parse_json(f.payload)
-                        st.record.retry_after_ms = body.get("retry_after_ms")
-                        st.finish(t, body.get("code") or "error", body.get("message"))
-        except (OSError, p.ProtocolError, p.FrameTooLarge) as exc:
-            why, msg = "connection_error", str(exc)
-        finally:
-            self.closed = True
-            t = now()
-            for st in list(self.streams.values()):
-                st.finish(t, why, msg)
-            self.writer.close()
-
-    async def close(self) -> None:
-        self.closed = True
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        try:
-            await self.writer.wait_closed()
-        except OSError:
-            pass
+def record_of(index: int, res: Result) -> RequestRecord:
+    """The bench's record of one stream the wire client collected."""
+    rec = RequestRecord(index=index, t_start=res.t_start if res.t_start is not None else now(),
+                        t_end=res.t_end, piece_times=list(res.piece_times))
+    if res.done is not None:
+        rec.completion_tokens = res.done.get("completion_tokens")
+        rec.prompt_tokens = res.done.get("prompt_tokens")
+        rec.finish_reason = res.done.get("finish_reason")
+    elif res.error is not None:
+        rec.error = res.error.get("code") or "error"
+        rec.message = res.error.get("message")
+        rec.retry_after_ms = res.error.get("retry_after_ms")
+    return rec
 
 
 class TcpTarget(Target):
+    """``common.client.Connection``s, one per request in flight, reused when idle."""
+
     def __init__(self, url: str, token: str | None = None, timeout: float = 300.0) -> None:
         u = urlsplit(url)
         if not u.hostname or not u.port:
             raise ValueError(f"tcp target needs a host and a port: {url!r}")
         self.url, self.host, self.port, self.token = url, u.hostname, u.port, token
         self.timeout = timeout
-        self.idle: list[TcpConnection] = []
-        self.all: set[TcpConnection] = set()
+        self.idle: list[Connection] = []
+        self.all: set[Connection] = set()
         self.stray_endings = 0     # of connections already closed
         self.info: dict[str, Any] = {"protocol": "llmctl/1"}
 
-    async def _acquire(self) -> TcpConnection:
+    async def _acquire(self) -> Connection:
         while self.idle:
             c = self.idle.pop()
             if not c.closed:
                 return c
             self._forget(c)
-        c = await TcpConnection.connect(self.host, self.port, self.token)
+        c = await Connection.open(self.host, self.port, self.token, timeout=CONNECT_TIMEOUT,
+                                  client="llmctl-bench/1.0")
         self.all.add(c)
         if "server" not in self.info:
             self.info.update({k: c.welcome.get(k) for k in ("server", "model", "max_streams")})
@@ -216,11 +89,11 @@ class TcpTarget(Target):
     async def request(self, index: int, spec: dict[str, Any]) -> RequestRecord:
         try:
             conn = await self._acquire()
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (OSError, asyncio.TimeoutError, ServerError) as exc:
             t = now()
             return RequestRecord(index, t, t, error="connect_failed", message=str(exc))
         try:
-            rec = await asyncio.wait_for(conn.request(index, spec), self.timeout)
+            res = await asyncio.wait_for(conn.request(**spec), self.timeout)
         except asyncio.TimeoutError:
             t = now()
             await conn.close()
@@ -231,13 +104,13 @@ class TcpTarget(Target):
             self._forget(conn)
         else:
             self.idle.append(conn)
-        return rec
+        return record_of(index, res)
 
     def doubles(self) -> int:
         """Endings (DONE/ERROR) received for streams that had already ended."""
         return self.stray_endings + sum(c.stray_endings for c in self.all)
 
-    def _forget(self, conn: TcpConnection) -> None:
+    def _forget(self, conn: Connection) -> None:
         if conn in self.all:
             self.all.discard(conn)
             self.stray_endings += conn.stray_endings

@@ -13,7 +13,9 @@ a well-behaved client's requests (``--probes`` greedy requests, TTFT and end-to-
   receive buffer). Reports when they were parked and cancelled (``slow_client``), the
   probe latency beside them, and that the probes never timed out.
 
-Percentiles are ``bench_stats.percentile``. Prints a table; ``--json`` writes the figures.
+Well-behaved connections (the probes, the idle ones) are ``common.client`` connections; the
+slowloris and non-reading ones are raw sockets, on purpose. Percentiles are nearest-rank
+(``common.stats.percentile``). Prints the figures; ``--json`` writes them.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from typing import Any
 import psutil
 
 from llmctl.common import protocol as p
-from llmctl.tools.bench_stats import percentile
+from llmctl.common.client import Connection
+from llmctl.common.stats import percentile
 from llmctl.tools.bench_targets import TcpTarget
-from llmctl.tools.soak import status
+from llmctl.tools.service_status import gateway_address, status
 
 PROMPT = {"prompt": "Once upon a time", "max_tokens": 16, "temperature": 0.0}
 
@@ -55,25 +58,13 @@ async def probe(url: str, n: int) -> dict[str, Any]:
 async def idle(host: str, port: int, url: str, n: int, probes: int, gw: psutil.Process) -> dict:
     base = await probe(url, probes)
     rss0 = gw.memory_info().rss
-    conns = []
-    for _ in range(n):
-        r, w = await asyncio.open_connection(host, port)
-        w.write(p.hello("idle/1.0"))
-        conns.append((r, w))
-    for r, _ in conns:                    # every WELCOME back: all handshakes done
-        await _read_frame(r)
-    rss1 = gw.memory_info().rss
+    conns = [await Connection.open(host, port, client="idle/1.0") for _ in range(n)]
+    rss1 = gw.memory_info().rss           # every WELCOME back: all handshakes done
     beside = await probe(url, probes)
-    for _, w in conns:
-        w.close()
+    await asyncio.gather(*(c.close() for c in conns))
     return {"connections": n, "rss_growth_mib": round((rss1 - rss0) / 2**20, 1),
             "rss_per_connection_kib": round((rss1 - rss0) / n / 1024, 1),
             "probe_alone": base, "probe_beside": beside}
-
-
-async def _read_frame(r: asyncio.StreamReader) -> bytes:
-    n = int.from_bytes(await r.readexactly(4), "big")
-    return await r.readexactly(n)
 
 
 async def slowloris(host: str, port: int, n: int, timeout: float) -> dict:
@@ -145,8 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     st = status(args.config)
     if not st.get("running"):
         raise SystemExit(f"llmctl is not running with {args.config}")
-    host, port_s = st["gateway"]["listening"][0].rsplit(":", 1)
-    port = int(port_s)
+    host, port = gateway_address(st)
     url = f"tcp://{host}:{port}"
     gw = psutil.Process(st["gateway"]["pid"])
     out: dict[str, Any] = {"gateway_pid": gw.pid}

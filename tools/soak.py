@@ -13,7 +13,8 @@ serving again.
 It counts what a user would: requests sent, done, errors by code, **lost** (no DONE or
 ERROR within the client's timeout, or the connection closed under the request) and
 **double** (a second DONE/ERROR for a stream that had ended), the actions taken, the
-workers' restarts and the time from the last action until all were ready again.
+workers' restarts and the time from the last action until all were ready again, and the
+end-to-end latency of the requests done (nearest-rank p50/p99, ``common.stats``).
 Exit status 0 when nothing was lost or doubled and every worker serves at the end.
 """
 from __future__ import annotations
@@ -24,33 +25,19 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llmctl.tools.bench import BUILTIN_PROMPTS, Workload, closed_loop
+from llmctl.common.stats import percentile
+from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop
 from llmctl.tools.bench_stats import RequestRecord
 from llmctl.tools.bench_targets import TcpTarget
+from llmctl.tools.service_status import gateway_address, serving, status
 
 LOST = ("client_timeout", "connection_closed", "connection_error", "connect_failed")
-SERVING = ("ready", "busy")
-
-
-def status(config: str) -> dict[str, Any]:
-    """``llmctl status --json`` of the service under test."""
-    r = subprocess.run([sys.executable, "-m", "llmctl.control", "status", "--json", "-c", config],
-                       capture_output=True, text=True, timeout=30)
-    try:
-        return json.loads(r.stdout)
-    except ValueError:
-        return {"running": False}
-
-
-def serving(st: dict[str, Any]) -> bool:
-    return bool(st.get("running")) and all(w["state"] in SERVING for w in st["workers"])
 
 
 async def chaos(config: str, stop: asyncio.Event, every: tuple[float, float],
@@ -86,7 +73,7 @@ async def soak(config: str, target: str, duration: float, clients: int, every: t
     before = await asyncio.to_thread(status, config)
     if not before.get("running"):
         raise SystemExit(f"llmctl is not running with {config}")
-    host, port = before["gateway"]["listening"][0].rsplit(":", 1)
+    host, port = gateway_address(before)
     tgt = TcpTarget(target or f"tcp://{host}:{port}", timeout=120.0)
     await tgt.open()
     work = Workload(BUILTIN_PROMPTS, max_tokens=max_tokens, temperature=0.7, seed=seed)
@@ -119,9 +106,12 @@ def report(records: list[RequestRecord], doubles: int, actions: list[dict[str, A
            recovery_s: float | None, t_load: float) -> dict[str, Any]:
     errors = Counter(r.error for r in records if r.error)
     lost = sum(n for code, n in errors.items() if code in LOST)
+    e2e = [r.e2e * 1000 for r in records if r.ok and r.e2e is not None]
     return {
         "duration_s": round(t_load, 1), "sent": len(records),
         "done": sum(1 for r in records if r.ok),
+        "done_e2e_ms": {q: round(percentile(e2e, int(q[1:])), 1) if e2e else None
+                        for q in ("p50", "p99")},
         "errors": dict(sorted((k, v) for k, v in errors.items() if k not in LOST)),
         "lost": lost, "lost_by_kind": {k: v for k, v in errors.items() if k in LOST},
         "double": doubles,
