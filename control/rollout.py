@@ -42,8 +42,10 @@ class Replacement:
 
 class Rollout:
     def __init__(self, cfg: Config, drain: Callable[[WorkerProcess], None],
-                 forget: Callable[[WorkerProcess, str], None]) -> None:
+                 forget: Callable[[WorkerProcess, str], None],
+                 spawn: Callable[[str, Config], WorkerProcess] = WorkerProcess) -> None:
         self.cfg = cfg
+        self.spawn = spawn                           # a worker process, not yet started
         self.workers: dict[str, WorkerProcess] = {}  # name -> the process serving it
         self.desired: dict[str, Config] = {}
         self.in_place: set[str] = set()              # names to replace without a surge
@@ -90,7 +92,7 @@ class Rollout:
         for name, cfg in sorted(self.desired.items()):
             w = self.workers.get(name)
             if w is None:
-                new = WorkerProcess(name, cfg)
+                new = self.spawn(name, cfg)
                 await new.start()
                 self.workers[name] = new
             elif w.cfg != cfg:
@@ -98,7 +100,7 @@ class Rollout:
                 self.current = Replacement(name, w, None, surge=surge,
                                            phase="starting" if surge else "draining")
                 if surge:
-                    self.current.new = WorkerProcess(name, cfg)
+                    self.current.new = self.spawn(name, cfg)
                     await self.current.new.start()
                 else:
                     self.workers.pop(name)
@@ -136,7 +138,7 @@ class Rollout:
             if r.surge or r.name not in self.desired:
                 self._done(r)
             else:                                    # in place: now start the new one
-                r.new = WorkerProcess(r.name, self.desired[r.name])
+                r.new = self.spawn(r.name, self.desired[r.name])
                 await r.new.start()
                 r.phase, r.since, r.old = "starting", time.monotonic(), None
                 self.in_place.discard(r.name)
