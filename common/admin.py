@@ -83,7 +83,6 @@ class SetDefaults(_Msg, tag="set_defaults"):
 
 Command = Union[Status, Stop, Restart, Reload, Ping, Drain, DrainWorker, WorkerExited, Procs,
                 SetDefaults]
-CLI_COMMANDS = (Status, Stop, Restart, Reload)
 
 
 # ---- gateway -> supervisor ---------------------------------------------------------------

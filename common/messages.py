@@ -390,15 +390,3 @@ def error(rid: int, err: Any) -> list[bytes]:
     """ERROR for ``rid`` from a typed error (``common.errors.LlmctlError``)."""
     return encode(Kind.ERROR, rid, body(ErrorBody(err.code.value, err.message,
                                                   err.retry_after_ms)))
-
-
-# ---- control socket (CLI <-> supervisor, supervisor <-> gateway admin) -----------------
-
-def parse(raw: bytes) -> dict[str, Any]:
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:
-        raise MessageError(f"control message is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise MessageError("control message is not an object")
-    return obj

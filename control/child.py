@@ -43,13 +43,11 @@ class ChildProcess:
     def __init__(self, name: str, cfg: Config) -> None:
         self.name = name
         self.cfg = cfg
-        self.spawns = 0
         self._spawn_id = 0
         self._psutil: psutil.Process | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self.state = "stopped"          # starting | running | backoff | fatal | stopped
         self.restarts = 0
-        self.started_at = 0.0           # wall clock, for display
         self._started_mono = 0.0
         self.last_exit: int | None = None
         self.crashes: deque[float] = deque()     # failures before READY, in the window
@@ -116,7 +114,6 @@ class ChildProcess:
             return None
 
     async def start(self) -> None:
-        self.spawns += 1
         self._spawn_id = next(_SPAWN_IDS)
         env = dict(os.environ)
         env[CONFIG_JSON_ENV] = self.cfg.to_json()
@@ -126,7 +123,6 @@ class ChildProcess:
             stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
         self.state = self.initial_state
         self.was_ready = False
-        self.started_at = time.time()
         self._started_mono = time.monotonic()
         self._pump = asyncio.create_task(self._pump_output(self.proc))
         log.info("%s started: pid %d", self.name, self.proc.pid)

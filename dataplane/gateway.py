@@ -25,8 +25,7 @@ from llmctl.common.config import Config
 from llmctl.common.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
                                   from_code)
 from llmctl.common.protocol import Defaults, GenerateRequest
-from llmctl.dataplane.counters import Counters
-from llmctl.dataplane.metrics import GatewayMetrics
+from llmctl.dataplane.metrics import Counters, GatewayMetrics
 from llmctl.dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
 
 log = logging.getLogger(__name__)

@@ -9,15 +9,18 @@
 * ``Rate``: per-second counts in a ring: events per second over the window.
 
 Values are in milliseconds.  ``GatewayMetrics`` holds what the gateway measures and
-renders a snapshot for ``llmctl status`` / ``llmctl top``; ``dataplane.prom`` turns it
-into Prometheus exposition.
+renders a snapshot for ``llmctl status`` / ``llmctl top``; ``Counters`` are its counters,
+one typed field per thing counted; ``dataplane.prom`` turns both into Prometheus
+exposition.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.common.stats import rank_index
@@ -203,3 +206,34 @@ class GatewayMetrics:
                             "decode_ms": round(self.worker_decode_ms.get(w, 0.0), 1)}
                         for w, r in self.worker_tokens.items()},
         }
+
+
+@dataclass
+class Counters:
+    admitted: int = 0
+    dispatched: int = 0
+    done: int = 0
+    cancelled: int = 0             # by the client (CANCEL, disconnect)
+    cancelled_queued: int = 0
+    cancelled_prefill: int = 0     # where the worker was when it stopped
+    cancelled_decode: int = 0
+    expired_queued: int = 0
+    expired_running: int = 0
+    requeued: int = 0              # sent to another worker: its own died before output
+    worker_failed: int = 0
+    slow_clients: int = 0          # streams ended with slow_client (or clients dropped)
+    parked: int = 0
+    resumed: int = 0
+    probes: int = 0
+    probes_failed: int = 0
+    prompt_tokens: int = 0
+    cache_hit_tokens: int = 0
+    dropped_messages: int = 0      # malformed internal messages, logged and dropped
+    connections: int = 0           # open TCP client connections (a gauge)
+    errors: Counter[str] = field(default_factory=Counter)   # answered to clients, by code
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter but the errors and the connections gauge, as status shows them."""
+        out = dataclasses.asdict(self)
+        del out["errors"], out["connections"]
+        return out

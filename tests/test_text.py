@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmctl.worker.text import TextStream
+from llmctl.worker.engine import TextStream
 
 
 def feed(stream: TextStream, pieces: list[bytes]) -> tuple[list[str], str]:

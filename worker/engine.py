@@ -5,10 +5,12 @@ bounded unit of work and returns the events it produced (``Event``: a TOKEN piec
 DONE statistics or an error), so that the loop reads CANCELs and heartbeats between
 units.  ``Prompting`` turns a request's fields into a ``Sequence`` (tokens, sampler chain,
 text stream); ``reusable_prefix`` and ``prefill_chunk`` are the prefill rules that keep a
-prompt-cache hit bit-identical to a miss.
+prompt-cache hit bit-identical to a miss.  ``TextStream`` turns token bytes into text that
+never splits a code point and never shows any part of a stop string.
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,6 @@ from typing import Any, Mapping
 from llmctl.common.errors import BadRequest
 from llmctl.common.messages import WorkRequest, work_request
 from llmctl.common.prefix import request_hashes
-from llmctl.worker.text import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +158,53 @@ def done_stats(seq: Any, reason: str) -> dict[str, Any]:
         "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
         "decode_ms": round((now - prefill_end) * 1000, 3),
     }
+
+
+# ---- text: bytes -> whole code points -> stop strings ----------------------------------
+
+class TextStream:
+    def __init__(self, stop: tuple[str, ...] = ()) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(s for s in stop if s)
+        self._held = ""          # decoded text not yet released (may start a stop string)
+        self.stopped = False     # a stop string was matched
+
+    def push(self, piece: bytes) -> str:
+        """Feed one token's bytes; return the text that is safe to send now."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(piece)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """End of generation: flush whatever is held (an incomplete code point
+        becomes U+FFFD)."""
+        if self.stopped:
+            return ""
+        self._held += self._decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self._held
+        if not self._stop:
+            self._held = ""
+            return text
+        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return text[:cut]
+        keep = 0 if final else _longest_partial(text, self._stop)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+
+def _longest_partial(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
