@@ -60,6 +60,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                     "prompts, but a prompt-cache hit is then no longer bit-identical to a miss")] = 63
     sha256: Annotated[str, Meta(
         description="expected sha256 of the GGUF; empty = not checked at start")] = ""
+    engine: Annotated[Literal["llama", "synthetic"], Meta(
+        description="llama = the GGUF through llama.cpp; synthetic = no model: tokens at "
+                    "[synthetic]'s pace, for benchmarks and tests of the data plane")] = "llama"
 
 
 class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -128,6 +131,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     token_window: Annotated[int, Meta(
         ge=1, le=100_000,
         description="TOKEN messages a worker may send ahead of what a stream's client has taken")] = 16
+    uvloop: Annotated[bool, Meta(
+        description="serve on uvloop's event loop when it is installed (faster sockets); "
+                    "false = asyncio's own")] = True
 
 
 class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -190,6 +196,20 @@ class GpuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
         ge=0.1, le=3600.0, description="how often the supervisor reads VRAM use")] = 2.0
 
 
+class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    step_ms: Annotated[float, Meta(
+        ge=0.0, le=10_000.0,
+        description="time one engine step takes: a token for every decoding sequence "
+                    "(1.0 = 1,000 tokens/s per sequence, a GPU's pace)")] = 1.0
+    prefill_tokens_per_ms: Annotated[float, Meta(
+        ge=0.001, le=1e6, description="prompt evaluation speed (a prompt is about 4 bytes a token)")] \
+        = 50.0
+    piece: Annotated[str, Meta(description="the text of every generated token")] = " tok"
+    stamp: Annotated[bool, Meta(
+        description="each token's text is the monotonic time (ns) it was made, for the load "
+                    "generator's added-latency measurement (`llmctl bench --stamped`)")] = False
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -198,6 +218,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     http: HttpConfig = HttpConfig()
     control: ControlConfig = ControlConfig()
     gpu: GpuConfig = GpuConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
     source: str = ""  # the file it came from ("" = defaults)
 
     # ---- derived, absolute paths -------------------------------------------------

@@ -79,13 +79,14 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         print(f"llmctl is already running (supervisor pid {pid}); nothing changed.")
         return 0
     _clean_run_dir(cfg)
-    if not cfg.model_path.is_file():
+    synthetic = cfg.model.engine == "synthetic"       # no model file, no memory plan
+    if not synthetic and not cfg.model_path.is_file():
         print(f"error: model file not found: {cfg.model_path}\n"
               f"  run `make setup` (or python -m llmctl.tools.fetch_model) to fetch the default model",
               file=sys.stderr)
         return 2
     try:
-        plan = gpu.startup_plan(cfg)
+        plan = None if synthetic else gpu.startup_plan(cfg)
     except (gpu.VramBudgetError, gpu.ModelInfoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 PROCS_EVERY_S = 0.5          # process figures pushed to the gateway (/metrics)
 # Sections a rolling reload applies; the rest needs a restart of the gateway.
-ROLLING = ("model", "workers", "generation")
+ROLLING = ("model", "workers", "generation", "synthetic")
 GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
@@ -239,7 +239,7 @@ class Supervisor:
     # ---- GPU memory -----------------------------------------------------------------------
     async def _watch_vram(self) -> None:
         """Sample per-worker VRAM (NVML); a breach may ask for a worker with fewer layers."""
-        if self.gpu is None or not self.gpu.enforced:
+        if self.gpu is None or not self.gpu.enforced or self.cfg.model.engine == "synthetic":
             return
         # With a GPU, read the GGUF for the estimate (seconds: off the event loop).
         self.gpu = await asyncio.to_thread(gpu.GpuMonitor.for_config, self.cfg)
@@ -364,7 +364,8 @@ def _kill(w: ChildProcess) -> None:
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
-    for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu"):
+    for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
+                    "synthetic"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):

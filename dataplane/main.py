@@ -84,11 +84,25 @@ async def _serve(cfg: Config) -> None:
         ctx.term()
 
 
+def _run(cfg: Config) -> None:
+    """The loop: uvloop's when ``[gateway] uvloop`` and it is installed (its transports
+    write a frame in a fraction of asyncio's time), else asyncio's."""
+    if cfg.gateway.uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed: the asyncio event loop serves")
+        else:
+            uvloop.run(_serve(cfg))
+            return
+    asyncio.run(_serve(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = Config.from_json(os.environ[CONFIG_JSON_ENV])
     setup_child_logging("gateway")
     try:
-        asyncio.run(_serve(cfg))
+        _run(cfg)
     except OSError as exc:
         log.error("gateway cannot start: %s", exc)
         return 2

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import zmq
 
@@ -23,14 +24,13 @@ from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
 from llmctl.common import messages as m
 from llmctl.common.errors import InternalError, LlmctlError
-from llmctl.worker.batch import BatchEngine
 from llmctl.worker.engine import Event, ModelLoadError
 
 log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: BatchEngine) -> None:
+    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: Any) -> None:
         self.cfg = cfg
         self.id = worker_id
         self.endpoint = endpoint
@@ -185,6 +185,24 @@ class Worker:
         return out
 
 
+def make_engine(cfg: Config) -> Any:
+    """The engine ``[model] engine`` names: llama.cpp's batching engine, or the synthetic one."""
+    if cfg.model.engine == "synthetic":
+        from llmctl.worker.synthetic import SyntheticEngine
+        log.info("synthetic engine: %g ms a step, %d slot(s)", cfg.synthetic.step_ms,
+                 cfg.workers.slots)
+        return SyntheticEngine(cfg.synthetic, cfg.model.n_ctx, cfg.workers.slots,
+                               model_name=os.path.basename(cfg.model.path).removesuffix(".gguf"))
+    from llmctl.worker.batch import BatchEngine
+    threads = cfg.worker_threads()
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d, slots=%d)", cfg.model.path,
+             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.workers.slots)
+    return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
+                       cfg.model.n_batch, slots=cfg.workers.slots,
+                       prompt_cache=cfg.workers.prompt_cache,
+                       prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmctl-worker")
     p.add_argument("--id", required=True)
@@ -204,15 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    threads = cfg.worker_threads()
-    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d, slots=%d)", cfg.model.path,
-             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.workers.slots)
     t0 = time.monotonic()
     try:
-        engine = BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
-                             cfg.model.n_batch, slots=cfg.workers.slots,
-                             prompt_cache=cfg.workers.prompt_cache,
-                             prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20)
+        engine = make_engine(cfg)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
