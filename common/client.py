@@ -1,8 +1,10 @@
 """The client of the wire protocol (PROTOCOL.md v1): one implementation, asyncio at its core.
 
 * ``Connection`` (asyncio): ``await Connection.open(host, port, token=...)`` connects and
-  does HELLO/WELCOME (``hello=False``: later, with ``await conn.hello(token)``). A reader
-  task timestamps every frame on arrival (``time.perf_counter``) and hands it to the stream
+  does HELLO/WELCOME (``hello=False``: later, with ``await conn.hello(token)``). Bytes are
+  decoded as the event loop receives them (no reader task woken per read: a load generator
+  at tens of thousands of tokens a second shares the CPU with what it measures); every
+  frame is timestamped on arrival (``time.perf_counter``) and handed to the stream
   waiting for it (``request``, ``collect``), to ``ping``, or else to ``recv_frame()``.
   ``stray_endings`` counts the DONE/ERROR frames that came for a stream whose end had
   already been collected: a request answered twice.
@@ -78,6 +80,25 @@ class Result:
             self.error, self.t_end = p.parse_json(f.payload), t
 
 
+class _FeedReader(asyncio.StreamReader):
+    """The StreamReader ``Connection.open`` gives asyncio's protocol: what arrives goes
+    straight to the connection (``on_data``), nothing is buffered here."""
+
+    def __init__(self) -> None:
+        super().__init__(limit=1 << 16)
+        self.on_data: Any = None
+        self.on_end: Any = None
+
+    def feed_data(self, data: bytes) -> None:
+        self.on_data(data)
+
+    def feed_eof(self) -> None:
+        self.on_end(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.on_end(exc)
+
+
 class Connection:
     """One connection to the gateway's TCP front; many streams may be open on it."""
 
@@ -97,14 +118,23 @@ class Connection:
         self._pongs: deque[asyncio.Future[None]] = deque()
         self._next = 0
         self.last_rx = now()
-        self._task = asyncio.create_task(self._read_loop())
+        self._task: asyncio.Task[None] | None = None
+        if isinstance(reader, _FeedReader):
+            reader.on_data, reader.on_end = self._on_data, self._on_end
+        else:
+            self._task = asyncio.create_task(self._read_loop())
 
     @classmethod
     async def open(cls, host: str, port: int, token: str | None = None, *, hello: bool = True,
                    timeout: float | None = 10.0, client: str = NAME,
                    max_frame: int = MAX_FRAME) -> "Connection":
         """Connect (and, with ``hello``, do the handshake), each within ``timeout``."""
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        loop = asyncio.get_running_loop()
+        reader = _FeedReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: protocol, host, port), timeout)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -255,6 +285,21 @@ class Connection:
             await self._wakeup.wait()
         return self._inbox.popleft()
 
+    def _on_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        t = self.last_rx = now()
+        try:
+            for f in self.decoder.feed(data):
+                self._dispatch(f, t)
+        except (LlmctlError, ValueError) as exc:     # ValueError: a split code point
+            self._closed(("connection_error", f"{type(exc).__name__}: {exc}"))
+
+    def _on_end(self, exc: BaseException | None) -> None:
+        if not self.closed:
+            self._closed(("connection_closed", "the server closed the connection")
+                         if exc is None else ("connection_error", f"{type(exc).__name__}: {exc}"))
+
     async def _read_loop(self) -> None:
         why = ("connection_closed", "the server closed the connection")
         try:
@@ -316,9 +361,12 @@ class Connection:
         self.writer.close()
 
     async def close(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            if not self._task.done():
+                self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        elif not self.closed:
+            self._closed(("connection_closed", "the connection was closed by this client"))
         self.writer.close()
         try:
             await self.writer.wait_closed()

@@ -13,7 +13,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -53,8 +53,7 @@ CLIENT_TYPES = frozenset({FrameType.HELLO, FrameType.GENERATE, FrameType.CANCEL,
 SERVER_TYPES = frozenset(set(FrameType) - CLIENT_TYPES)
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     type: FrameType
     stream: int
     payload: bytes = b""
@@ -76,15 +75,17 @@ def check_length(header: bytes, max_frame: int) -> int:
     return length
 
 
+_TYPES = {int(t): t for t in FrameType}
+
+
 def decode_body(body: bytes, allowed: frozenset[FrameType] = CLIENT_TYPES) -> Frame:
     """Decode type + stream + payload (the bytes the length field counted)."""
     if len(body) < MIN_LENGTH:
         raise ProtocolError("truncated frame")
     ftype, stream = _BODY_HEAD.unpack_from(body)
-    try:
-        t = FrameType(ftype)
-    except ValueError:
-        raise ProtocolError(f"unknown frame type 0x{ftype:02x}") from None
+    t = _TYPES.get(ftype)
+    if t is None:
+        raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
     if t not in allowed:
         raise ProtocolError(f"frame type {t.name} is not valid in this direction")
     return Frame(t, stream, bytes(body[MIN_LENGTH:]))
@@ -100,15 +101,20 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         frames = []
-        while len(self._buf) >= HEADER_SIZE:
-            length = check_length(bytes(self._buf[:HEADER_SIZE]), self.max_frame)
-            if len(self._buf) < HEADER_SIZE + length:
-                break
-            body = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
-            del self._buf[:HEADER_SIZE + length]
-            frames.append(decode_body(body, self.allowed))
+        off, end = 0, len(buf)
+        try:
+            while end - off >= HEADER_SIZE:
+                length = check_length(bytes(buf[off:off + HEADER_SIZE]), self.max_frame)
+                if end - off < HEADER_SIZE + length:
+                    break
+                start = off + HEADER_SIZE
+                off = start + length
+                frames.append(decode_body(bytes(buf[start:off]), self.allowed))
+        finally:
+            del buf[:off]            # once per feed, not once per frame
         return frames
 
     @property
@@ -315,8 +321,14 @@ def welcome(server: str, model: str, max_frame: int, max_streams: int) -> bytes:
         "max_frame": max_frame, "max_streams": max_streams}))
 
 
+_FRAME_HEAD = struct.Struct(">IBI")      # length, type, stream: a whole frame header
+_TOKEN_TYPE = int(FrameType.TOKEN)
+
+
 def token(stream: int, text: str) -> bytes:
-    return encode_frame(FrameType.TOKEN, stream, text.encode("utf-8"))
+    """A TOKEN frame (the hot path: ``stream`` is one the client opened, in range)."""
+    data = text.encode("utf-8")
+    return _FRAME_HEAD.pack(MIN_LENGTH + len(data), _TOKEN_TYPE, stream) + data
 
 
 def done(stream: int, stats: dict[str, Any]) -> bytes:
