@@ -57,6 +57,8 @@ class Gateway:
         self.events: asyncio.Queue[admin.FromGateway] = asyncio.Queue()   # for the supervisor
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
+        self.dirty: list[Any] = []
+        self._tokens = 0                      # client tokens of the message being handled            # sinks holding output to write (``flush``)
 
     # ---- the fronts' interface ------------------------------------------------------
     def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0) -> Request:
@@ -103,6 +105,15 @@ class Gateway:
         log.info("draining: new requests are refused")
 
     # ---- the worker link's interface --------------------------------------------------
+    def flush(self) -> None:
+        """The end of a round of worker messages: every sink that queued output
+        writes it now, once (tcp.Connection.flush)."""
+        dirty = self.dirty
+        if dirty:
+            self.dirty = []
+            for sink in dirty:
+                sink.flush()
+
     def outgoing(self) -> list[tuple[str, list[bytes]]]:
         """Everything to send to workers now, in order: resumes, control messages, the
         token credit owed (one CREDIT per worker), then new work for free credits."""
@@ -137,11 +148,17 @@ class Gateway:
             if not isinstance(msg, m.Bye):   # we restarted: it must say READY again
                 log.info("message from unknown worker %s: ignored until its READY", wid)
         elif isinstance(msg, m.Batch):
+            self._tokens = 0
             for item in msg.items:
                 self._on_item(w, item)
+            if self._tokens:
+                self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
             self.wake.set()
         elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Invalid)):
+            self._tokens = 0
             self._on_item(w, msg)
+            if self._tokens:
+                self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
             self.wake.set()
         elif isinstance(msg, m.Bye):
             self.worker_lost(wid, "worker left")
@@ -182,10 +199,11 @@ class Gateway:
         now = time.monotonic()
         if req.t_first is None:
             req.t_first = now
-        gap = (now - req.t_last) * 1000 if req.t_last is not None else None
+        elif not req.internal:
+            self.metrics.itl.observe((now - req.t_last) * 1000, now)
         req.t_last = now
         if not req.internal:
-            self.metrics.on_token(w.name, gap, now)
+            self._tokens += 1
         req.pieces += 1
         if req.pieces - req.granted >= self.window and req.stalled_since is None:
             req.stalled_since = now     # the worker may send no more: paused

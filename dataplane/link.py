@@ -21,6 +21,10 @@ from llmctl.dataplane.gateway import Gateway
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
+# Worker messages handled in one round, before the fronts write what they produced: what
+# is already waiting is taken at once (its output leaves in one write per connection),
+# bounded so that the loop still serves the clients between rounds.
+ROUND_MAX = 64
 
 
 class WorkerLink:
@@ -48,16 +52,31 @@ class WorkerLink:
 
     async def _receiver(self) -> None:
         assert self.router is not None
-        while True:
-            frames = await self.router.recv_multipart()
-            wid = frames[0].decode(errors="replace")
-            try:
-                msg = m.from_worker(frames[1:])
-            except m.MessageError as exc:
-                self.gw.counters.dropped_messages += 1
-                log.error("dropped a malformed message from worker %s: %s", wid, exc)
-                continue
-            self.gw.on_worker(wid, msg)
+        # The same socket without the asyncio layer: takes what is already queued, or
+        # raises zmq.Again at once.
+        waiting = zmq.Socket.shadow(self.router.underlying)
+        try:
+            while True:
+                self._handle(await self.router.recv_multipart())
+                for _ in range(ROUND_MAX - 1):
+                    try:
+                        frames = waiting.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                self.gw.flush()
+        finally:
+            self.gw.flush()
+
+    def _handle(self, frames: list[bytes]) -> None:
+        wid = frames[0].decode(errors="replace")
+        try:
+            msg = m.from_worker(frames[1:])
+        except m.MessageError as exc:
+            self.gw.counters.dropped_messages += 1
+            log.error("dropped a malformed message from worker %s: %s", wid, exc)
+            return
+        self.gw.on_worker(wid, msg)
 
     async def _sender(self) -> None:
         gw = self.gw

@@ -46,12 +46,18 @@ class LogHistogram:
 
     def observe(self, v: float) -> None:
         v = max(0.0, float(v))
-        i = bisect.bisect_left(_BOUNDS, v)   # bucket i holds (BOUNDS[i-1], BOUNDS[i]]
-        self.counts[i] = self.counts.get(i, 0) + 1
+        self.add(bisect.bisect_left(_BOUNDS, v), v)   # bucket i holds (BOUNDS[i-1], BOUNDS[i]]
+
+    def add(self, i: int, v: float) -> None:
+        """``v`` in bucket ``i`` (the hot path: the bucket found once for several)."""
+        counts = self.counts
+        counts[i] = counts.get(i, 0) + 1
         self.count += 1
         self.sum += v
-        self.min = min(self.min, v)
-        self.max = max(self.max, v)
+        if v < self.min:
+            self.min = v
+        if v > self.max:
+            self.max = v
 
     def merge(self, other: "LogHistogram") -> None:
         for i, n in other.counts.items():
@@ -101,8 +107,10 @@ class Windowed:
         if not self._slices or self._slices[-1][0] != sec:
             self._slices.append((sec, LogHistogram()))
             self._trim(sec)
-        self._slices[-1][1].observe(ms)
-        self.total.observe(ms)
+        ms = max(0.0, float(ms))
+        i = bisect.bisect_left(_BOUNDS, ms)
+        self._slices[-1][1].add(i, ms)
+        self.total.add(i, ms)
         self.prom[bisect.bisect_left(PROM_BUCKETS_S, ms / 1000.0)] += 1
 
     def _trim(self, sec: int) -> None:
@@ -168,14 +176,13 @@ class GatewayMetrics:
         self.worker_prefill_ms: dict[str, float] = {}
         self.worker_decode_ms: dict[str, float] = {}
 
-    def on_token(self, worker: str, gap_ms: float | None, now: float) -> None:
-        self.tokens_out.add(1, now)
+    def on_tokens(self, worker: str, n: int, now: float) -> None:
+        """``n`` tokens of one worker message went to clients (their gaps are ``itl``)."""
+        self.tokens_out.add(n, now)
         rate = self.worker_tokens.get(worker)
         if rate is None:
             rate = self.worker_tokens[worker] = Rate(self.window_s)
-        rate.add(1, now)
-        if gap_ms is not None:
-            self.itl.observe(gap_ms, now)
+        rate.add(n, now)
 
     def on_done(self, worker: str, stats: dict[str, Any], now: float) -> None:
         self.requests.add(1, now)
