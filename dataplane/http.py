@@ -143,6 +143,7 @@ class Reply:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = model
+        self._event: tuple[bytes, bytes] | None = None   # token_event's template
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -180,6 +181,17 @@ class Reply:
                       "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
+    def token_event(self, text: str) -> bytes:
+        """The SSE event of one token: ``chunk(text)`` as ``data: ...``, from a template
+        made once per request (the hot path: one JSON string encoded per token)."""
+        if self._event is None:
+            mark = "\x00"
+            body = _dumps(self.chunk(mark))
+            head, tail = body.split(_dumps(mark), 1)
+            self._event = ("data: " + head).encode(), (tail + "\n\n").encode()
+        head, tail = self._event
+        return head + _dumps(text).encode("utf-8") + tail
+
     def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": self.usage(stats)}
 
@@ -187,20 +199,34 @@ class Reply:
 # ---- the sink ---------------------------------------------------------------------------
 
 class HttpSink:
-    """A request's output, queued for its handler.  The queue is bounded by the
-    worker's token window: tokens the handler has not written hold their credit."""
+    """A request's output, held for its handler: the tokens not yet written (bounded by
+    the worker's token window: they hold their credit), then its end."""
 
     def __init__(self) -> None:
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.tokens: list[str] = []
+        self.end: tuple[str, Any] | None = None      # ("done", stats) or ("error", err)
+        self.ready = asyncio.Event()
 
     def on_token(self, req: Request, text: str) -> None:
-        self.events.put_nowait(("token", text))
+        self.tokens.append(text)
+        self.ready.set()
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
-        self.events.put_nowait(("done", stats))
+        self.end = ("done", stats)
+        self.ready.set()
 
     def on_error(self, req: Request, err: LlmctlError) -> None:
-        self.events.put_nowait(("error", err))
+        self.end = ("error", err)
+        self.ready.set()
+
+    async def next(self) -> tuple[list[str], tuple[str, Any] | None]:
+        """What came since the last call: the tokens, in order, and the end if it came
+        (after them); waits while there is nothing."""
+        while not self.tokens and self.end is None:
+            self.ready.clear()
+            await self.ready.wait()
+        tokens, self.tokens = self.tokens, []
+        return tokens, self.end
 
 
 class _ClientGone(Exception):
@@ -233,39 +259,43 @@ class _Exchange:
         assert self.req is not None
         parts: list[str] = []
         while True:
-            kind, val = await self.sink.events.get()
-            if kind == "token":
-                parts.append(val)
-                self.gw.grant(self.req, 1)   # held in memory, bounded by max_tokens
-            elif kind == "done":
+            tokens, end = await self.sink.next()
+            parts += tokens
+            self.gw.grant(self.req, len(tokens))   # held in memory, bounded by max_tokens
+            if end is not None:
+                kind, val = end
+                if kind == "error":
+                    raise val
                 return web.json_response(self.reply.full("".join(parts), val), dumps=_dumps)
-            else:
-                raise val
 
     async def _stream(self, include_usage: bool) -> web.StreamResponse:
         assert self.req is not None
         resp: web.StreamResponse | None = None
         try:
             while True:
-                kind, val = await self.sink.events.get()
+                tokens, end = await self.sink.next()
                 if resp is None:
-                    if kind == "error":
-                        raise val   # nothing sent yet: a plain JSON error with its status
+                    if not tokens and end is not None and end[0] == "error":
+                        raise end[1]  # nothing sent yet: a plain JSON error with its status
                     resp = await self._start()
                     if self.reply.chat:    # OpenAI's first chat chunk: the role
                         await self._send(resp, self.reply.chunk("", role=True))
-                if kind == "token":
-                    await self._send(resp, self.reply.chunk(val))
-                    self.gw.grant(self.req, 1)     # written and drained: one more may come
-                elif kind == "done":
+                if tokens:
+                    # The tokens that came together go out in one write; their credit
+                    # comes back once it is written (and drained, if it had to wait).
+                    await self._write(resp, b"".join(map(self.reply.token_event, tokens)))
+                    self.gw.grant(self.req, len(tokens))
+                if end is None:
+                    continue
+                kind, val = end
+                if kind == "done":
                     await self._send(resp, self.reply.chunk(
                         None, finish_reason=self.reply.finish_reason(val)))
                     if include_usage:
                         await self._send(resp, self.reply.usage_chunk(val))
-                    break
                 else:
                     await self._send(resp, error_body(val))
-                    break
+                break
             await self._write(resp, _DONE_EVENT)
             await resp.write_eof()
         except (_ClientGone, ConnectionError):
@@ -289,14 +319,13 @@ class _Exchange:
         """Write and wait until the connection's buffer is below its high-water mark;
         a client that takes nothing for slow_client_timeout_s is disconnected."""
         timeout = self.gw.cfg.gateway.slow_client_timeout_s
-
-        async def write() -> None:
-            await resp.write(data)
-            await self.request.writer.drain()
-
         try:
-            await asyncio.wait_for(write(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):      # no task per write (wait_for's)
+                await resp.write(data)
+                transport = self.request.transport
+                if transport is not None and transport.get_write_buffer_size():
+                    await self.request.writer.drain()  # the kernel refused some: wait
+        except TimeoutError:
             log.warning("%s: took no output for %.1fs: cancelling and disconnecting",
                         self.request.remote, timeout)
             self.gw.counters.slow_clients += 1
