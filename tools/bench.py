@@ -38,6 +38,7 @@ from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
 from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
 from llmctl.tools.bench_targets import HttpTarget, Target, TcpTarget
+from llmctl.tools.service_status import status as service_status
 
 __all__ = ["BUILTIN_PROMPTS", "Workload", "closed_loop", "open_loop", "load_prompts", "main",
            "make_target"]
@@ -46,10 +47,11 @@ __all__ = ["BUILTIN_PROMPTS", "Workload", "closed_loop", "open_loop", "load_prom
 def make_target(url: str, **options: Any) -> Target:
     scheme = urlsplit(url).scheme
     if scheme == "tcp":
-        return TcpTarget(url, token=options.get("token"), timeout=options.get("timeout", 300.0))
+        return TcpTarget(url, token=options.get("token"), timeout=options.get("timeout", 300.0),
+                         stamped=options.get("stamped", False))
     if scheme in ("http", "https"):
         return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
-                          api_key=options.get("api_key"))
+                          api_key=options.get("api_key"), stamped=options.get("stamped", False))
     if scheme == "bare":
         return BareLlamaTarget.from_url(url)      # imports llama_cpp only when opened
     raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
@@ -72,6 +74,7 @@ async def run_point(target: Target, work: Workload, args: argparse.Namespace, cl
                               progress.advance, first_index=10_000)
         progress.start(label, args.requests, args.duration)
         duration = None if args.requests else args.duration
+        cpu0 = cpu_seconds(args.cpu_pid)
         if rate:
             records = await open_loop(target, work, rate, args.requests, duration,
                                       progress.advance, seed=args.seed or 0)
@@ -80,12 +83,26 @@ async def run_point(target: Target, work: Workload, args: argparse.Namespace, cl
                                         progress.advance)
     progress.stop()
     summary = summarize(records, wall_time(records))
+    if args.cpu_pid is not None and not isinstance(target, EngineTarget):
+        cpu = cpu_seconds(args.cpu_pid) - cpu0
+        summary["gateway_cpu_s"] = cpu
+        summary["gateway_cpu_ms_per_1k_tokens"] = (
+            cpu * 1e6 / summary["tokens_out"] if summary["tokens_out"] else None)
     point: dict[str, Any] = {"target": target.url, "clients": None if rate else clients,
                              "rate": rate, "summary": summary}
     if args.raw:
         t0 = min((r.t_start for r in records), default=0.0)
         point["records"] = [r.to_dict(t0) for r in records]
     return point
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds process ``pid`` has used (0 without one)."""
+    if pid is None:
+        return 0.0
+    import psutil
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 class Progress:
@@ -169,6 +186,11 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
     work = Workload(args.prompts_list, args.max_tokens, args.temperature, args.seed, args.ignore_eos)
     points: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
+    if args.config and not args.overload:      # the gateway whose CPU each point measures
+        st = await asyncio.to_thread(service_status, args.config)
+        if not st.get("running"):
+            raise ConnectionError(f"llmctl is not running with {args.config}")
+        args.cpu_pid = st["gateway"]["pid"]
     try:
         for t in targets:
             await t.open()
@@ -257,6 +279,9 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     ap.add_argument("--raw", action="store_true", help="include every request in the JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG of latency and tokens/s")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    ap.add_argument("--stamped", action="store_true",
+                    help="the target's tokens are stamped by synthetic workers ([synthetic] "
+                         "stamp = true): report the latency the data plane adds per token")
     ov = ap.add_argument_group("overload (--overload)")
     ov.add_argument("--overload", type=float, default=None, metavar="FACTOR",
                     help="offer FACTOR x the measured capacity, Poisson, for --duration "
@@ -264,7 +289,9 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     ov.add_argument("--capacity-s", type=float, default=5.0, metavar="S",
                     help="seconds of closed loop (--clients) that measure the capacity")
     ov.add_argument("-c", "--config", default=None,
-                    help="config of the running service: sample its gateway's RSS")
+                    help="config of the llmctl under test: report its gateway's CPU per "
+                         "1,000 tokens at every point (with --compare, both targets should "
+                         "be its fronts); with --overload: sample its RSS")
     en = ap.add_argument_group("engine (--engine)")
     en.add_argument("--slots", type=int, default=None, help="default: the most --clients")
     en.add_argument("--threads", type=int, default=None, help="default: all cores")
@@ -287,8 +314,7 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.engine and (args.compare or args.rate or args.duration):
         ap.error("--engine is a closed loop of --requests: it takes no --compare, --rate "
                  "or --duration")
-    if args.config and args.overload is None:
-        ap.error("-c/--config goes with --overload")
+    args.cpu_pid = None
     if args.requests is None and args.duration is None:
         args.requests = 20
     if args.requests is not None and args.requests <= 0:
@@ -305,10 +331,20 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(str(exc))
 
 
+def _run_loop(coro: Any) -> Any:
+    """On uvloop when it is installed: the load generator shares the CPU with what it
+    measures, and every microsecond it spends per token is one the target loses."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     """Run, print, write the files; 0 when every point had a successful request."""
     try:
-        result = asyncio.run(run_async(args, targets))
+        result = _run_loop(run_async(args, targets))
     except (OSError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -335,7 +371,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.benc
             args.n_batch, args.n_gpu_layers, args.kv_unified)]
     else:
         opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
-                "api_key": args.api_key}
+                "api_key": args.api_key, "stamped": args.stamped}
         try:
             targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
         except ValueError as exc:

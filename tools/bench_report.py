@@ -61,6 +61,19 @@ def print_report(result: dict[str, Any], console: Any = None) -> None:
                       _f(s["itl_pooled_ms"]["p50"]), _f(s["itl_pooled_ms"]["p99"]),
                       _f(s["e2e_ms"]["p50"]), _f(s["e2e_ms"]["p95"]), _f(s["e2e_ms"]["p99"]))
     console.print(table)
+    extra = [(p, p["summary"]) for p in result["points"]
+             if p["summary"].get("added_ms", {}).get("count") or "gateway_cpu_s" in p["summary"]]
+    if extra:
+        xt = Table(title="the data plane's share")
+        for col in ("target", "clients", "added p50", "added p99", "added max",
+                    "gateway CPU ms / 1k tokens"):
+            xt.add_column(col, justify="left" if col == "target" else "right")
+        for p, s in extra:
+            a = s.get("added_ms") or {}
+            xt.add_row(p["target"], str(p["clients"]), _f(a.get("p50"), "{:.2f}"),
+                       _f(a.get("p99"), "{:.2f}"), _f(a.get("max"), "{:.2f}"),
+                       _f(s.get("gateway_cpu_ms_per_1k_tokens"), "{:.1f}"))
+        console.print(xt)
     console.print("latencies in ms; ITL over all gaps between output pieces; "
                   "tok/s and req/s count successful requests over the measured wall time")
     if result.get("comparisons"):
@@ -111,6 +124,10 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     thr.set(xlabel=xlabel, ylabel="tokens/s", title="throughput")
     thr.set_ylim(bottom=0)
     lat.set_ylim(bottom=0)
+    xs_all = [p["clients"] if closed else p["rate"] for p in result["points"]]
+    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 32:   # 1..256 clients
+        for ax in (lat, thr):
+            ax.set_xscale("log", base=2)
     lat.legend(fontsize=6)
     thr.legend(fontsize=6)
     m = result["machine"]

@@ -60,6 +60,16 @@ class RequestRecord:
     error: str | None = None                                  # error code; None when ok
     message: str | None = None
     retry_after_ms: int | None = None
+    # --stamped: for each piece, arrival minus the worker's stamp (seconds): what the data
+    # plane added between the worker making a token and the client receiving it
+    lags: list[float] = field(default_factory=list)
+
+    def add_stamps(self, piece: str, t: float) -> None:
+        """A synthetic worker's stamped piece (``[synthetic] stamp``): the monotonic
+        nanoseconds it was made at (perf_counter and monotonic are one clock on Linux)."""
+        for word in piece.split():
+            if word.isdigit():
+                self.lags.append(t - int(word) / 1e9)
 
     @property
     def ok(self) -> bool:
@@ -128,6 +138,7 @@ def summarize(records: Sequence[RequestRecord], wall_s: float) -> dict[str, Any]
         "itl_ms": describe([r.itl for r in ok if r.itl is not None], 1000),
         "itl_pooled_ms": describe([g for r in ok for g in r.gaps], 1000),
         "e2e_ms": describe([r.e2e for r in ok if r.e2e is not None], 1000),
+        "added_ms": describe([g for r in ok for g in r.lags], 1000),
     }
 
 

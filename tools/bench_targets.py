@@ -41,10 +41,13 @@ class Target:
 
 # ---- llmctl's wire protocol --------------------------------------------------------------
 
-def record_of(index: int, res: Result) -> RequestRecord:
+def record_of(index: int, res: Result, stamped: bool = False) -> RequestRecord:
     """The bench's record of one stream the wire client collected."""
     rec = RequestRecord(index=index, t_start=res.t_start if res.t_start is not None else now(),
                         t_end=res.t_end, piece_times=list(res.piece_times))
+    if stamped:
+        for piece, t in zip(res.pieces, res.piece_times):
+            rec.add_stamps(piece, t)
     if res.done is not None:
         rec.completion_tokens = res.done.get("completion_tokens")
         rec.prompt_tokens = res.done.get("prompt_tokens")
@@ -59,8 +62,10 @@ def record_of(index: int, res: Result) -> RequestRecord:
 class TcpTarget(Target):
     """``common.client.Connection``s, one per request in flight, reused when idle."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0,
+                 stamped: bool = False) -> None:
         u = urlsplit(url)
+        self.stamped = stamped
         if not u.hostname or not u.port:
             raise ValueError(f"tcp target needs a host and a port: {url!r}")
         self.url, self.host, self.port, self.token = url, u.hostname, u.port, token
@@ -104,7 +109,7 @@ class TcpTarget(Target):
             self._forget(conn)
         else:
             self.idle.append(conn)
-        return record_of(index, res)
+        return record_of(index, res, self.stamped)
 
     def doubles(self) -> int:
         """Endings (DONE/ERROR) received for streams that had already ended."""
@@ -138,8 +143,9 @@ def sse_text(obj: dict[str, Any]) -> str:
 
 class HttpTarget(Target):
     def __init__(self, url: str, model: str | None = None, timeout: float = 300.0,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, stamped: bool = False) -> None:
         self.url = url.rstrip("/")
+        self.stamped = stamped
         self.model = model
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -196,8 +202,7 @@ class HttpTarget(Target):
             rec.t_end, rec.error, rec.message = now(), "connection_error", str(exc)
         return rec
 
-    @staticmethod
-    async def _read_sse(resp: Any, rec: RequestRecord) -> None:
+    async def _read_sse(self, resp: Any, rec: RequestRecord) -> None:
         async for raw in resp.content:
             t = now()
             line = raw.decode("utf-8", "replace").strip()
@@ -218,8 +223,10 @@ class HttpTarget(Target):
                 if code in (429, "429", "rate_limit_exceeded"):
                     rec.error = OVERLOADED
                 return
-            if sse_text(obj):
+            if text := sse_text(obj):
                 rec.piece_times.append(t)
+                if self.stamped:
+                    rec.add_stamps(text, t)
             for ch in obj.get("choices") or ():
                 if ch.get("finish_reason"):
                     rec.finish_reason = ch["finish_reason"]

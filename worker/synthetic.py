@@ -17,8 +17,9 @@ Stop strings apply as usual; there is no end-of-generation token: a sequence end
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from llmctl.common.config import SyntheticConfig
 from llmctl.common.errors import BadRequest, InternalError
