@@ -208,9 +208,12 @@ def counting(i: int) -> str:
     return ", ".join(f"{i}{k}" for k in range(1, 6)) + ","   # greedy: counts on for long
 
 
-@pytest.mark.timeout(900)      # 50 x ~300 tokens of generation before they all stall
 def test_fifty_non_reading_clients_do_not_hold_the_slots(make_service):
-    s = make_service(workers={"count": 1, "slots": 8},
+    # What is tested is the gateway's parking, not the model: synthetic workers fill 50
+    # clients' kernel buffers in seconds where the model took minutes.  Parking on the
+    # real model (its KV kept and restored) is the next-but-one test.
+    s = make_service(model={"engine": "synthetic"}, synthetic={"step_ms": 0.2},
+                     workers={"count": 1, "slots": 8},
                      gateway={"park_after_s": 0.5, "slow_client_timeout_s": 600.0,
                               "max_queue": 64})
     assert s.start().returncode == 0
