@@ -182,6 +182,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     model: str = ""
     n_ctx: int = 0
     device: str = "cpu"
+    node: str = ""           # the machine it runs on ([node] name)
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):

@@ -12,6 +12,11 @@ each on its desired config).  Every tick the loop compares that with what runs:
   answering for ``workers.liveness`` intervals (hung, SIGSTOP) is killed and restarted;
 * ``Rollout.step`` converges the workers to their desired configs, one at a time; a
   reload and the VRAM governor's restart are nothing but new desired states.
+
+On a node (``[node] join``) there is no gateway: the workers connect to the head's, and
+each tells this supervisor how its link stands (``admin.WorkerLink`` on ``node.sock``);
+restart policy, logs and the VRAM governor are the same.  On a head, ``status`` also
+lists the workers of other machines that the gateway serves.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ class Supervisor:
 
     @property
     def children(self) -> list[ChildProcess]:
-        return [self.gateway, *self.workers]
+        return self.workers if self.cfg.is_node else [self.gateway, *self.workers]
 
     # ---- main loop --------------------------------------------------------------------
     async def run(self) -> None:
@@ -77,14 +82,21 @@ class Supervisor:
         control = ctx.socket(zmq.REP)
         control.setsockopt(zmq.LINGER, 0)
         self.link = GatewayLink(ctx, self.cfg.link_endpoint, self._on_event)
+        reports = ctx.socket(zmq.PULL)
+        reports.setsockopt(zmq.LINGER, 0)
         tasks: list[asyncio.Task] = []
         try:
             bind_private(control, self.cfg.control_endpoint)
             self.link.bind()
             tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
                                                       self.link.run(), self._watch_vram())]
-            await self.gateway.start()
-            self.link.expect(self.gateway.pid)
+            if self.cfg.is_node:          # no gateway here: the workers join the head
+                bind_private(reports, self.cfg.node_endpoint)
+                tasks.append(asyncio.create_task(self._node_reports(reports)))
+                log.info("node %s: workers join %s", self.cfg.node_name, self.cfg.node.join)
+            else:
+                await self.gateway.start()
+                self.link.expect(self.gateway.pid)
             await self.rollout.step()            # the workers start with the gateway
             while not self.stop_event.is_set():
                 await self._reconcile()
@@ -98,6 +110,7 @@ class Supervisor:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             control.close(linger=0)
+            reports.close(linger=0)
             self.link.close()
             for child in self.children:
                 if child.pid:   # on an exception path, leave nothing behind
@@ -166,6 +179,26 @@ class Supervisor:
                 w = self._by_routing_id(wid)
                 if w is not None:
                     w.drained = True
+
+    async def _node_reports(self, sock: zmq.asyncio.Socket) -> None:
+        """A node's workers: their link to the head (readiness, loss, refusal)."""
+        while True:
+            raw = await sock.recv()
+            try:
+                rep = admin.decode_worker_link(raw)
+            except admin.AdminError as exc:
+                log.error("dropped a malformed worker report: %s", exc)
+                continue
+            w = self._by_routing_id(rep.worker)
+            if w is None or w.pid != rep.pid:
+                continue                          # an old spawn's last words
+            w.link, w.link_detail = rep.state, rep.detail
+            if w.state == "starting":             # loaded and warm: it serves once joined
+                w.state = "running"
+                w.mark_ready()
+            log_level = logging.WARNING if rep.state in ("lost", "refused") else logging.INFO
+            log.log(log_level, "%s: link to the head %s%s", w.name, rep.state,
+                    f" ({rep.detail})" if rep.detail else "")
 
     def _by_routing_id(self, wid: str) -> WorkerProcess | None:
         return next((w for w in self.workers if w.routing_id == wid), None)
@@ -305,12 +338,33 @@ class Supervisor:
             snap["vram_mib"] = self._vram_of(w)
             snap["cpu"] = self._cpu.get(w.name)
             snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
+            snap["node"] = self.cfg.node_name
+            if self.cfg.is_node:
+                snap["link"] = w.link or "-"
+                if w.state == "running":
+                    snap["state"] = {"joined": "running", "connecting": "connecting"}.get(
+                        w.link, w.link or "running")
+                if w.link_detail:
+                    snap["link_detail"] = w.link_detail
             workers.append(snap)
+        mine = {w.routing_id for w in self.workers}
+        for wid, info in live.items():           # other machines' workers, as the gateway sees
+            if wid not in mine and info.get("node") != self.cfg.node_name:
+                workers.append({
+                    "id": info["name"], "node": info.get("node", ""), "remote": True,
+                    "pid": info["pid"], "state": info["state"], "rss": None, "uptime_s": 0.0,
+                    "restarts": 0, "last_exit": None, "stderr_tail": [], "vram_mib": None,
+                    "cpu": None, "tokens_per_s": wm.get(info["name"], {}).get("tokens_per_s", 0.0),
+                    "last_seen_s": info.get("last_seen_s"),
+                    **{k: info[k] for k in ("slots", "credits", "inflight", "parked", "served",
+                                            "device", "kv_store")}})
         up = self.gateway_up
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "config": self.cfg.source, "model": self.cfg.model.path,
             "stopping": self.stopping,
+            "role": "node" if self.cfg.is_node else "head", "node": self.cfg.node_name,
+            "join": self.cfg.node.join, "cluster_bind": self.cfg.cluster.bind,
             "reload": {k: v for k, v in self.reload_state.items() if k != "target"},
             "gpu": self.gpu.last if self.gpu else None,
             "metrics": gw.get("metrics", {}), "free_credits": gw.get("free_credits", 0),
@@ -365,7 +419,7 @@ def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic"):
+                    "synthetic", "cluster", "node"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
@@ -394,6 +448,6 @@ def main(cfg: Config) -> int:
         asyncio.run(_main())
     finally:
         for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "link.sock",
-                  cfg.run_dir / "workers.sock"):
+                  cfg.run_dir / "workers.sock", cfg.run_dir / "node.sock"):
             p.unlink(missing_ok=True)
     return 0

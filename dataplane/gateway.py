@@ -149,9 +149,10 @@ class Gateway:
     def _on_ready(self, wid: str, info: m.ReadyInfo) -> None:
         requeued, failed = self.sched.add_worker(WorkerState(
             id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
-            device=info.device, n_ctx=info.n_ctx))
+            device=info.device, n_ctx=info.n_ctx, node=info.node))
         self._fail_orphans(wid, "it restarted", requeued, failed)
-        log.info("worker %s ready (pid %d, %d slot(s))", wid, info.pid, info.slots)
+        log.info("worker %s ready (node %s, pid %d, %d slot(s))", wid, info.node or "-",
+                 info.pid, info.slots)
         self.events.put_nowait(admin.WorkerReady(worker=wid, pid=info.pid, slots=info.slots))
         self.wake.set()
 
