@@ -23,9 +23,10 @@ from llmctl.common.config import Config
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0           # a peer that keeps failing its handshake is logged this often
-_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "not a CURVE client (plain TCP?) or a "
-           "different protocol", zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "a broken handshake "
-           "(a client pinning another head key?)",
+_HANDSHAKE = ("the security handshake failed: not a CURVE client (plain TCP?), or one "
+              "that pins another head key")
+_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: _HANDSHAKE,
+           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: _HANDSHAKE,
            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the key is not authorized"}
 
 
@@ -83,17 +84,18 @@ class ClusterBind:
     async def watch(self) -> None:
         """Log the connections the endpoint refused (counted, at most every LOG_EVERY_S)."""
         assert self.monitor is not None
-        last, since = 0.0, 0
+        last: dict[int, float] = {}
+        since: dict[int, int] = {}
         while True:
-            ev = parse_monitor_message(await self.monitor.recv_multipart())
+            kind = parse_monitor_message(await self.monitor.recv_multipart())["event"]
             self.refused += 1
-            since += 1
+            since[kind] = since.get(kind, 0) + 1
             now = time.monotonic()
-            if now - last >= LOG_EVERY_S:
-                log.warning("refused a connection to %s: %s (%d refusal(s) since the last "
-                            "such line)", self.cfg.cluster.bind,
-                            _FAILED.get(ev["event"], f"handshake failed ({ev['event']})"), since)
-                last, since = now, 0
+            if now - last.get(kind, -LOG_EVERY_S) >= LOG_EVERY_S:     # per kind of failure
+                log.warning("refused a connection to %s: %s (%d such refusal(s) since the "
+                            "last such line)", self.cfg.cluster.bind,
+                            _FAILED.get(kind, f"handshake failed ({kind})"), since[kind])
+                last[kind], since[kind] = now, 0
 
     def close(self) -> None:
         if self.monitor is not None:

@@ -94,7 +94,8 @@ def keys_of(section: str) -> list[str]:
 
 
 def test_every_section_is_a_frozen_strict_keyword_only_struct():
-    assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu"]
+    assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu",
+                        "synthetic", "cluster", "node"]
     cfg = Config()
     for part in [cfg, *(getattr(cfg, name) for name in SECTIONS)]:
         conf = type(part).__struct_config__
