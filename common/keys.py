@@ -70,8 +70,9 @@ def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         raise CurveKeyError(f"{p}: not a readable CURVE secret key: {exc}") from None
     if secret is None:
         raise CurveKeyError(f"{p}: holds no secret key (is it the .key_secret file?)")
-    if mode & 0o077:
-        raise CurveKeyError(f"{p}: a secret key must be private (mode 0600), it is {mode:04o}")
+    if mode & 0o037:       # others: nothing; the group may read (a Kubernetes fsGroup)
+        raise CurveKeyError(f"{p}: a secret key must be private (mode 0600, or 0640 for a "
+                            f"group such as a Kubernetes fsGroup), it is {mode:04o}")
     _check_z85(p, public)
     _check_z85(p, secret)
     return public, secret
