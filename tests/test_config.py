@@ -193,6 +193,13 @@ backoff_max_s = 60
 [gpu]
 kv_type = "q8_0"
 on_breach = "restart_largest"
+[synthetic]
+step_ms = 2.0
+[cluster]
+bind = "tcp://127.0.0.1:5555"
+allow_insecure = true
+[node]
+name = "gpu1"
 """))
     assert all(getattr(cfg, name) != getattr(Config(), name) for name in SECTIONS)
     again = Config.from_json(cfg.to_json())
