@@ -7,8 +7,9 @@ the ticker beats the core's clock and the heartbeats (any traffic counts as live
 
 With ``[cluster] bind`` a second ROUTER serves the workers of other machines over TCP,
 as a CURVE server whose clients pyzmq's authenticator (ZAP, ``cluster.py``) admits by
-public key; the core cannot tell a remote worker from a local one.  Each worker's
-messages go back on the socket it last spoke on.
+public key; the core cannot tell a remote worker from a local one.  A remote worker's
+id is ``NODE/NAME.N`` (a local one has no ``/``, so none can pose as another), and what
+is sent to it goes out on the cluster socket.
 """
 from __future__ import annotations
 
@@ -73,9 +74,12 @@ class WorkerLink:
             frames = await router.recv_multipart()
             wid = frames[0].decode(errors="replace")
             if remote:
+                if "/" not in wid:     # a node's ids are NODE/NAME.N, never a local one's
+                    self.gw.counters.dropped_messages += 1
+                    log.error("dropped a message from a remote worker named %r: not NODE/...",
+                              wid)
+                    continue
                 self._remote.add(wid)
-            elif self._remote:
-                self._remote.discard(wid)
             try:
                 msg = m.from_worker(frames[1:])
             except m.MessageError as exc:

@@ -22,7 +22,7 @@ import pytest
 from llmctl.common import keys
 from llmctl.common.client import Client, Result
 from llmctl.common.protocol import FrameType
-from tests.service import ROOT, Service, free_port, wait_until
+from tests.service import ROOT, NodeService, Service, free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -71,22 +71,6 @@ def net(request):
     finally:
         _sh("ip", "link", "del", here)
         _sh("ip", "netns", "del", ns)
-
-
-class NodeService(Service):
-    """`llmctl start` of a node, run on the node's side of the network."""
-
-    def __init__(self, prefix: list[str], **sections: dict[str, Any]) -> None:
-        super().__init__(**sections)
-        self.prefix = prefix
-
-    def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.prefix, sys.executable, "-m", "llmctl.control", *args,
-                               "-c", str(self.config)], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
-
-    def worker(self) -> dict[str, Any]:
-        return self.status()["workers"][0]
 
 
 @dataclass
