@@ -36,7 +36,7 @@ from llmctl.common import admin
 from llmctl.common import config as config_mod
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import bind_private, describe_exit, make_private
-from llmctl.control import gpu
+from llmctl.control import gpu, node
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
 from llmctl.control.rollout import Rollout
@@ -92,7 +92,7 @@ class Supervisor:
                                                       self.link.run(), self._watch_vram())]
             if self.cfg.is_node:          # no gateway here: the workers join the head
                 bind_private(reports, self.cfg.node_endpoint)
-                tasks.append(asyncio.create_task(self._node_reports(reports)))
+                tasks.append(asyncio.create_task(node.serve_reports(reports, self._by_routing_id)))
                 log.info("node %s: workers join %s", self.cfg.node_name, self.cfg.node.join)
             else:
                 await self.gateway.start()
@@ -179,26 +179,6 @@ class Supervisor:
                 w = self._by_routing_id(wid)
                 if w is not None:
                     w.drained = True
-
-    async def _node_reports(self, sock: zmq.asyncio.Socket) -> None:
-        """A node's workers: their link to the head (readiness, loss, refusal)."""
-        while True:
-            raw = await sock.recv()
-            try:
-                rep = admin.decode_worker_link(raw)
-            except admin.AdminError as exc:
-                log.error("dropped a malformed worker report: %s", exc)
-                continue
-            w = self._by_routing_id(rep.worker)
-            if w is None or w.pid != rep.pid:
-                continue                          # an old spawn's last words
-            w.link, w.link_detail = rep.state, rep.detail
-            if w.state == "starting":             # loaded and warm: it serves once joined
-                w.state = "running"
-                w.mark_ready()
-            log_level = logging.WARNING if rep.state in ("lost", "refused") else logging.INFO
-            log.log(log_level, "%s: link to the head %s%s", w.name, rep.state,
-                    f" ({rep.detail})" if rep.detail else "")
 
     def _by_routing_id(self, wid: str) -> WorkerProcess | None:
         return next((w for w in self.workers if w.routing_id == wid), None)
@@ -340,24 +320,10 @@ class Supervisor:
             snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
             snap["node"] = self.cfg.node_name
             if self.cfg.is_node:
-                snap["link"] = w.link or "-"
-                if w.state == "running":
-                    snap["state"] = {"joined": "running", "connecting": "connecting"}.get(
-                        w.link, w.link or "running")
-                if w.link_detail:
-                    snap["link_detail"] = w.link_detail
+                node.node_view(w, snap)
             workers.append(snap)
-        mine = {w.routing_id for w in self.workers}
-        for wid, info in live.items():           # other machines' workers, as the gateway sees
-            if wid not in mine and info.get("node") != self.cfg.node_name:
-                workers.append({
-                    "id": info["name"], "node": info.get("node", ""), "remote": True,
-                    "pid": info["pid"], "state": info["state"], "rss": None, "uptime_s": 0.0,
-                    "restarts": 0, "last_exit": None, "stderr_tail": [], "vram_mib": None,
-                    "cpu": None, "tokens_per_s": wm.get(info["name"], {}).get("tokens_per_s", 0.0),
-                    "last_seen_s": info.get("last_seen_s"),
-                    **{k: info[k] for k in ("slots", "credits", "inflight", "parked", "served",
-                                            "device", "kv_store")}})
+        workers += node.remote_workers(live, {w.routing_id for w in self.workers},
+                                       self.cfg.node_name, wm)
         up = self.gateway_up
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),

@@ -121,3 +121,35 @@ def test_cli_keys(tmp_path):
     assert r.stdout.split()[0] == fp
     r = run("generate", "head", "--dir", str(tmp_path))
     assert r.returncode == 2 and "never overwritten" in r.stderr
+
+
+def test_head_status_lists_other_machines_workers():
+    from llmctl.control.node import remote_workers
+
+    info = {"slots": 2, "credits": 1, "inflight": 1, "parked": 0, "served": 5,
+            "device": "cuda:0", "kv_store": {}, "pid": 7, "state": "busy", "last_seen_s": 0.1}
+    live = {"w0.1": {**info, "name": "w0", "node": "head"},
+            "w0.0": {**info, "name": "w0", "node": "head"},          # an old local spawn
+            "gpu1/w0.1": {**info, "name": "gpu1/w0", "node": "gpu1"}}
+    out = remote_workers(live, {"w0.1"}, "head", {"gpu1/w0": {"tokens_per_s": 12.5}})
+    assert [(w["id"], w["node"], w["remote"], w["tokens_per_s"]) for w in out] == \
+        [("gpu1/w0", "gpu1", True, 12.5)]
+    assert out[0]["inflight"] == 1 and out[0]["slots"] == 2
+
+
+def test_node_status_shows_the_link(tmp_path):
+    from llmctl.control.node import node_view
+
+    node = load(tmp_path, '[node]\njoin = "tcp://127.0.0.1:5555"\nallow_insecure = true\n'
+                          '[workers]\nslots = 4\n')
+    node.log_dir.mkdir(parents=True)
+    w = WorkerProcess("w0", node)
+    w.state, w.link, w.link_detail = "running", "refused", "the head refused this node's key"
+    snap: dict = {"state": "running"}
+    node_view(w, snap)
+    assert snap == {"state": "refused", "link": "refused", "slots": 4,
+                    "link_detail": "the head refused this node's key"}
+    w.link, w.link_detail = "joined", ""
+    snap = {}
+    node_view(w, snap)
+    assert snap == {"state": "running", "link": "joined", "slots": 4}
