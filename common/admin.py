@@ -125,14 +125,15 @@ FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained]
 
 # ---- node worker -> its supervisor ---------------------------------------------------------
 
-LinkState = Literal["connecting", "joined", "lost", "refused"]
+LinkState = Literal["connecting", "joined", "lost", "refused", "drained"]
 
 
 class WorkerLink(_Msg, tag="worker_link"):
     """A node's worker tells its supervisor (``run_dir/node.sock``, PUSH -> PULL) how its
     link to the head stands: connecting (loaded, READY queued), joined (the head's gateway
     answers), lost (the head went silent: it reconnects), refused (the head refused this
-    node's CURVE key or the handshake)."""
+    node's CURVE key or the handshake), drained (told to drain with SIGUSR1, it holds no
+    request any more: it may be stopped)."""
     worker: str
     pid: int
     state: LinkState

@@ -2,8 +2,9 @@
 
 On a node (``[node] join``): its workers report how their link to the head stands
 (``admin.WorkerLink`` on ``run_dir/node.sock``, PUSH -> PULL); ``serve_reports`` applies
-those reports to the worker processes (the first one means loaded and warm: the restart
-policy counts it as ready), and ``node_view`` is what `llmctl status` shows of them.
+those reports to the worker processes (the first one means loaded and warm; joined means
+serving, which the restart policy and a reload's surge count as ready), ``drain`` asks one
+to finish what it holds, and ``node_view`` is what `llmctl status` shows of them.
 
 On a head: ``remote_workers`` lists the workers of other machines as its gateway sees
 them, beside the head's own processes.
@@ -11,6 +12,7 @@ them, beside the head's own processes.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any, Callable
 
 import zmq.asyncio
@@ -37,13 +39,30 @@ async def serve_reports(sock: zmq.asyncio.Socket,
         w = find(rep.worker)
         if w is None or w.pid != rep.pid:
             continue                          # an old spawn's last words
+        if rep.state == "drained":
+            w.drained = True
+            log.info("%s drained", w.name)
+            continue
         w.link, w.link_detail = rep.state, rep.detail
         if w.state == "starting":             # loaded and warm: it serves once joined
             w.state = "running"
+        if rep.state == "joined":             # serving: a reload's surge may retire the old
             w.mark_ready()
         level = logging.WARNING if rep.state in ("lost", "refused") else logging.INFO
         log.log(level, "%s: link to the head %s%s", w.name, rep.state,
                 f" ({rep.detail})" if rep.detail else "")
+
+
+def drain(w: WorkerProcess) -> None:
+    """Ask a node's worker to finish what it holds (it says DRAINING to the gateway and
+    reports drained when idle): SIGUSR1, whose handler only sets a flag."""
+    if w.proc is not None and w.pid is not None:
+        try:
+            w.proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            w.drained = True
+    else:
+        w.drained = True
 
 
 def node_view(w: WorkerProcess, snap: dict[str, Any]) -> None:

@@ -184,6 +184,10 @@ class Supervisor:
         return next((w for w in self.workers if w.routing_id == wid), None)
 
     def _drain_worker(self, w: WorkerProcess) -> None:
+        if self.cfg.is_node:            # the head's gateway is told by the worker itself
+            node.drain(w)
+            return
+
         async def drain() -> None:
             assert self.link is not None
             reply = await self.link.call(admin.DrainWorker(worker=w.routing_id))
@@ -207,6 +211,15 @@ class Supervisor:
             reply = await self.link.call(admin.Status())
         if reply and reply.data.get("open", 0) > 0:
             log.warning("drain timeout: %d request(s) still open", reply.data["open"])
+        if self.cfg.is_node:            # no gateway here: each worker drains itself
+            for w in self.workers:
+                w.drained = False
+                node.drain(w)
+            while not all(w.drained or w.pid is None for w in self.workers) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if not all(w.drained or w.pid is None for w in self.workers):
+                log.warning("drain timeout: a worker still holds requests")
         await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in self.workers))
         await self.gateway.stop(c.stop_timeout_s)
         log.info("all children stopped")

@@ -145,6 +145,9 @@ class Gateway:
             self.wake.set()
         elif isinstance(msg, m.Bye):
             self.worker_lost(wid, "worker left")
+        elif isinstance(msg, m.Draining):
+            log.info("worker %s is draining (its node stops or replaces it)", wid)
+            self.drain_worker(wid, tell=False)
 
     def _on_ready(self, wid: str, info: m.ReadyInfo) -> None:
         requeued, failed = self.sched.add_worker(WorkerState(
@@ -250,13 +253,15 @@ class Gateway:
             self._finish(req, err=WorkerFailed(msg))
         self.wake.set()
 
-    def drain_worker(self, wid: str) -> bool:
-        """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle."""
+    def drain_worker(self, wid: str, tell: bool = True) -> bool:
+        """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle.
+        ``tell``: send it DRAIN (not when the worker said it drains)."""
         w = self.sched.workers.get(wid)
         if w is None:
             return False
         w.draining = True
-        self.send(wid, m.encode(m.Kind.DRAIN))
+        if tell:
+            self.send(wid, m.encode(m.Kind.DRAIN))
         if not w.inflight and not w.parked:
             self.events.put_nowait(admin.WorkerDrained(worker=wid))
         return True

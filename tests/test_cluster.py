@@ -325,3 +325,51 @@ def test_plain_tcp_refused(cluster):
         plain = cluster.new_node("plain", allow_insecure=True)
         r = plain.start()
         assert r.returncode == 2 and "is not a loopback address" in r.stderr, r.stderr
+
+
+def test_a_reload_on_the_node_loses_no_stream(cluster):
+    """`llmctl reload` on a node: the new worker joins the head before the old one drains
+    (it says DRAINING to the gateway) and stops; the stream the old one ran ends in DONE."""
+    wait_until(cluster.remote_ready, 60, "the node ready")
+    old_pid = cluster.node.worker()["pid"]
+    before = cluster.head.counters()
+    text = cluster.node.config.read_text()
+    cluster.node.config.write_text(text.replace("[workers]\n", "[workers]\nprompt_cache_mib = 64\n"))
+    s = _pair(cluster, "reload", 96)
+    try:
+        s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
+        reload = subprocess.Popen([*cluster.net.prefix, sys.executable, "-m", "llmctl.control",
+                                   "reload", "-c", str(cluster.node.config)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
+        assert reload.wait(180) == 0, reload.stdout.read() if reload.stdout else ""
+    finally:
+        s.close()
+    assert [s.results[i].error for i in (1, 2)] == [None, None]
+    assert cluster.head.counters()["worker_failed"] == before["worker_failed"]
+    w = cluster.node.worker()
+    assert w["pid"] != old_pid and w["link"] == "joined"
+    wait_until(cluster.remote_ready, 60, "the new worker ready at the head")
+
+
+def test_stopping_a_node_drains_it(cluster):
+    """`llmctl stop` on a node: its worker tells the gateway it drains, finishes the stream
+    it runs (DONE, not worker_failed) and only then stops."""
+    wait_until(cluster.remote_ready, 60, "the node ready")
+    before = cluster.head.counters()
+    s = _pair(cluster, "drain", 96)
+    try:
+        s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
+        stop = subprocess.Popen([*cluster.net.prefix, sys.executable, "-m", "llmctl.control",
+                                 "stop", "-c", str(cluster.node.config)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
+        assert stop.wait(120) == 0, stop.stdout.read() if stop.stdout else ""
+    finally:
+        s.close()
+    assert [s.results[i].error for i in (1, 2)] == [None, None]
+    assert {s.results[i].done["worker"] for i in (1, 2)} == {"w0", f"{NODE}/w0"}
+    assert cluster.head.counters()["worker_failed"] == before["worker_failed"]
+    wait_until(lambda: cluster.remote() is None, 30, "the node gone from the head")
+    log = (cluster.node.dir / "run" / "logs" / "w0.log").read_text()
+    assert "draining: finishing 1 request(s)" in log

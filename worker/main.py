@@ -48,6 +48,8 @@ class Worker:
         self._reporter: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.link_state = ""
+        self.drain_requested = False    # a node's supervisor asks (SIGUSR1): finish, then idle
+        self._drain_told = False
         self.id = worker_id
         self.endpoint = endpoint
         self.engine = engine
@@ -193,6 +195,8 @@ class Worker:
             if now - last_sent >= self.interval:      # before a step that may be long
                 sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
                 last_sent = now
+            if self.drain_requested:
+                self._drain(sock)
             records = [r for ev in self.engine.step() for r in self._records(ev)]
             if records:       # one message per step, whatever the number of sequences
                 sock.send_multipart(m.encode_batch(records))
@@ -201,6 +205,16 @@ class Worker:
                 log.error("supervisor is gone: exiting")
                 break
         return sock
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Tell the gateway once to send nothing new; report drained once nothing is held."""
+        if not self._drain_told:
+            self._drain_told = self.draining = True
+            sock.send_multipart(m.encode(m.Kind.DRAINING))
+            log.info("draining: finishing %d request(s)", len(self.engine.running)
+                     + len(self.engine.parked))
+        if not self.engine.running and not self.engine.parked and self.link_state != "drained":
+            self._report("drained")
 
     def _drop_active(self) -> None:
         for rid in [*self.engine.running, *self.engine.parked]:
@@ -295,15 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_child_logging(f"worker {args.id}")
 
     worker: Worker | None = None
-    stop = {"flag": False}
+    stop: dict[str, bool] = {"flag": False}
 
     def on_signal(signum: int, _frame: object) -> None:
         stop["flag"] = True
         if worker is not None:
             worker.stop_requested = True
 
+    def on_drain(signum: int, _frame: object) -> None:
+        stop["drain"] = True
+        if worker is not None:
+            worker.drain_requested = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_drain)
 
     t0 = time.monotonic()
     try:
@@ -320,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if stop["flag"]:
         return 0
     worker = Worker(cfg, args.id, args.endpoint, engine, report=args.report)
+    worker.drain_requested = stop.get("drain", False)   # asked while it was loading
     return worker.run()
 
 
