@@ -153,3 +153,14 @@ def test_node_status_shows_the_link(tmp_path):
     snap = {}
     node_view(w, snap)
     assert snap == {"state": "running", "link": "joined", "slots": 4}
+
+
+def test_draining_is_a_message_of_workers_only():
+    from llmctl.common import messages as m
+
+    assert isinstance(m.from_worker(m.encode(m.Kind.DRAINING)), m.Draining)
+    with pytest.raises(m.MessageError, match="does not send DRAINING"):
+        m.from_gateway(m.encode(m.Kind.DRAINING))
+    info = m.ReadyInfo(worker="gpu1/w0.1", pid=1, slots=2, node="gpu1")
+    ready = m.from_worker(m.ready(info))
+    assert isinstance(ready, m.Ready) and ready.info.node == "gpu1"
