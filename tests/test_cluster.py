@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from llmctl.common import keys
-from llmctl.common.client import Client, Result
+from llmctl.common.client import Result
 from llmctl.common.protocol import FrameType
 from tests.service import ROOT, NodeService, Service, free_port, wait_until
 
