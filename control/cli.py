@@ -99,9 +99,13 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     except keys.CurveKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    listen = [(cfg.gateway.host, cfg.gateway.port), (cfg.http.host, cfg.http.port)]  # HTTP: /metrics
+    if cfg.cluster.bind:
+        host, port = cfg.cluster.bind.removeprefix("tcp://").rsplit(":", 1)
+        if ":" not in host:                 # an IPv4 address or a name (IPv6: not checked)
+            listen.append((host.replace("*", "0.0.0.0"), int(port)))
     busy = [] if cfg.is_node else [        # a node listens on nothing
-        e for e in (_port_free(cfg.gateway.host, cfg.gateway.port),
-                    _port_free(cfg.http.host, cfg.http.port)) if e]   # HTTP: always /metrics
+        e for e in (_port_free(h, p) for h, p in listen) if e]
     if busy:
         print("error: cannot listen on " + "; ".join(busy), file=sys.stderr)
         return 2
