@@ -14,7 +14,7 @@ where it is received (``decode_command``, ``decode_from_gateway``); a malformed 
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import msgspec
 
@@ -123,7 +123,25 @@ class WorkerDrained(_Msg, tag="worker_drained"):
 
 FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained]
 
+# ---- node worker -> its supervisor ---------------------------------------------------------
+
+LinkState = Literal["connecting", "joined", "lost", "refused", "drained"]
+
+
+class WorkerLink(_Msg, tag="worker_link"):
+    """A node's worker tells its supervisor (``run_dir/node.sock``, PUSH -> PULL) how its
+    link to the head stands: connecting (loaded, READY queued), joined (the head's gateway
+    answers), lost (the head went silent: it reconnects), refused (the head refused this
+    node's CURVE key or the handshake), drained (told to drain with SIGUSR1, it holds no
+    request any more: it may be stopped)."""
+    worker: str
+    pid: int
+    state: LinkState
+    detail: str = ""
+
+
 _encoder = msgspec.json.Encoder()
+_worker_link = msgspec.json.Decoder(WorkerLink)
 _commands = msgspec.json.Decoder(Command)
 _from_gateway = msgspec.json.Decoder(FromGateway)
 
@@ -144,6 +162,13 @@ def decode_from_gateway(raw: bytes) -> FromGateway:
         return _from_gateway.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise AdminError(f"not a gateway message: {exc}") from None
+
+
+def decode_worker_link(raw: bytes) -> WorkerLink:
+    try:
+        return _worker_link.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise AdminError(f"not a worker link report: {exc}") from None
 
 
 def reply_json(ok: bool, **data: Any) -> bytes:

@@ -19,6 +19,7 @@ The sections are msgspec Structs, not dataclasses: derive a changed copy with
 # process several milliseconds more than evaluating them once at import.
 
 import os
+import socket
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
@@ -210,6 +211,42 @@ class SyntheticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
                     "generator's added-latency measurement (`llmctl bench --stamped`)")] = False
 
 
+class ClusterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    bind: Annotated[str, Meta(
+        description="the head's ZeroMQ endpoint for workers of other machines "
+                    "(e.g. tcp://0.0.0.0:5555); empty = local workers only")] = ""
+    secret_key: Annotated[str, Meta(
+        description="the head's CURVE keypair (a .key_secret file of `llmctl keys generate`, "
+                    "mode 0600); relative to the config file")] = ""
+    authorized_keys: Annotated[str, Meta(
+        description="directory of the nodes' public keys (*.key files) the head admits; "
+                    "read at each handshake, so adding or removing a file needs no restart")] = ""
+    allow_insecure: Annotated[bool, Meta(
+        description="bind without CURVE (no encryption, no authentication); allowed only "
+                    "on a loopback address, for tests")] = False
+
+
+class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    join: Annotated[str, Meta(
+        description="the head's [cluster] bind as this machine reaches it "
+                    "(e.g. tcp://head:5555); set = this machine is a node: its workers "
+                    "serve the head's gateway, no gateway runs here")] = ""
+    name: Annotated[str, Meta(
+        description="this machine's name in status, top and /metrics (unique in the "
+                    "cluster); empty = the host name")] = ""
+    secret_key: Annotated[str, Meta(
+        description="this node's CURVE keypair (a .key_secret file, mode 0600); "
+                    "its .key must be in the head's authorized_keys")] = ""
+    head_key: Annotated[str, Meta(
+        description="the head's public key (.key file): the only server this node talks to")] = ""
+    allow_insecure: Annotated[bool, Meta(
+        description="join without CURVE; allowed only to a loopback address, for tests")] = False
+    connect_timeout_s: Annotated[float, Meta(
+        ge=0.1, le=600.0,
+        description="a TCP connect to the head that takes longer is abandoned and tried "
+                    "again (ZeroMQ reconnects by itself); above the link's worst round trip")] = 2.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -219,6 +256,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     control: ControlConfig = ControlConfig()
     gpu: GpuConfig = GpuConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    node: NodeConfig = NodeConfig()
     source: str = ""  # the file it came from ("" = defaults)
 
     # ---- derived, absolute paths -------------------------------------------------
@@ -242,6 +281,25 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def link_endpoint(self) -> str:
         """The supervisor <-> gateway link (the supervisor binds it)."""
         return f"ipc://{self.run_dir / 'link.sock'}"
+
+    @property
+    def is_node(self) -> bool:
+        """This machine runs workers for a head elsewhere: no gateway here."""
+        return bool(self.node.join)
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    @property
+    def worker_endpoint(self) -> str:
+        """Where this machine's workers connect: the local gateway, or the head."""
+        return self.node.join or self.workers_endpoint
+
+    @property
+    def node_endpoint(self) -> str:
+        """A node's workers report their link state to their supervisor here."""
+        return f"ipc://{self.run_dir / 'node.sock'}"
 
     @property
     def pidfile(self) -> Path:
@@ -391,6 +449,52 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.http.enabled and cfg.http.port == cfg.gateway.port and cfg.http.port != 0 \
             and cfg.http.host == cfg.gateway.host:
         raise ConfigError(f"{src}: [http] port {cfg.http.port} is also [gateway] port")
+    _check_cluster(cfg)
+
+
+LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _tcp_host(where: str, endpoint: str) -> str:
+    """The host of a tcp://HOST:PORT endpoint, or a ConfigError."""
+    rest = endpoint.removeprefix("tcp://")
+    host, sep, port = rest.rpartition(":")
+    if not endpoint.startswith("tcp://") or not sep or not host or not port.isdigit() \
+            or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: {endpoint!r} is not tcp://HOST:PORT")
+    return host
+
+
+def _check_cluster(cfg: Config) -> None:
+    """CURVE or an explicit, loopback-only allow_insecure; a machine is a head or a node."""
+    src, c, n = cfg.source, cfg.cluster, cfg.node
+    if c.bind:
+        host = _tcp_host(f"{src}: [cluster] bind", c.bind)
+        if c.allow_insecure:
+            if not _is_loopback(host):
+                raise ConfigError(f"{src}: [cluster] allow_insecure: {c.bind} is not a loopback "
+                                  "address; across machines set secret_key and authorized_keys")
+        elif not (c.secret_key and c.authorized_keys):
+            raise ConfigError(f"{src}: [cluster] bind {c.bind} without CURVE is refused: set "
+                              "secret_key and authorized_keys (`llmctl keys generate`)")
+    if n.join:
+        if c.bind:
+            raise ConfigError(f"{src}: [node] join and [cluster] bind: a machine is a node or "
+                              "a head, not both")
+        host = _tcp_host(f"{src}: [node] join", n.join)
+        if n.allow_insecure:
+            if not _is_loopback(host):
+                raise ConfigError(f"{src}: [node] allow_insecure: {n.join} is not a loopback "
+                                  "address; set secret_key and head_key")
+        elif not (n.secret_key and n.head_key):
+            raise ConfigError(f"{src}: [node] join {n.join} without CURVE is refused: set "
+                              "secret_key and head_key (`llmctl keys generate`)")
+    if "/" in n.name or any(ch.isspace() for ch in n.name):
+        raise ConfigError(f"{src}: [node] name {n.name!r}: no '/' or spaces")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -399,8 +503,15 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         return str(path if path.is_absolute() else (base / path).resolve())
 
     replace = msgspec.structs.replace
+    def maybe(p: str) -> str:
+        return absolute(p) if p else p
+
+    c, n = cfg.cluster, cfg.node
     return replace(cfg, model=replace(cfg.model, path=absolute(cfg.model.path)),
-                   control=replace(cfg.control, run_dir=absolute(cfg.control.run_dir)))
+                   control=replace(cfg.control, run_dir=absolute(cfg.control.run_dir)),
+                   cluster=replace(c, secret_key=maybe(c.secret_key),
+                                   authorized_keys=maybe(c.authorized_keys)),
+                   node=replace(n, secret_key=maybe(n.secret_key), head_key=maybe(n.head_key)))
 
 
 def default_path() -> Path:

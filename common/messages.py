@@ -64,6 +64,7 @@ class Kind(bytes, Enum):
     PARK = b"P"        # gateway -> worker: rid's client takes nothing: free its slot, keep it
     PARKED = b"Q"      # worker -> gateway: rid is parked (returns a credit; not an ending)
     RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
+    DRAINING = b"Y"    # worker -> gateway: finishing what it has, send it nothing new
 
 
 class MessageError(ValueError):
@@ -184,6 +185,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     model: str = ""
     n_ctx: int = 0
     device: str = "cpu"
+    node: str = ""           # the machine it runs on ([node] name)
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):
@@ -225,6 +227,10 @@ class Heartbeat(msgspec.Struct, frozen=True):
 
 class Bye(msgspec.Struct, frozen=True):
     pass
+
+
+class Draining(msgspec.Struct, frozen=True):
+    """A node's worker is being stopped or replaced: it finishes what it holds."""
 
 
 class Drain(msgspec.Struct, frozen=True):
@@ -283,7 +289,7 @@ class Batch(msgspec.Struct, frozen=True):
     items: list[Union[Token, Done, Error, Parked, Invalid]]
 
 
-FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Invalid]
+FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Invalid, Draining]
 FromGateway = Union[Generate, Cancel, Credit, Park, Resume, Drain, Heartbeat, Invalid]
 
 _json = msgspec.json.Encoder()
@@ -367,6 +373,8 @@ def from_worker(frames: list[bytes]) -> FromWorker:
         return Heartbeat()
     if k is Kind.BYE:
         return Bye()
+    if k is Kind.DRAINING:
+        return Draining()
     if k is Kind.BATCH:
         return Batch(_batch_items(msg.body))
     if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):

@@ -216,6 +216,20 @@ class WorkerProcess(ChildProcess):
 
     initial_state = "starting"
 
+    link = ""            # a node's worker: its link to the head (admin.LinkState)
+    link_detail = ""
+
+    @property
+    def routing_id(self) -> str:
+        """On a node, prefixed by the node's name: unique across the cluster."""
+        rid = super().routing_id
+        return f"{self.cfg.node_name}/{rid}" if self.cfg.is_node else rid
+
+    async def start(self) -> None:
+        self.link = self.link_detail = ""
+        await super().start()
+
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "llmctl.worker", "--id", self.routing_id,
-                "--endpoint", self.cfg.workers_endpoint]
+        argv = [sys.executable, "-m", "llmctl.worker", "--id", self.routing_id,
+                "--endpoint", self.cfg.worker_endpoint]
+        return [*argv, "--report", self.cfg.node_endpoint] if self.cfg.is_node else argv

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from llmctl.common import admin
+from llmctl.common import admin, keys
 from llmctl.common import config as config_mod
 from llmctl.control import gpu
 from llmctl.common.config import Config, ConfigError
@@ -66,7 +66,7 @@ def _port_free(host: str, port: int) -> str | None:
 
 
 def _clean_run_dir(cfg: Config) -> None:
-    for name in ("supervisor.pid", "control.sock", "link.sock", "workers.sock"):
+    for name in ("supervisor.pid", "control.sock", "link.sock", "workers.sock", "node.sock"):
         (cfg.run_dir / name).unlink(missing_ok=True)
 
 
@@ -94,8 +94,18 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         print("the configuration does not fit [gpu] vram_budget_mb; with [gpu] fit = true it "
               "was shrunk:\n  " + "\n  ".join(plan.changes))
         cfg = plan.apply(cfg)
-    busy = [e for e in (_port_free(cfg.gateway.host, cfg.gateway.port),
-                        _port_free(cfg.http.host, cfg.http.port)) if e]   # HTTP: always /metrics
+    try:
+        _check_keys(cfg)
+    except keys.CurveKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    listen = [(cfg.gateway.host, cfg.gateway.port), (cfg.http.host, cfg.http.port)]  # HTTP: /metrics
+    if cfg.cluster.bind:
+        host, port = cfg.cluster.bind.removeprefix("tcp://").rsplit(":", 1)
+        if ":" not in host:                 # an IPv4 address or a name (IPv6: not checked)
+            listen.append((host.replace("*", "0.0.0.0"), int(port)))
+    busy = [] if cfg.is_node else [        # a node listens on nothing
+        e for e in (_port_free(h, p) for h, p in listen) if e]
     if busy:
         print("error: cannot listen on " + "; ".join(busy), file=sys.stderr)
         return 2
@@ -120,7 +130,19 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
             why = f"the supervisor exited ({proc.returncode})"
             break
         status = client.call(admin.Status(), timeout=1.0)
-        if status and status.get("ok"):
+        if status and status.get("ok") and cfg.is_node:
+            loaded = [w for w in status["workers"] if w["state"] not in ("starting", "backoff",
+                                                                         "fatal")]
+            if len(loaded) == len(status["workers"]):
+                joined = sum(w.get("link") == "joined" for w in loaded)
+                print(f"llmctl node {cfg.node_name} started: supervisor pid {proc.pid}, "
+                      f"{len(loaded)} worker(s) loaded, {joined} joined the head at "
+                      f"{cfg.node.join} (the others join as soon as it answers)")
+                return 0
+            if all(w["state"] == "fatal" for w in status["workers"]):
+                why = "processes failed: " + ", ".join(w["id"] for w in status["workers"])
+                break
+        elif status and status.get("ok"):
             gw = status["gateway"]
             ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
             http_up = gw.get("http_listening") or not cfg.http.enabled
@@ -146,6 +168,19 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     _tail_file(cfg.log_dir / "supervisor.out", 10)
     _stop(cfg, proc.pid, quiet=True)
     return 1
+
+
+def _check_keys(cfg: Config) -> None:
+    """Every key file the config names is readable and of the right kind, before start."""
+    c, n = cfg.cluster, cfg.node
+    if c.bind and c.secret_key:
+        keys.load_secret(c.secret_key)
+        if not os.path.isdir(c.authorized_keys):
+            raise keys.CurveKeyError(f"[cluster] authorized_keys {c.authorized_keys}: not a "
+                                     "directory (it holds the nodes' *.key files)")
+    if n.join and n.secret_key:
+        keys.load_secret(n.secret_key)
+        keys.load_public(n.head_key)
 
 
 def _addresses(gw: dict[str, Any]) -> str:
@@ -244,9 +279,17 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     console = Console()
     console.print(f"[bold]llmctl[/] supervisor pid {st['pid']}, up {_fmt_uptime(st['uptime_s'])}, "
                   f"model {os.path.basename(st['model'])}")
-    console.print(f"gateway pid {gw['pid']} \\[{gw['state']}] on {', '.join(gw['listening']) or '-'}"
-                  f"; queue {gw['queue']}, in flight {gw['inflight']}, "
-                  f"connections {gw['connections']}, restarts {gw['restarts']}")
+    if st.get("role") == "node":
+        console.print(f"node {st['node']}: no gateway here, workers join the head at "
+                      f"{st['join']}", highlight=False)
+    else:
+        console.print(f"gateway pid {gw['pid']} \\[{gw['state']}] on "
+                      f"{', '.join(gw['listening']) or '-'}; queue {gw['queue']}, in flight "
+                      f"{gw['inflight']}, connections {gw['connections']}, restarts "
+                      f"{gw['restarts']}")
+        if st.get("cluster_bind"):
+            console.print(f"head {st['node']}: remote workers on {st['cluster_bind']}",
+                          highlight=False)
     if gw.get("http_listening"):
         console.print("OpenAI-compatible API on "
                       + ", ".join(f"http://{a}/v1" for a in gw["http_listening"]))
@@ -257,12 +300,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     else:
         console.print("device cpu (no NVIDIA GPU: VRAM budget not enforced)")
     # Fits 80 columns: busy = in flight / slots.
-    t = Table("worker", "pid", "state", "up", "busy", "served", "rst", "RSS", "VRAM",
+    t = Table("worker", "node", "pid", "state", "up", "busy", "served", "rst", "RSS", "VRAM",
               "last exit", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for w in st["workers"]:
         rss = f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-"
         vram = f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-"
-        t.add_row(w["id"], str(w["pid"] or "-"), state_label(w), _fmt_uptime(w["uptime_s"]),
+        up = "-" if w.get("remote") else _fmt_uptime(w["uptime_s"])
+        t.add_row(w["id"], w.get("node", "-"), str(w["pid"] or "-"), state_label(w), up,
                   f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
                   str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
@@ -394,6 +438,24 @@ def cmd_logs(cfg: Config, args: argparse.Namespace) -> int:
         f.close()
 
 
+def cmd_keys(cfg: Config | None, args: argparse.Namespace) -> int:
+    """`llmctl keys generate NAME` / `llmctl keys fingerprint FILE...` (no config needed)."""
+    try:
+        if args.action == "generate":
+            public, secret = keys.generate(Path(args.dir), args.name)
+            fp = keys.fingerprint(keys.load_public(public))
+            print(f"wrote {public} (public, copy it where it is trusted)\n"
+                  f"wrote {secret} (secret, mode 0600, never leaves this machine)\n"
+                  f"fingerprint {fp}")
+            return 0
+        for f in args.files:
+            print(f"{keys.fingerprint(keys.load_public(f))}  {f}")
+        return 0
+    except keys.CurveKeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmctl", description="supervised LLM inference service")
     common = argparse.ArgumentParser(add_help=False)
@@ -427,6 +489,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("-n", "--lines", type=int, default=50)
     p.set_defaults(func=cmd_logs)
+    p = sub.add_parser("keys", help="CURVE keypairs of a cluster (docs/cluster.md)")
+    ks = p.add_subparsers(dest="action", required=True)
+    k = ks.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (0600)")
+    k.add_argument("name", help="head, or the node's name")
+    k.add_argument("--dir", default="keys", help="directory to write into (default keys/)")
+    k = ks.add_parser("fingerprint", help="the fingerprint of public key files, as logs show it")
+    k.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_keys, config_free=True)
     return parser
 
 
@@ -436,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[BENCH_PROG_ENV] = "llmctl bench"
         os.execv(sys.executable, [sys.executable, "-m", "llmctl.tools.bench", *argv[1:]])
     args = build_parser().parse_args(argv)
+    if getattr(args, "config_free", False):
+        return args.func(None, args)
     path = Path(args.config) if args.config else config_mod.default_path()
     try:
         cfg = config_mod.load(path)

@@ -12,6 +12,11 @@ each on its desired config).  Every tick the loop compares that with what runs:
   answering for ``workers.liveness`` intervals (hung, SIGSTOP) is killed and restarted;
 * ``Rollout.step`` converges the workers to their desired configs, one at a time; a
   reload and the VRAM governor's restart are nothing but new desired states.
+
+On a node (``[node] join``) there is no gateway: the workers connect to the head's, and
+each tells this supervisor how its link stands (``admin.WorkerLink`` on ``node.sock``);
+restart policy, logs and the VRAM governor are the same.  On a head, ``status`` also
+lists the workers of other machines that the gateway serves.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from llmctl.common import admin
 from llmctl.common import config as config_mod
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import bind_private, describe_exit, make_private
-from llmctl.control import gpu
+from llmctl.control import gpu, node
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
 from llmctl.control.rollout import Rollout
@@ -67,7 +72,7 @@ class Supervisor:
 
     @property
     def children(self) -> list[ChildProcess]:
-        return [self.gateway, *self.workers]
+        return self.workers if self.cfg.is_node else [self.gateway, *self.workers]
 
     # ---- main loop --------------------------------------------------------------------
     async def run(self) -> None:
@@ -77,14 +82,21 @@ class Supervisor:
         control = ctx.socket(zmq.REP)
         control.setsockopt(zmq.LINGER, 0)
         self.link = GatewayLink(ctx, self.cfg.link_endpoint, self._on_event)
+        reports = ctx.socket(zmq.PULL)
+        reports.setsockopt(zmq.LINGER, 0)
         tasks: list[asyncio.Task] = []
         try:
             bind_private(control, self.cfg.control_endpoint)
             self.link.bind()
             tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
                                                       self.link.run(), self._watch_vram())]
-            await self.gateway.start()
-            self.link.expect(self.gateway.pid)
+            if self.cfg.is_node:          # no gateway here: the workers join the head
+                bind_private(reports, self.cfg.node_endpoint)
+                tasks.append(asyncio.create_task(node.serve_reports(reports, self._by_routing_id)))
+                log.info("node %s: workers join %s", self.cfg.node_name, self.cfg.node.join)
+            else:
+                await self.gateway.start()
+                self.link.expect(self.gateway.pid)
             await self.rollout.step()            # the workers start with the gateway
             while not self.stop_event.is_set():
                 await self._reconcile()
@@ -98,6 +110,7 @@ class Supervisor:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             control.close(linger=0)
+            reports.close(linger=0)
             self.link.close()
             for child in self.children:
                 if child.pid:   # on an exception path, leave nothing behind
@@ -171,6 +184,10 @@ class Supervisor:
         return next((w for w in self.workers if w.routing_id == wid), None)
 
     def _drain_worker(self, w: WorkerProcess) -> None:
+        if self.cfg.is_node:            # the head's gateway is told by the worker itself
+            node.drain(w)
+            return
+
         async def drain() -> None:
             assert self.link is not None
             reply = await self.link.call(admin.DrainWorker(worker=w.routing_id))
@@ -194,6 +211,15 @@ class Supervisor:
             reply = await self.link.call(admin.Status())
         if reply and reply.data.get("open", 0) > 0:
             log.warning("drain timeout: %d request(s) still open", reply.data["open"])
+        if self.cfg.is_node:            # no gateway here: each worker drains itself
+            for w in self.workers:
+                w.drained = False
+                node.drain(w)
+            while not all(w.drained or w.pid is None for w in self.workers) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if not all(w.drained or w.pid is None for w in self.workers):
+                log.warning("drain timeout: a worker still holds requests")
         await asyncio.gather(*(w.stop(c.stop_timeout_s) for w in self.workers))
         await self.gateway.stop(c.stop_timeout_s)
         log.info("all children stopped")
@@ -305,12 +331,19 @@ class Supervisor:
             snap["vram_mib"] = self._vram_of(w)
             snap["cpu"] = self._cpu.get(w.name)
             snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
+            snap["node"] = self.cfg.node_name
+            if self.cfg.is_node:
+                node.node_view(w, snap)
             workers.append(snap)
+        workers += node.remote_workers(live, {w.routing_id for w in self.workers},
+                                       self.cfg.node_name, wm)
         up = self.gateway_up
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
             "config": self.cfg.source, "model": self.cfg.model.path,
             "stopping": self.stopping,
+            "role": "node" if self.cfg.is_node else "head", "node": self.cfg.node_name,
+            "join": self.cfg.node.join, "cluster_bind": self.cfg.cluster.bind,
             "reload": {k: v for k, v in self.reload_state.items() if k != "target"},
             "gpu": self.gpu.last if self.gpu else None,
             "metrics": gw.get("metrics", {}), "free_credits": gw.get("free_credits", 0),
@@ -365,7 +398,7 @@ def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic"):
+                    "synthetic", "cluster", "node"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
@@ -394,6 +427,6 @@ def main(cfg: Config) -> int:
         asyncio.run(_main())
     finally:
         for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "link.sock",
-                  cfg.run_dir / "workers.sock"):
+                  cfg.run_dir / "workers.sock", cfg.run_dir / "node.sock"):
             p.unlink(missing_ok=True)
     return 0

@@ -70,13 +70,14 @@ def render(st: dict[str, Any]) -> RenderableType:
         head += Text.assemble(("device ", "dim"), "CPU", ("  (no NVIDIA GPU: VRAM budget not "
                                                           "enforced)", "dim"))
     workers = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True)
-    for col in ("worker", "pid", "state", "slots", "tok/s", "RSS", "VRAM", "rst"):
-        workers.add_column(col, justify="right" if col not in ("worker", "state") else "left")
+    for col in ("worker", "node", "pid", "state", "slots", "tok/s", "RSS", "VRAM", "rst"):
+        workers.add_column(col, justify="right" if col not in ("worker", "node", "state")
+                           else "left")
     colors = {"ready": "green", "busy": "yellow", "fatal": "bold red", "backoff": "red",
               "starting": "cyan", "draining": "magenta"}
     for w in st["workers"]:
         workers.add_row(
-            w["id"], str(w["pid"] or "-"),
+            w["id"], w.get("node", "-"), str(w["pid"] or "-"),
             Text(state_label(w), style=colors.get(w["state"], "")),
             f"{w['inflight']}/{w.get('slots', '-')}", f"{w.get('tokens_per_s', 0):.1f}",
             f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-",

@@ -162,13 +162,17 @@ class Gateway:
             self.wake.set()
         elif isinstance(msg, m.Bye):
             self.worker_lost(wid, "worker left")
+        elif isinstance(msg, m.Draining):
+            log.info("worker %s is draining (its node stops or replaces it)", wid)
+            self.drain_worker(wid, tell=False)
 
     def _on_ready(self, wid: str, info: m.ReadyInfo) -> None:
         requeued, failed = self.sched.add_worker(WorkerState(
             id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
-            device=info.device, n_ctx=info.n_ctx))
+            device=info.device, n_ctx=info.n_ctx, node=info.node))
         self._fail_orphans(wid, "it restarted", requeued, failed)
-        log.info("worker %s ready (pid %d, %d slot(s))", wid, info.pid, info.slots)
+        log.info("worker %s ready (node %s, pid %d, %d slot(s))", wid, info.node or "-",
+                 info.pid, info.slots)
         self.events.put_nowait(admin.WorkerReady(worker=wid, pid=info.pid, slots=info.slots))
         self.wake.set()
 
@@ -267,13 +271,15 @@ class Gateway:
             self._finish(req, err=WorkerFailed(msg))
         self.wake.set()
 
-    def drain_worker(self, wid: str) -> bool:
-        """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle."""
+    def drain_worker(self, wid: str, tell: bool = True) -> bool:
+        """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle.
+        ``tell``: send it DRAIN (not when the worker said it drains)."""
         w = self.sched.workers.get(wid)
         if w is None:
             return False
         w.draining = True
-        self.send(wid, m.encode(m.Kind.DRAIN))
+        if tell:
+            self.send(wid, m.encode(m.Kind.DRAIN))
         if not w.inflight and not w.parked:
             self.events.put_nowait(admin.WorkerDrained(worker=wid))
         return True

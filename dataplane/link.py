@@ -4,6 +4,12 @@ Three tasks on the gateway's loop: the receiver decodes and validates every mess
 once (``messages.from_worker``) and hands the typed message to the core, dropping and
 counting what does not parse; the sender sends what the core queued whenever it wakes;
 the ticker beats the core's clock and the heartbeats (any traffic counts as liveness).
+
+With ``[cluster] bind`` a second ROUTER serves the workers of other machines over TCP,
+as a CURVE server whose clients pyzmq's authenticator (ZAP, ``cluster.py``) admits by
+public key; the core cannot tell a remote worker from a local one.  A remote worker's
+id is ``NODE/NAME.N`` (a local one has no ``/``, so none can pose as another), and what
+is sent to it goes out on the cluster socket.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import zmq.asyncio
 
 from llmctl.common import messages as m
 from llmctl.common.procs import bind_private
+from llmctl.dataplane.cluster import ClusterBind
 from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -32,44 +39,65 @@ class WorkerLink:
         self.gw = gw
         self.ctx = ctx
         self.router: zmq.asyncio.Socket | None = None
+        self.cluster: ClusterBind | None = None
+        self._remote: set[str] = set()       # workers that spoke on the cluster socket
 
     def bind(self) -> None:
+        self.router = self._router()
+        bind_private(self.router, self.gw.cfg.workers_endpoint)
+        if self.gw.cfg.cluster.bind:
+            self.cluster = ClusterBind(self.gw.cfg, self.ctx, self._router())
+            self.cluster.bind()
+
+    def _router(self) -> zmq.asyncio.Socket:
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # unroutable = error, not a drop
         # Outbound per worker is bounded by its credits plus control messages.
         router.setsockopt(zmq.SNDHWM, 10_000)
         router.setsockopt(zmq.RCVHWM, 100_000)
-        self.router = router
-        bind_private(router, self.gw.cfg.workers_endpoint)
+        # A worker that reconnects (a new TCP connection, same identity) takes over.
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        return router
 
     def close(self) -> None:
         if self.router is not None:
             self.router.close(linger=0)
+        if self.cluster is not None:
+            self.cluster.close()
 
     def tasks(self) -> list:
-        return [self._receiver(), self._sender(), self._ticker()]
-
-    async def _receiver(self) -> None:
         assert self.router is not None
+        tasks = [self._receiver(self.router, False), self._sender(), self._ticker()]
+        if self.cluster is not None:
+            tasks += [self._receiver(self.cluster.router, True), self.cluster.watch()]
+        return tasks
+
+    async def _receiver(self, router: zmq.asyncio.Socket, remote: bool) -> None:
         # The same socket without the asyncio layer: takes what is already queued, or
         # raises zmq.Again at once.
-        waiting = zmq.Socket.shadow(self.router.underlying)
+        waiting = zmq.Socket.shadow(router.underlying)
         try:
             while True:
-                self._handle(await self.router.recv_multipart())
+                self._handle(await router.recv_multipart(), remote)
                 for _ in range(ROUND_MAX - 1):
                     try:
                         frames = waiting.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    self._handle(frames, remote)
                 self.gw.flush()
         finally:
             self.gw.flush()
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], remote: bool) -> None:
         wid = frames[0].decode(errors="replace")
+        if remote:
+            if "/" not in wid:     # a node's ids are NODE/NAME.N, never a local one's
+                self.gw.counters.dropped_messages += 1
+                log.error("dropped a message from a remote worker named %r: not NODE/...", wid)
+                return
+            self._remote.add(wid)
         try:
             msg = m.from_worker(frames[1:])
         except m.MessageError as exc:
@@ -88,8 +116,10 @@ class WorkerLink:
 
     async def _route(self, wid: str, frames: list[bytes]) -> None:
         assert self.router is not None
+        router = self.cluster.router if self.cluster is not None and wid in self._remote \
+            else self.router
         try:
-            await self.router.send_multipart([wid.encode(), *frames])
+            await router.send_multipart([wid.encode(), *frames])
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise

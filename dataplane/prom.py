@@ -87,6 +87,12 @@ class GatewayCollector:
                                 value=gw.counters.connections)
         yield GaugeMetricFamily("llmctl_tokens_per_second", "Tokens streamed per second over "
                                 "the window", value=mt.tokens_out.rate())
+        info = GaugeMetricFamily("llmctl_worker_info", "1 for every worker connected to the "
+                                 "gateway, with the machine it runs on",
+                                 labels=["worker", "node", "device"])
+        for w in st.workers.values():
+            info.add_metric([w.name, w.node, w.device], 1.0)
+        yield info
         yield from self._processes()
 
     def _processes(self) -> Iterator[Metric]:

@@ -82,6 +82,7 @@ class WorkerState:
     model: str = ""
     device: str = "cpu"
     n_ctx: int = 0
+    node: str = ""                  # the machine it runs on
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: int = 0
     inflight: dict[int, Request] = field(default_factory=dict)
@@ -109,7 +110,7 @@ class WorkerState:
     def snapshot(self, now: float) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "pid": self.pid, "state": self.state,
                 "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
-                "parked": len(self.parked), "served": self.served, "device": self.device, "model": self.model,
+                "parked": len(self.parked), "served": self.served, "device": self.device, "model": self.model, "node": self.node,
                 "kv_store": dict(self.kv_store), "last_seen_s": round(now - self.last_seen, 3)}
 
 

@@ -160,3 +160,20 @@ class Service:
         assert not problems, f"the service logged exceptions (kept in {self.dir}):\n" + \
             "\n".join(problems)
         return r
+
+
+class NodeService(Service):
+    """`llmctl start` of a node ([node] join), run behind ``prefix`` (``ip netns exec NS``
+    puts it on the other side of a network boundary; empty: this namespace)."""
+
+    def __init__(self, prefix: list[str], **sections: dict[str, Any]) -> None:
+        super().__init__(**sections)
+        self.prefix = prefix
+
+    def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.prefix, sys.executable, "-m", "llmctl.control", *args,
+                               "-c", str(self.config)], capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+
+    def worker(self) -> dict[str, Any]:
+        return self.status()["workers"][0]

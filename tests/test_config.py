@@ -94,7 +94,8 @@ def keys_of(section: str) -> list[str]:
 
 
 def test_every_section_is_a_frozen_strict_keyword_only_struct():
-    assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu"]
+    assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu",
+                        "synthetic", "cluster", "node"]
     cfg = Config()
     for part in [cfg, *(getattr(cfg, name) for name in SECTIONS)]:
         conf = type(part).__struct_config__
@@ -192,6 +193,13 @@ backoff_max_s = 60
 [gpu]
 kv_type = "q8_0"
 on_breach = "restart_largest"
+[synthetic]
+step_ms = 2.0
+[cluster]
+bind = "tcp://127.0.0.1:5555"
+allow_insecure = true
+[node]
+name = "gpu1"
 """))
     assert all(getattr(cfg, name) != getattr(Config(), name) for name in SECTIONS)
     again = Config.from_json(cfg.to_json())

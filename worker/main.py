@@ -7,6 +7,13 @@ announces its credits (free slots) in READY; each DONE or ERROR gives one back.
 Liveness (Paranoid Pirate): the worker sends HEARTBEAT every interval when it has
 sent nothing else; if it hears nothing from the gateway for ``liveness`` intervals
 it drops what it runs, reconnects and sends READY again.
+
+On a node (``[node] join``) the DEALER connects to the head over TCP as a CURVE client
+(its own keypair, the head's pinned public key), and the worker reports its link state
+(connecting, joined, lost, refused) to its supervisor (``admin.WorkerLink``).  A link that
+drops for less than the liveness bound loses nothing: ZeroMQ reconnects and what was
+queued flows on; a longer silence is a lost link: what runs is dropped (the gateway has
+re-dispatched or failed it) and READY is sent again, so no request is answered twice.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from llmctl.common import admin, keys
 from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
 from llmctl.common import messages as m
@@ -28,10 +37,19 @@ from llmctl.worker.engine import Event, ModelLoadError
 
 log = logging.getLogger(__name__)
 
+TCP_RECONNECT_MAX_MS = 2000
+
 
 class Worker:
-    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: Any) -> None:
+    def __init__(self, cfg: Config, worker_id: str, endpoint: str, engine: Any,
+                 report: str | None = None) -> None:
         self.cfg = cfg
+        self.report_endpoint = report
+        self._reporter: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.link_state = ""
+        self.drain_requested = False    # a node's supervisor asks (SIGUSR1): finish, then idle
+        self._drain_told = False
         self.id = worker_id
         self.endpoint = endpoint
         self.engine = engine
@@ -50,17 +68,66 @@ class Worker:
         # Our outbound traffic is bounded by our slots; keep the HWMs generous but finite.
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        n = self.cfg.node
+        if self.endpoint.startswith("tcp://") and n.secret_key:
+            fp = keys.client_options(sock, n.secret_key, n.head_key)
+            log.info("CURVE to %s: node key %s, head key %s pinned", self.endpoint, fp,
+                     keys.fingerprint(keys.load_public(n.head_key)))
+        if self.endpoint.startswith("tcp://"):
+            # A connect lost in a dead link is abandoned and tried again (ZeroMQ
+            # reconnects by itself), so the node rejoins soon after the link is back.
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, int(n.connect_timeout_s * 1000))
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, TCP_RECONNECT_MAX_MS)
+            self._monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         return sock
+
+    def _close(self, sock: zmq.Socket) -> None:
+        if self._monitor is not None:
+            sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        sock.close(linger=0)
+
+    def _report(self, state: str, detail: str = "") -> None:
+        """Tell the node's supervisor how the link to the head stands (on a change)."""
+        if state == self.link_state:
+            return
+        self.link_state = state
+        level = logging.WARNING if state in ("lost", "refused") else logging.INFO
+        log.log(level, "link to %s: %s%s", self.endpoint, state, f" ({detail})" if detail else "")
+        if self._reporter is not None:
+            self._reporter.send(admin.encode(admin.WorkerLink(
+                worker=self.id, pid=os.getpid(), state=state, detail=detail)), zmq.NOBLOCK)
+
+    def _on_monitor(self) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            ev = recv_monitor_message(self._monitor)["event"]
+            if ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._report("refused", "the head refused this node's CURVE key")
+            elif ev in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self._report("refused", "security handshake failed (CURVE on one side only, "
+                                        "or the pinned head key is not the head's)")
+            elif ev == zmq.EVENT_DISCONNECTED and self.link_state == "joined":
+                log.warning("TCP connection to %s dropped: ZeroMQ reconnects", self.endpoint)
 
     def _ready_msg(self) -> list[bytes]:
         e = self.engine
         return m.ready(m.ReadyInfo(worker=self.id, name=self.id.split(".")[0], pid=os.getpid(),
                                    slots=e.capacity, model=e.model_name, n_ctx=e.n_ctx,
-                                   device=e.device))
+                                   device=e.device, node=self.cfg.node_name))
 
     def run(self) -> int:
         ctx = zmq.Context()
+        if self.report_endpoint:
+            self._reporter = ctx.socket(zmq.PUSH)
+            self._reporter.setsockopt(zmq.LINGER, 0)
+            self._reporter.connect(self.report_endpoint)
         sock = self._connect(ctx)
         try:
             sock.send_multipart(self._ready_msg())
@@ -72,13 +139,18 @@ class Worker:
         except zmq.ZMQError as exc:
             log.warning("socket error at exit: %s", exc)
         finally:
-            sock.close(linger=0)
+            self._close(sock)
+            if self._reporter is not None:
+                self._reporter.close(linger=0)
             ctx.term()
         return 0
 
     def _loop(self, ctx: zmq.Context, sock: zmq.Socket) -> zmq.Socket:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
+        self._report("connecting")
         last_sent = last_heard = time.monotonic()
         while not self.stop_requested:
             # Block on the socket only when no step would make progress (idle, or
@@ -92,25 +164,39 @@ class Worker:
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
+                    if self.link_state != "joined":
+                        self._report("joined")
                     for out in self._handle(frames):
                         sock.send_multipart(out)
                         last_sent = time.monotonic()
+            if self._monitor is not None and self._monitor in events:
+                self._on_monitor()
             now = time.monotonic()
             # Judge the gateway only after reading what is queued: a long step of
             # our own is not the gateway's silence.
             if now - last_heard > self.interval * self.liveness:
                 log.warning("gateway silent for %.1fs: reconnecting", now - last_heard)
+                if self.link_state == "joined":
+                    self._report("lost", f"silent for {now - last_heard:.1f}s")
                 self._drop_active()
                 poller.unregister(sock)
-                sock.close(linger=0)
+                if self._monitor is not None:
+                    poller.unregister(self._monitor)
+                self._close(sock)
                 sock = self._connect(ctx)
                 poller.register(sock, zmq.POLLIN)
+                if self._monitor is not None:
+                    poller.register(self._monitor, zmq.POLLIN)
+                if self.link_state != "refused":
+                    self._report("connecting")
                 sock.send_multipart(self._ready_msg())
                 last_sent = last_heard = time.monotonic()
                 continue
             if now - last_sent >= self.interval:      # before a step that may be long
                 sock.send_multipart(m.encode(m.Kind.HEARTBEAT))
                 last_sent = now
+            if self.drain_requested:
+                self._drain(sock)
             records = [r for ev in self.engine.step() for r in self._records(ev)]
             if records:       # one message per step, whatever the number of sequences
                 sock.send_multipart(m.encode_batch(records))
@@ -119,6 +205,16 @@ class Worker:
                 log.error("supervisor is gone: exiting")
                 break
         return sock
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        """Tell the gateway once to send nothing new; report drained once nothing is held."""
+        if not self._drain_told:
+            self._drain_told = self.draining = True
+            sock.send_multipart(m.encode(m.Kind.DRAINING))
+            log.info("draining: finishing %d request(s)", len(self.engine.running)
+                     + len(self.engine.parked))
+        if not self.engine.running and not self.engine.parked and self.link_state != "drained":
+            self._report("drained")
 
     def _drop_active(self) -> None:
         for rid in [*self.engine.running, *self.engine.parked]:
@@ -207,20 +303,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llmctl-worker")
     p.add_argument("--id", required=True)
     p.add_argument("--endpoint", required=True)
+    p.add_argument("--report", default=None, help="a node's supervisor: link state reports")
     args = p.parse_args(argv)
     cfg = Config.from_json(os.environ[CONFIG_JSON_ENV])
     setup_child_logging(f"worker {args.id}")
 
     worker: Worker | None = None
-    stop = {"flag": False}
+    stop: dict[str, bool] = {"flag": False}
 
     def on_signal(signum: int, _frame: object) -> None:
         stop["flag"] = True
         if worker is not None:
             worker.stop_requested = True
 
+    def on_drain(signum: int, _frame: object) -> None:
+        stop["drain"] = True
+        if worker is not None:
+            worker.drain_requested = True
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_drain)
 
     t0 = time.monotonic()
     try:
@@ -236,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("model loaded and warmed up in %.2fs", time.monotonic() - t0)
     if stop["flag"]:
         return 0
-    worker = Worker(cfg, args.id, args.endpoint, engine)
+    worker = Worker(cfg, args.id, args.endpoint, engine, report=args.report)
+    worker.drain_requested = stop.get("drain", False)   # asked while it was loading
     return worker.run()
 
 
