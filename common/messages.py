@@ -64,6 +64,8 @@ class Kind(bytes, Enum):
     PARK = b"P"        # gateway -> worker: rid's client takes nothing: free its slot, keep it
     PARKED = b"Q"      # worker -> gateway: rid is parked (returns a credit; not an ending)
     RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
+    LOGPROBS = b"L"    # worker -> gateway: rid, body {"content": [entry...]}: the logprobs
+                       # of the tokens behind the next TOKEN (or DONE); not a TOKEN message
 
 
 class MessageError(ValueError):
@@ -134,7 +136,7 @@ def decode_batch(body: bytes) -> list[Message]:
             kind = Kind(kind_b)
         except ValueError:
             raise MessageError(f"unknown message kind {kind_b!r} in BATCH") from None
-        if kind not in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):
+        if kind not in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED, Kind.LOGPROBS):
             raise MessageError(f"{kind.name} cannot travel in a BATCH")
         out.append(Message(kind, rid, body[off:off + n]))
         off += n
@@ -171,6 +173,10 @@ class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     seed: int | None = None
     stop: list[str] = []
     window: int = 0                 # TOKEN messages it may send ahead; 0 = unbounded
+    grammar: str | None = None      # GBNF: output constrained by llama.cpp's grammar sampler
+    json_schema: str | None = None  # a JSON schema (text), converted to GBNF by the worker
+    logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
+    top_logprobs: int = 0
 
 
 class ReadyInfo(msgspec.Struct, frozen=True):
@@ -205,6 +211,24 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     decode_ms: float = 0.0
     prefix_hashes: list[int] | None = None
     kv_store: KvStoreStats | None = None
+
+
+class TopLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """One generated token's logprob entry (OpenAI's chat shape)."""
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = []
+
+
+class LogprobsBody(msgspec.Struct, frozen=True):
+    content: list[TokenLogprob]
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -269,6 +293,11 @@ class Parked(msgspec.Struct, frozen=True):
     rid: int
 
 
+class Logprobs(msgspec.Struct, frozen=True):
+    rid: int
+    content: list[TokenLogprob]
+
+
 class Invalid(msgspec.Struct, frozen=True):
     """A well-framed message for request ``rid`` whose body does not validate: the
     receiver ends that request with an error (so its credit comes back) and counts it."""
@@ -278,10 +307,10 @@ class Invalid(msgspec.Struct, frozen=True):
 
 
 class Batch(msgspec.Struct, frozen=True):
-    items: list[Union[Token, Done, Error, Parked, Invalid]]
+    items: list[Union[Token, Done, Error, Parked, Logprobs, Invalid]]
 
 
-FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Invalid]
+FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Logprobs, Invalid]
 FromGateway = Union[Generate, Cancel, Credit, Park, Resume, Drain, Heartbeat, Invalid]
 
 _json = msgspec.json.Encoder()
@@ -289,6 +318,7 @@ _ready = msgspec.json.Decoder(ReadyInfo)
 _work = msgspec.json.Decoder(WorkRequest)
 _done = msgspec.json.Decoder(DoneStats)
 _error = msgspec.json.Decoder(ErrorBody)
+_logprobs = msgspec.json.Decoder(LogprobsBody)
 
 
 def body(obj: msgspec.Struct) -> bytes:
@@ -309,7 +339,7 @@ def _need_rid(msg: Message) -> int:
     return msg.rid
 
 
-def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
+def _per_request(msg: Message) -> Token | Done | Error | Parked | Logprobs | Invalid:
     rid = _need_rid(msg)
     try:
         if msg.kind is Kind.TOKEN:
@@ -321,6 +351,8 @@ def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
             return Done(rid, _typed(_done, msg))
         if msg.kind is Kind.ERROR:
             return Error(rid, _typed(_error, msg))
+        if msg.kind is Kind.LOGPROBS:
+            return Logprobs(rid, _typed(_logprobs, msg).content)
     except MessageError as exc:
         return Invalid(rid, msg.kind.name, str(exc))
     return Parked(rid)
@@ -338,7 +370,7 @@ def from_worker(frames: list[bytes]) -> FromWorker:
         return Bye()
     if k is Kind.BATCH:
         return Batch([_per_request(sub) for sub in decode_batch(msg.body)])
-    if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):
+    if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED, Kind.LOGPROBS):
         return _per_request(msg)
     raise MessageError(f"a worker does not send {k.name}")
 

@@ -140,7 +140,7 @@ class Gateway:
             for item in msg.items:
                 self._on_item(w, item)
             self.wake.set()
-        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Invalid)):
+        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Logprobs, m.Invalid)):
             self._on_item(w, msg)
             self.wake.set()
         elif isinstance(msg, m.Bye):
@@ -156,9 +156,13 @@ class Gateway:
         self.wake.set()
 
     def _on_item(self, w: WorkerState,
-                 msg: m.Token | m.Done | m.Error | m.Parked | m.Invalid) -> None:
+                 msg: m.Token | m.Done | m.Error | m.Parked | m.Logprobs | m.Invalid) -> None:
         if isinstance(msg, m.Token):
             self._on_token(w, msg)
+        elif isinstance(msg, m.Logprobs):
+            req = w.inflight.get(msg.rid)
+            if req is not None and not req.finished:
+                req.sink.on_logprobs(req, msgspec.to_builtins(msg.content))
         elif isinstance(msg, m.Invalid):
             self.counters.dropped_messages += 1
             log.error("worker %s sent a malformed %s for request %d: %s", w.id, msg.kind,
@@ -357,6 +361,9 @@ class _ProbeSink:
         pass
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
+        pass
+
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
         pass
 
     def on_error(self, req: Request, err: LlmctlError) -> None:

@@ -45,7 +45,7 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE_EVENT = b"data: [DONE]\n\n"
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
-_ONLY = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "suffix": ""}
+_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
 
 
 def api_key(cfg_key: str) -> str:
@@ -113,13 +113,14 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
     # Server defaults ([generation]) apply to what is left out, as on the TCP front;
     # top_k and deadline_ms are extensions to OpenAI's fields.
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                    "deadline_ms")}
+                                    "deadline_ms", "response_format", "grammar")}
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages must be a non-empty list", "messages")
         obj["messages"] = [{**m, "content": _text_content(m.get("content"), i)}
                            if isinstance(m, dict) else m for i, m in enumerate(messages)]
+        obj["logprobs"], obj["top_logprobs"] = body.get("logprobs"), body.get("top_logprobs")
         mct = body.get("max_completion_tokens")
         obj["max_tokens"] = mct if mct is not None else body.get("max_tokens")
     else:
@@ -130,6 +131,12 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
             raise _bad("prompt must be a string (or a list of one string)", "prompt")
         obj["prompt"] = prompt
         obj["max_tokens"] = body.get("max_tokens")
+        # the legacy API's logprobs is the number of alternatives (0..20 here, 5 at OpenAI)
+        n = body.get("logprobs")
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise _bad("logprobs must be an integer (alternatives per token)", "logprobs")
+            obj["logprobs"], obj["top_logprobs"] = True, n
     return validate_generate(obj, defaults), bool(stream), bool(include_usage)
 
 
@@ -158,25 +165,48 @@ class Reply:
     def finish_reason(stats: dict[str, Any]) -> str:
         return str(stats.get("finish_reason", "stop"))   # the worker's stop / length
 
-    def full(self, text: str, stats: dict[str, Any]) -> dict[str, Any]:
+    def logprobs(self, entries: list[dict[str, Any]] | None,
+                 offset: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object of some tokens (None: none were asked for).  Chat:
+        ``{"content": [entry...]}``; completions: the legacy parallel lists, text offsets
+        counted from ``offset``."""
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries],
+                "text_offset": offsets}
+
+    def full(self, text: str, stats: dict[str, Any],
+             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         fr = self.finish_reason(stats)
+        lp = self.logprobs(logprobs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": fr}
+                      "logprobs": lp, "finish_reason": fr}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fr}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
         return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
+              role: bool = False, logprobs: list[dict[str, Any]] | None = None,
+              offset: int = 0) -> dict[str, Any]:
+        lp = self.logprobs(logprobs, offset)
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None,
+            choice = {"index": 0, "delta": delta, "logprobs": lp,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None,
+            choice = {"index": 0, "text": text or "", "logprobs": lp,
                       "finish_reason": finish_reason}
         return {**self._head(True), "choices": [choice]}
 
@@ -195,6 +225,9 @@ class HttpSink:
 
     def on_token(self, req: Request, text: str) -> None:
         self.events.put_nowait(("token", text))
+
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
+        self.events.put_nowait(("logprobs", content))
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
         self.events.put_nowait(("done", stats))
@@ -232,22 +265,33 @@ class _Exchange:
     async def _collect(self) -> web.Response:
         assert self.req is not None
         parts: list[str] = []
+        lps: list[dict[str, Any]] | None = [] if self.req.params.logprobs else None
         while True:
             kind, val = await self.sink.events.get()
             if kind == "token":
                 parts.append(val)
                 self.gw.grant(self.req, 1)   # held in memory, bounded by max_tokens
+            elif kind == "logprobs":
+                if lps is not None:
+                    lps.extend(val)
             elif kind == "done":
-                return web.json_response(self.reply.full("".join(parts), val), dumps=_dumps)
+                return web.json_response(self.reply.full("".join(parts), val, lps),
+                                         dumps=_dumps)
             else:
                 raise val
 
     async def _stream(self, include_usage: bool) -> web.StreamResponse:
         assert self.req is not None
         resp: web.StreamResponse | None = None
+        want_lp = self.req.params.logprobs
+        held: list[dict[str, Any]] = []     # logprobs of the tokens behind the next piece
+        offset = 0                          # characters sent (completions' text_offset)
         try:
             while True:
                 kind, val = await self.sink.events.get()
+                if kind == "logprobs":
+                    held.extend(val)
+                    continue
                 if resp is None:
                     if kind == "error":
                         raise val   # nothing sent yet: a plain JSON error with its status
@@ -255,9 +299,15 @@ class _Exchange:
                     if self.reply.chat:    # OpenAI's first chat chunk: the role
                         await self._send(resp, self.reply.chunk("", role=True))
                 if kind == "token":
-                    await self._send(resp, self.reply.chunk(val))
+                    await self._send(resp, self.reply.chunk(
+                        val, logprobs=held if want_lp else None, offset=offset))
+                    offset += len(val)
+                    held = []
                     self.gw.grant(self.req, 1)     # written and drained: one more may come
                 elif kind == "done":
+                    if held and want_lp:    # tokens that showed no text of their own
+                        await self._send(resp, self.reply.chunk("", logprobs=held,
+                                                                offset=offset))
                     await self._send(resp, self.reply.chunk(
                         None, finish_reason=self.reply.finish_reason(val)))
                     if include_usage:

@@ -90,6 +90,9 @@ class Connection:
                     self.gw.grant(req, req.owed)
                     req.owed = 0
 
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
+        self._write(p.logprobs(req.stream, content))
+
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
         self.streams.pop(req.stream, None)
         self._write(p.done(req.stream, stats))

@@ -62,7 +62,7 @@ from llmctl.common.errors import InternalError
 from llmctl.worker import threadpool
 from llmctl.worker.kvstore import KVStore, common_prefix
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats, prefill_chunk, reusable_prefix)
+                           done_stats, prefill_chunk, reusable_prefix, token_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class BatchEngine(Prompting):
         metadata = self._model.metadata()
         self.model_name = str(metadata.get("general.name") or path.rsplit("/", 1)[-1])
         self._vocab = self._model.vocab
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
         self.slots = [Slot(i) for i in range(slots)]
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
@@ -282,6 +283,8 @@ class BatchEngine(Prompting):
                 seq.t_prefill_done = now
             try:
                 tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                if seq.top_logprobs >= 0 and not self._ll.llama_vocab_is_eog(self._vocab, tok):
+                    seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs))
                 events.extend(self._advance(seq, tok))
             except Exception as exc:   # one sequence's failure, not the engine's
                 events.append(self.fail(seq.rid, exc))
@@ -302,6 +305,20 @@ class BatchEngine(Prompting):
         return Event(rid, error=err)
 
     # ---- internals --------------------------------------------------------------------
+    def _logprobs(self, i: int, tok: int, top: int) -> dict:
+        import numpy as np
+
+        ptr = self._ll.llama_get_logits_ith(self._ctx.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return token_logprobs(logits, tok, top, lambda t: self._model.detokenize([t]))
+
+    @staticmethod
+    def _with_logprobs(seq: Seq, ev: Event) -> Event:
+        """Give ``ev`` (carrying text, or ending ``seq``) the logprobs held so far."""
+        if seq.lp_held:
+            ev.logprobs, seq.lp_held = seq.lp_held, []
+        return ev
+
     def _advance(self, seq: Seq, tok: int) -> list[Event]:
         """A token was sampled for ``seq``: send it, or end the sequence."""
         seq.pending = None
@@ -310,12 +327,13 @@ class BatchEngine(Prompting):
         seq.generated += 1
         text = seq.stream.push(self._model.detokenize([tok]))
         if seq.stream.stopped or seq.generated >= seq.max_tokens:
+            piece = self._with_logprobs(seq, Event(seq.rid, text)) if text else None
             end = self._finish(seq, "stop" if seq.stream.stopped else "length")
-            return [Event(seq.rid, text), end] if text else [end]
+            return [piece, end] if piece else [end]
         seq.pending = tok
         if text:
             seq.window -= 1
-            return [Event(seq.rid, text)]
+            return [self._with_logprobs(seq, Event(seq.rid, text))]
         return []
 
     def _copy(self, src: Slot, dst: Slot, n: int) -> int:
@@ -425,4 +443,5 @@ class BatchEngine(Prompting):
         stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
         if self.store is not None:
             stats["kv_store"] = self.store.stats()
-        return Event(seq.rid, tail, stats)
+        return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \
+            else Event(seq.rid, tail, stats)

@@ -176,6 +176,8 @@ class Worker:
     def _records(ev: Event) -> list[tuple[m.Kind, int, bytes]]:
         """The TOKEN / DONE / ERROR records of an engine event (for a BATCH)."""
         out = []
+        if ev.logprobs:     # before the TOKEN (or DONE) whose tokens they describe
+            out.append((m.Kind.LOGPROBS, ev.rid, m.dumps({"content": ev.logprobs})))
         if ev.text:
             out.append((m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
         if ev.error is not None:

@@ -1,0 +1,87 @@
+"""Constrained sampling: a request's JSON schema or GBNF grammar as a llama.cpp sampler.
+
+``grammar_text`` turns a WorkRequest's ``json_schema`` into GBNF with the converter
+llama-cpp-python ships (``llama_cpp.llama_grammar.json_schema_to_gbnf``) or takes its
+``grammar`` as is; ``grammar_sampler`` compiles it with ``llama_sampler_init_grammar``.
+Both run in ``prepare()``, before the request takes a slot, and raise ``BadRequest``
+naming the problem: the converter's message, or the parse error llama.cpp writes to
+stderr (captured here, since llama.cpp does not return it).
+
+The grammar sampler goes first in the sequence's chain (``engine.make_sampler``), so
+every later sampler (top-k, top-p, temperature, dist or greedy) only sees tokens the
+grammar allows, and the chain's accept advances the grammar with the chosen token.
+The grammar permits end-of-generation only where the grammar is complete, so a
+constrained answer ends with EOG (``finish_reason: stop``) once it is whole JSON, or is
+cut by ``max_tokens`` (``length``: then it is not whole).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from typing import Any
+
+from llmctl.common.errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR = 300      # characters of llama.cpp's parse error quoted back
+
+
+def grammar_text(grammar: str | None, json_schema: str | None) -> str | None:
+    """The GBNF a request is constrained by (None: unconstrained)."""
+    if json_schema is None:
+        return grammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json_schema)
+    except RecursionError:
+        raise BadRequest("the JSON schema cannot be converted to a grammar: "
+                         "it nests too deeply") from None
+    except (json.JSONDecodeError, AssertionError, ValueError, KeyError, TypeError,
+            AttributeError, IndexError, NotImplementedError) as exc:
+        why = str(exc) or type(exc).__name__
+        raise BadRequest(f"the JSON schema cannot be converted to a grammar: {why}") from None
+
+
+def _capture_stderr(fn: Any) -> tuple[Any, str]:
+    """Run ``fn()`` with file descriptor 2 sent to a temporary file; (result, what it wrote)."""
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                result = fn()
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        tmp.seek(0)
+        return result, tmp.read(64 * 1024).decode("utf-8", "replace")
+
+
+def _parse_error(stderr: str) -> str:
+    """The useful line of llama.cpp's grammar parse error."""
+    for line in stderr.splitlines():
+        if "error parsing grammar" in line:
+            return line.split("error parsing grammar:", 1)[-1].strip()[:MAX_ERROR]
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    return (lines[0] if lines else "llama.cpp refused it")[:MAX_ERROR]
+
+
+def grammar_sampler(ll: Any, vocab: Any, gbnf: str) -> Any:
+    """A llama.cpp grammar sampler for ``gbnf`` (root rule ``root``); BadRequest if it
+    does not compile.  The caller adds it to a chain, which then owns it."""
+    if not re.search(r"^\s*root\s*::=", gbnf, re.M):
+        raise BadRequest("the grammar does not compile: it has no rule named 'root'")
+
+    def init() -> Any:
+        return ll.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+
+    smpl, err = _capture_stderr(init)
+    if not smpl:
+        raise BadRequest(f"the grammar does not compile: {_parse_error(err)}")
+    return smpl
