@@ -37,7 +37,7 @@ def grammar_text(grammar: str | None, json_schema: str | None) -> str | None:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json_schema)
+        return strict_json_chars(json_schema_to_gbnf(json_schema))
     except RecursionError:
         raise BadRequest("the JSON schema cannot be converted to a grammar: "
                          "it nests too deeply") from None
@@ -45,6 +45,20 @@ def grammar_text(grammar: str | None, json_schema: str | None) -> str | None:
             AttributeError, IndexError, NotImplementedError) as exc:
         why = str(exc) or type(exc).__name__
         raise BadRequest(f"the JSON schema cannot be converted to a grammar: {why}") from None
+
+
+# The converter's string character (0.3.36) admits raw control characters, which JSON
+# forbids in strings (RFC 8259, section 7): a model that writes a newline inside a
+# string would give JSON no parser reads.  llama.cpp's own converter excludes them.
+_LOOSE_CHAR = r'char ::= [^"\\] | '
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | '
+
+
+def strict_json_chars(gbnf: str) -> str:
+    """The converter's grammar with JSON's string characters (no raw control characters)."""
+    lines = gbnf.split("\n")
+    return "\n".join(_STRICT_CHAR + ln[len(_LOOSE_CHAR):] if ln.startswith(_LOOSE_CHAR) else ln
+                     for ln in lines)
 
 
 def _capture_stderr(fn: Any) -> tuple[Any, str]:
