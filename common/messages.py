@@ -175,6 +175,8 @@ class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     window: int = 0                 # TOKEN messages it may send ahead; 0 = unbounded
     grammar: str | None = None      # GBNF: output constrained by llama.cpp's grammar sampler
     json_schema: str | None = None  # a JSON schema (text), converted to GBNF by the worker
+    or_text: bool = False           # json_schema's JSON, or else free text not starting
+                                    # with "{" (tool_choice "auto")
     logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
     top_logprobs: int = 0
 

@@ -213,6 +213,7 @@ class GenerateRequest:
     deadline_ms: int
     grammar: str | None = None         # GBNF text (from ``grammar``)
     json_schema: str | None = None     # a JSON schema's text (from ``response_format``)
+    or_text: bool = False              # that JSON or free text (the HTTP front's tools)
     logprobs: bool = False
     top_logprobs: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -224,7 +225,8 @@ class GenerateRequest:
             messages=[ChatMessage(r, c) for r, c in self.messages] if self.messages else None,
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window,
-            grammar=self.grammar, json_schema=self.json_schema, logprobs=self.logprobs,
+            grammar=self.grammar, json_schema=self.json_schema, or_text=self.or_text,
+            logprobs=self.logprobs,
             top_logprobs=self.top_logprobs)
 
     def worker_fields(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ the status of ``errors.http_status``; an error after a stream began is one SSE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -34,6 +35,8 @@ from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, 
 from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
+from llmctl.dataplane.shapes import Reply
+from llmctl.dataplane.tools import ToolMode, parse_call, render_messages, tool_mode
 from llmctl.dataplane.transport import limit_output
 
 log = logging.getLogger(__name__)
@@ -95,8 +98,8 @@ def _text_content(content: Any, i: int) -> Any:
 
 
 def to_generate(body: dict[str, Any], defaults: Defaults,
-                chat: bool) -> tuple[GenerateRequest, bool, bool]:
-    """(the GenerateRequest, stream?, include_usage?) of an OpenAI request body."""
+                chat: bool) -> tuple[GenerateRequest, bool, bool, ToolMode | None]:
+    """(the GenerateRequest, stream?, include_usage?, tool calling) of an OpenAI request body."""
     for key, only in _ONLY.items():
         v = body.get(key)
         if v is not None and (v != only or type(v) is not type(only)):
@@ -114,16 +117,30 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
     # top_k and deadline_ms are extensions to OpenAI's fields.
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
                                     "deadline_ms", "response_format", "grammar")}
+    mode = None
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages must be a non-empty list", "messages")
+        mode = tool_mode(body)
+        if mode is not None:
+            rf = body.get("response_format")
+            if body.get("grammar") is not None or (isinstance(rf, dict)
+                                                   and rf.get("type") != "text"):
+                raise _bad("tools cannot be combined with grammar or a JSON response_format "
+                           "(tool_choice \"none\" can)", "tools")
+            if body.get("logprobs"):
+                raise _bad("logprobs with tools is not supported", "logprobs")
+        messages = render_messages(messages, mode)
         obj["messages"] = [{**m, "content": _text_content(m.get("content"), i)}
                            if isinstance(m, dict) else m for i, m in enumerate(messages)]
         obj["logprobs"], obj["top_logprobs"] = body.get("logprobs"), body.get("top_logprobs")
         mct = body.get("max_completion_tokens")
         obj["max_tokens"] = mct if mct is not None else body.get("max_tokens")
     else:
+        for key in ("tools", "tool_choice"):
+            if body.get(key) is not None:
+                raise _bad(f"{key} is for /v1/chat/completions", key)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -137,81 +154,10 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
             if isinstance(n, bool) or not isinstance(n, int):
                 raise _bad("logprobs must be an integer (alternatives per token)", "logprobs")
             obj["logprobs"], obj["top_logprobs"] = True, n
-    return validate_generate(obj, defaults), bool(stream), bool(include_usage)
-
-
-# ---- response shapes ----------------------------------------------------------------------
-
-class Reply:
-    """OpenAI's response objects for one request (chat or text completion)."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-
-    def _head(self, chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
-            else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(stats: dict[str, Any]) -> dict[str, int]:
-        p, c = int(stats.get("prompt_tokens", 0)), int(stats.get("completion_tokens", 0))
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    @staticmethod
-    def finish_reason(stats: dict[str, Any]) -> str:
-        return str(stats.get("finish_reason", "stop"))   # the worker's stop / length
-
-    def logprobs(self, entries: list[dict[str, Any]] | None,
-                 offset: int = 0) -> dict[str, Any] | None:
-        """OpenAI's logprobs object of some tokens (None: none were asked for).  Chat:
-        ``{"content": [entry...]}``; completions: the legacy parallel lists, text offsets
-        counted from ``offset``."""
-        if entries is None:
-            return None
-        if self.chat:
-            return {"content": entries, "refusal": None}
-        offsets = []
-        for e in entries:
-            offsets.append(offset)
-            offset += len(e["token"])
-        return {"tokens": [e["token"] for e in entries],
-                "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                 for e in entries],
-                "text_offset": offsets}
-
-    def full(self, text: str, stats: dict[str, Any],
-             logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        fr = self.finish_reason(stats)
-        lp = self.logprobs(logprobs)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": lp, "finish_reason": fr}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False, logprobs: list[dict[str, Any]] | None = None,
-              offset: int = 0) -> dict[str, Any]:
-        lp = self.logprobs(logprobs, offset)
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": lp,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": lp,
-                      "finish_reason": finish_reason}
-        return {**self._head(True), "choices": [choice]}
-
-    def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self.usage(stats)}
+    params = validate_generate(obj, defaults)
+    if mode is not None:
+        params = dataclasses.replace(params, json_schema=mode.schema, or_text=mode.or_text)
+    return params, bool(stream), bool(include_usage), mode
 
 
 # ---- the sink ---------------------------------------------------------------------------
@@ -243,8 +189,10 @@ class _ClientGone(Exception):
 class _Exchange:
     """One generation request on its way from submit to the client."""
 
-    def __init__(self, gw: Gateway, request: web.Request, chat: bool) -> None:
+    def __init__(self, gw: Gateway, request: web.Request, chat: bool,
+                 tools: ToolMode | None = None) -> None:
         self.gw = gw
+        self.tools = tools
         self.request = request
         self.reply = Reply(chat, gw.model_name)
         self.sink = HttpSink()
@@ -275,8 +223,10 @@ class _Exchange:
                 if lps is not None:
                     lps.extend(val)
             elif kind == "done":
-                return web.json_response(self.reply.full("".join(parts), val, lps),
-                                         dumps=_dumps)
+                call = parse_call("".join(parts), self.tools) if self.tools else None
+                out = self.reply.tool_full(call, val) if call is not None \
+                    else self.reply.full("".join(parts), val, lps)
+                return web.json_response(out, dumps=_dumps)
             else:
                 raise val
 
@@ -286,6 +236,12 @@ class _Exchange:
         want_lp = self.req.params.logprobs
         held: list[dict[str, Any]] = []     # logprobs of the tokens behind the next piece
         offset = 0                          # characters sent (completions' text_offset)
+        # A tool call is held until it is whole, then sent in one chunk; with "auto" an
+        # answer is a call if it starts with "{" (the grammar's text never does).
+        calling: bool | None = None if self.tools is None or self.tools.or_text else True
+        if self.tools is None:
+            calling = False
+        call_parts: list[str] = []
         try:
             while True:
                 kind, val = await self.sink.events.get()
@@ -298,6 +254,20 @@ class _Exchange:
                     resp = await self._start()
                     if self.reply.chat:    # OpenAI's first chat chunk: the role
                         await self._send(resp, self.reply.chunk("", role=True))
+                if kind == "token" and calling is None:
+                    calling = val.startswith("{")
+                if kind == "token" and calling:
+                    call_parts.append(val)
+                    self.gw.grant(self.req, 1)     # held in memory, bounded by max_tokens
+                    continue
+                if kind == "done" and calling:
+                    text = "".join(call_parts)
+                    call = parse_call(text, self.tools) if self.tools else None
+                    if call is not None:
+                        await self._send(resp, self.reply.tool_chunk(call))
+                        val = {**val, "finish_reason": "tool_calls"}
+                    elif text:      # cut by max_tokens: what there is, as text
+                        await self._send(resp, self.reply.chunk(text))
                 if kind == "token":
                     await self._send(resp, self.reply.chunk(
                         val, logprobs=held if want_lp else None, offset=offset))
@@ -370,8 +340,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    params, stream, include_usage = to_generate(await _body(request), gw.defaults, chat)
-    return await _Exchange(gw, request, chat).run(params, stream, include_usage)
+    params, stream, include_usage, tools = to_generate(await _body(request), gw.defaults, chat)
+    return await _Exchange(gw, request, chat, tools).run(params, stream, include_usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -30,10 +30,24 @@ log = logging.getLogger(__name__)
 MAX_ERROR = 300      # characters of llama.cpp's parse error quoted back
 
 
-def grammar_text(grammar: str | None, json_schema: str | None) -> str | None:
-    """The GBNF a request is constrained by (None: unconstrained)."""
+# tool_choice "auto": the call's JSON, or an answer in words (never starting with "{")
+_OR_TEXT = '\nroot ::= json-root | free-text\nfree-text ::= [^{] [^\\x00]*\n'
+
+
+def grammar_text(grammar: str | None, json_schema: str | None,
+                 or_text: bool = False) -> str | None:
+    """The GBNF a request is constrained by (None: unconstrained).  ``or_text``: the
+    schema's JSON or else free text that does not start with "{"."""
     if json_schema is None:
         return grammar
+    gbnf = _convert(json_schema)
+    if not or_text:
+        return gbnf
+    return "\n".join("json-" + ln if ln.startswith("root ::= ") else ln
+                     for ln in gbnf.split("\n")) + _OR_TEXT
+
+
+def _convert(json_schema: str) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:

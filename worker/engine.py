@@ -143,7 +143,7 @@ def make_sampler(req: WorkRequest, vocab: Any = None) -> Any:
 
     from llmctl.worker.constrain import grammar_sampler, grammar_text
 
-    gbnf = grammar_text(req.grammar, req.json_schema)
+    gbnf = grammar_text(req.grammar, req.json_schema, req.or_text)
     grammar = grammar_sampler(llama_cpp, vocab, gbnf) if gbnf is not None else None
     sampler = LlamaSampler()
     if grammar is not None:
