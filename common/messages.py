@@ -178,6 +178,7 @@ class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     or_text: bool = False           # json_schema's JSON, or else free text not starting
                                     # with "{" (tool_choice "auto")
     logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
+    embed: list[str] | None = None  # embed these texts instead of generating (DONE's embeddings)
     top_logprobs: int = 0
 
 
@@ -213,6 +214,7 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     decode_ms: float = 0.0
     prefix_hashes: list[int] | None = None
     kv_store: KvStoreStats | None = None
+    embeddings: list[str] | None = None   # base64 float32 LE vectors of an ``embed`` request
 
 
 class TopLogprob(msgspec.Struct, frozen=True):

@@ -216,6 +216,7 @@ class GenerateRequest:
     or_text: bool = False              # that JSON or free text (the HTTP front's tools)
     logprobs: bool = False
     top_logprobs: int = 0
+    embed: tuple[str, ...] | None = None   # POST /v1/embeddings' inputs (the HTTP front)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def work(self, window: int = 0) -> WorkRequest:
@@ -226,7 +227,7 @@ class GenerateRequest:
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window,
             grammar=self.grammar, json_schema=self.json_schema, or_text=self.or_text,
-            logprobs=self.logprobs,
+            logprobs=self.logprobs, embed=list(self.embed) if self.embed is not None else None,
             top_logprobs=self.top_logprobs)
 
     def worker_fields(self) -> dict[str, Any]:

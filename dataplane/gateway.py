@@ -222,6 +222,8 @@ class Gateway:
                 self.counters.cancelled_decode += 1
         stats = msgspec.structs.asdict(st)
         del stats["prefix_hashes"], stats["kv_store"]
+        if stats.get("embeddings") is None:
+            stats.pop("embeddings", None)
         stats["worker"] = w.name
         self._finish(req, stats=stats)
 

@@ -7,7 +7,8 @@ client goes away, and their token credit is given back (``Gateway.grant``) only 
 a token has been written and the connection's write buffer has drained, so a slow
 HTTP reader pauses its sequence on the worker exactly like a slow TCP one.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``.  ``build_app(gw)`` returns the
 application, so more routes (``/metrics``) can be added before it is served.
 
@@ -33,6 +34,7 @@ from aiohttp import web
 from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
                               NotReady, ShuttingDown, Unauthorized, openai_type)
 from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
+from llmctl.dataplane import embeddings as emb
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
 from llmctl.dataplane.shapes import Reply
@@ -344,6 +346,22 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     return await _Exchange(gw, request, chat, tools).run(params, stream, include_usage)
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    params, fmt = emb.to_embed(await _body(request), gw.defaults)
+    sink = HttpSink()
+    req = gw.submit(params, sink)       # NotReady / Overloaded / ShuttingDown
+    try:
+        while True:
+            kind, val = await sink.events.get()
+            if kind == "done":
+                return web.json_response(emb.response(val, fmt, gw.model_name), dumps=_dumps)
+            if kind == "error":
+                raise val
+    finally:
+        gw.cancel(req)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=True)
 
@@ -436,6 +454,7 @@ def build_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)

@@ -58,7 +58,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.common.errors import InternalError
+from llmctl.common.errors import BadRequest, InternalError
+from llmctl.common.messages import work_request
+from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
 from llmctl.worker.kvstore import KVStore, common_prefix
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
@@ -91,7 +93,7 @@ class BatchEngine(Prompting):
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
                  slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
-                 prompt_cache_bytes: int = 0) -> None:
+                 prompt_cache_bytes: int = 0, embeddings: bool = False) -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -136,6 +138,9 @@ class BatchEngine(Prompting):
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
         self.slots = [Slot(i) for i in range(slots)]
+        self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
+            if embeddings else None
+        self.embedding: dict[int, EmbedJob] = {}   # rid -> embedding request
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
         self.parked: dict[int, Seq] = {}           # rid -> sequence without a slot
         self._tick = 0
@@ -147,7 +152,7 @@ class BatchEngine(Prompting):
 
     @property
     def free_slots(self) -> int:
-        return len(self.slots) - len(self.running)
+        return len(self.slots) - len(self.running) - len(self.embedding)
 
     @property
     def active(self) -> Seq | None:
@@ -157,7 +162,8 @@ class BatchEngine(Prompting):
     @property
     def runnable(self) -> bool:
         """Is there work that a step would advance (not only paused sequences)?"""
-        return any(s.prefilled < len(s.tokens) - 1 or s.window > 0 for s in self.running.values())
+        return bool(self.embedding) or any(s.prefilled < len(s.tokens) - 1 or s.window > 0
+                                           for s in self.running.values())
 
     def grant(self, rid: int, n: int) -> None:
         """The client took ``n`` more TOKEN messages: the sequence may send n more."""
@@ -165,9 +171,23 @@ class BatchEngine(Prompting):
         if seq is not None:
             seq.window += n
 
-    def start(self, seq: Seq) -> None:
-        if not self.free_slots or seq.rid in self.running:
+    def prepare(self, rid: int, request: Any) -> Any:
+        req = work_request(request)
+        if req.embed is None:
+            return super().prepare(rid, req)
+        if self.embedder is None:
+            raise BadRequest("this service serves no embeddings: set [workers] embeddings = true")
+        job = EmbedJob(rid, [self._model.tokenize(t.encode("utf-8"), add_bos=True, special=False)
+                             for t in req.embed])
+        self.embedder.check(job.inputs)
+        return job
+
+    def start(self, seq: Any) -> None:
+        if not self.free_slots or seq.rid in self.running or seq.rid in self.embedding:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
+        if isinstance(seq, EmbedJob):
+            self.embedding[seq.rid] = seq
+            return
         seq.cached = seq.prefilled = self._place(seq)
 
     def _place(self, seq: Seq) -> int:
@@ -231,6 +251,9 @@ class BatchEngine(Prompting):
         self._place(seq)
 
     def cancel(self, rid: int) -> Event | None:
+        job = self.embedding.pop(rid, None)
+        if job is not None:
+            return Event(rid, done=done_stats(job, "cancelled"))
         seq = self.running.get(rid) or self.parked.get(rid)
         if seq is None:
             return None
@@ -248,7 +271,24 @@ class BatchEngine(Prompting):
             k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
             events += self._decode([(seq, toks, False)])
+        job = next(iter(self.embedding.values()), None)
+        if job is not None:
+            events.append(self._embed(job))
         return events
+
+    def _embed(self, job: EmbedJob) -> Event | None:
+        """One group of an embedding request's inputs; its DONE when all are done."""
+        assert self.embedder is not None
+        try:
+            if not self.embedder.step(job):
+                return Event(job.rid)
+        except Exception as exc:   # this request's failure, not the engine's
+            self.embedding.pop(job.rid, None)
+            log.exception("embedding request %d failed", job.rid)
+            return Event(job.rid, error=InternalError(f"embedding failed: {exc}"))
+        del self.embedding[job.rid]
+        job.t_prefill_done = time.monotonic()
+        return Event(job.rid, done={**done_stats(job, "stop"), "embeddings": job.vectors})
 
     def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
         """One llama_decode of ``(sequence, tokens, wants logits)``; samples the outputs."""

@@ -121,7 +121,8 @@ class Worker:
         return sock
 
     def _drop_active(self) -> None:
-        for rid in [*self.engine.running, *self.engine.parked]:
+        for rid in [*self.engine.running, *self.engine.parked,
+                    *getattr(self.engine, "embedding", ())]:
             self.engine.cancel(rid)
 
     # ---- messages ---------------------------------------------------------------------
@@ -202,7 +203,8 @@ def make_engine(cfg: Config) -> Any:
     return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                        cfg.model.n_batch, slots=cfg.workers.slots,
                        prompt_cache=cfg.workers.prompt_cache,
-                       prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20)
+                       prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
+                       embeddings=cfg.workers.embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:

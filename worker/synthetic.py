@@ -62,7 +62,7 @@ class SyntheticEngine:
 
     def prepare(self, rid: int, request: WorkRequest | Mapping[str, Any]) -> SynthSeq:
         req = work_request(request)
-        if req.grammar is not None or req.json_schema is not None or req.logprobs:
+        if req.grammar is not None or req.json_schema is not None or req.logprobs or req.embed:
             raise BadRequest("the synthetic engine has no grammar sampler and no logprobs: "
                              "use [model] engine = \"llama\"")
         if req.messages:
