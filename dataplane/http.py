@@ -51,6 +51,12 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
 _DONE_EVENT = b"data: [DONE]\n\n"
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
 _ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
+# Fields that would change the answer and that llmctl does not implement: refused unless
+# absent or at their no-op value (0, empty, null).
+_UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "audio", "prediction",
+                "web_search_options", "reasoning_effort", "min_p", "repeat_penalty",
+                "typical_p", "mirostat")
+_TEXT_ONLY = (None, ["text"])         # modalities
 
 
 def api_key(cfg_key: str) -> str:
@@ -106,6 +112,11 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
         v = body.get(key)
         if v is not None and (v != only or type(v) is not type(only)):
             raise _bad(f"{key} is not supported: only {_dumps(only)}", key)
+    for key in _UNSUPPORTED:
+        if body.get(key) not in (None, 0, {}, []):
+            raise _bad(f"{key} is not supported", key)
+    if body.get("modalities") not in _TEXT_ONLY:
+        raise _bad('modalities other than ["text"] is not supported', "modalities")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")

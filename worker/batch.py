@@ -322,7 +322,11 @@ class BatchEngine(Prompting):
             if seq.t_prefill_done is None:
                 seq.t_prefill_done = now
             try:
-                tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                if seq.grammar is None:
+                    tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                else:
+                    tok = seq.grammar.sample(seq.sampler.sampler, self._ctx.ctx, i,
+                                             self._n_vocab)
                 if seq.top_logprobs >= 0 and not self._ll.llama_vocab_is_eog(self._vocab, tok):
                     seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs))
                 events.extend(self._advance(seq, tok))

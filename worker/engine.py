@@ -49,6 +49,7 @@ class Sequence:
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_done: float | None = None
     hashes: tuple[int, ...] = ()           # prefix hashes of its prompt (routing)
+    grammar: Any = None                    # constrain.Grammar of a constrained sequence
     top_logprobs: int = -1                 # -1: no logprobs; else alternatives per token
     lp_held: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with text
 
@@ -112,10 +113,11 @@ class Prompting:
         max_tokens = min(req.max_tokens, self.n_ctx - len(tokens))
         seq = self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens,
                              window=req.window or 1 << 30,
-                             sampler=make_sampler(req, self._model.vocab),
+                             sampler=make_sampler(req),
                              stream=TextStream(tuple(req.stop)),
                              top_logprobs=req.top_logprobs if req.logprobs else -1)
         seq.hashes = request_hashes(req)
+        seq.grammar = make_grammar(req, self._model.vocab)
         return seq
 
 
@@ -134,20 +136,22 @@ def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
                                bos_token=text_of(model.token_bos()))
 
 
-def make_sampler(req: WorkRequest, vocab: Any = None) -> Any:
-    """A sampler chain: the grammar first if the request is constrained (``worker/constrain.py``),
-    then greedy at temperature 0, else top-k, top-p, temperature, dist(seed).  Raises
-    BadRequest for a schema or grammar that does not convert or compile."""
+def make_grammar(req: WorkRequest, vocab: Any) -> Any:
+    """The request's compiled grammar (``constrain.Grammar``), or None if it is free.
+    Raises BadRequest for a schema or grammar that does not convert or compile."""
     import llama_cpp
-    from llama_cpp._internals import LlamaSampler
 
-    from llmctl.worker.constrain import grammar_sampler, grammar_text
+    from llmctl.worker.constrain import Grammar, grammar_sampler, grammar_text
 
     gbnf = grammar_text(req.grammar, req.json_schema, req.or_text)
-    grammar = grammar_sampler(llama_cpp, vocab, gbnf) if gbnf is not None else None
+    return Grammar(llama_cpp, grammar_sampler(llama_cpp, vocab, gbnf)) if gbnf else None
+
+
+def make_sampler(req: WorkRequest) -> Any:
+    """A sampler chain: greedy at temperature 0, else top-k, top-p, temperature, dist(seed)."""
+    from llama_cpp._internals import LlamaSampler
+
     sampler = LlamaSampler()
-    if grammar is not None:
-        llama_cpp.llama_sampler_chain_add(sampler.sampler, grammar)   # the chain owns it
     if req.temperature <= 0.0:
         sampler.add_greedy()
     else:
