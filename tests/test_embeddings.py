@@ -112,3 +112,36 @@ def test_admission_and_credits(client, svc):
 def test_bad_embedding_requests(svc, body, needle):
     status, out = post(svc.base, body)
     assert status == 400 and needle in out["error"]["message"], out
+
+
+@integration
+def test_concurrent_requests_beside_generation(svc):
+    """On a second service with 4 slots, concurrent embedding requests (packed into the
+    same steps when they overlap) and a generation beside them: each vector is the one
+    its input gets alone, up to rounding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Service(model={"n_ctx": 512}, workers={"slots": 4, "probe_interval_s": 0.0,
+                                               "embeddings": True},
+                http={"enabled": True, "port": free_port()})
+    try:
+        assert s.start().returncode == 0
+        [addr] = s.status()["gateway"]["http_listening"]
+        c = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="none", max_retries=0,
+                          timeout=120)
+        texts = [f"Text {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 4)
+                 for i in range(12)]
+        alone = [np.array(c.embeddings.create(model="m", input=t).data[0].embedding)
+                 for t in texts]
+        with ThreadPoolExecutor(4) as pool:
+            futs = [pool.submit(c.embeddings.create, model="m", input=texts[i:i + 3])
+                    for i in range(0, 12, 3)]
+            chat = pool.submit(c.chat.completions.create, model="m", max_tokens=16,
+                               messages=[{"role": "user", "content": "Hello"}])
+            got = [np.array(d.embedding) for f in futs for d in f.result().data]
+            assert chat.result().choices[0].message.content
+        for a, b in zip(alone, got):
+            assert float(a @ b) > 0.9999
+        c.close()
+    finally:
+        s.stop()

@@ -253,6 +253,8 @@ class BatchEngine(Prompting):
     def cancel(self, rid: int) -> Event | None:
         job = self.embedding.pop(rid, None)
         if job is not None:
+            assert self.embedder is not None
+            self.embedder.drop(job)
             return Event(rid, done=done_stats(job, "cancelled"))
         seq = self.running.get(rid) or self.parked.get(rid)
         if seq is None:
@@ -271,24 +273,28 @@ class BatchEngine(Prompting):
             k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
             events += self._decode([(seq, toks, False)])
-        job = next(iter(self.embedding.values()), None)
-        if job is not None:
-            events.append(self._embed(job))
+        if self.embedding:
+            events += self._embed()
         return events
 
-    def _embed(self, job: EmbedJob) -> Event | None:
-        """One group of an embedding request's inputs; its DONE when all are done."""
+    def _embed(self) -> list[Event]:
+        """One chunk of the embedding requests' inputs; the DONEs of those it finished."""
         assert self.embedder is not None
+        jobs = list(self.embedding.values())
         try:
-            if not self.embedder.step(job):
-                return Event(job.rid)
-        except Exception as exc:   # this request's failure, not the engine's
-            self.embedding.pop(job.rid, None)
-            log.exception("embedding request %d failed", job.rid)
-            return Event(job.rid, error=InternalError(f"embedding failed: {exc}"))
-        del self.embedding[job.rid]
-        job.t_prefill_done = time.monotonic()
-        return Event(job.rid, done={**done_stats(job, "stop"), "embeddings": job.vectors})
+            finished = self.embedder.step(jobs)
+        except Exception as exc:   # these requests fail, not the engine
+            log.exception("embedding requests %s failed", [j.rid for j in jobs])
+            self.embedding.clear()
+            self.embedder.reset()
+            return [Event(j.rid, error=InternalError(f"embedding failed: {exc}")) for j in jobs]
+        events = []
+        for job in finished:
+            del self.embedding[job.rid]
+            job.t_prefill_done = time.monotonic()
+            events.append(Event(job.rid, done={**done_stats(job, "stop"),
+                                               "embeddings": job.vectors}))
+        return events
 
     def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
         """One llama_decode of ``(sequence, tokens, wants logits)``; samples the outputs."""

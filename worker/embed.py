@@ -4,10 +4,10 @@
 ``embeddings = true`` whose KV is unified (cells shared by the inputs in progress).  A
 request with ``embed`` inputs (``POST /v1/embeddings``) is admitted like any other (a
 credit, a slot while it runs).  Each engine step evaluates at most ``n_batch`` tokens of
-it, like a prefill chunk, so a long list never stalls the generating sequences or the
-worker's heartbeats for longer than one chunk: several short inputs go in one
-``llama_decode`` (one sequence id each), a long one over several steps (its KV kept
-between them).  The vector of an input is the mean of its tokens' final hidden states
+the embedding requests (oldest first), like a prefill chunk, so a long list never stalls
+the generating sequences or the worker's heartbeats for longer than one chunk: several
+short inputs, of one request or several, go in one ``llama_decode`` (one sequence id
+each), a long one over several steps (its KV kept between them).  The vector of an input is the mean of its tokens' final hidden states
 (mean pooling, computed here so that it can span chunks), L2-normalised; the DONE carries
 each as base64 of little-endian float32 (OpenAI's ``encoding_format: "base64"``).
 """
@@ -34,6 +34,7 @@ class EmbedJob:
     done: int = 0                           # inputs embedded so far
     pos: int = 0                            # tokens of input ``done`` evaluated so far
     acc: Any = None                         # the sum of that input's hidden states
+    sid: int = 0                            # that input's sequence id, while in progress
     vectors: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_done: float | None = None
@@ -74,42 +75,63 @@ class Embedder:
             if len(toks) > self.n_ctx:
                 raise BadRequest(f"input[{i}] is {len(toks)} tokens; at most {self.n_ctx}")
 
-    def step(self, job: EmbedJob) -> bool:
-        """Evaluate the next ``n_batch`` tokens of ``job``'s inputs; True when all are done."""
+    def drop(self, job: EmbedJob) -> None:
+        """A job ends unfinished: the KV of its input in progress goes."""
+        if job.pos:
+            self._ll.llama_memory_seq_rm(self._mem, job.sid, -1, -1)
+
+    def reset(self) -> None:
+        self._ll.llama_memory_clear(self._mem, True)
+
+    def step(self, jobs: list[EmbedJob]) -> list[EmbedJob]:
+        """Evaluate the next ``n_batch`` tokens of the jobs' inputs, oldest job first,
+        several inputs (of one job or several) in one ``llama_decode``; the jobs that
+        are done."""
         import numpy as np
 
         ll, ctx, b = self._ll, self._ctx.ctx, self._batch.batch
-        if job.pos == 0:
-            ll.llama_memory_clear(self._mem, True)
-        spans = []                 # (input, first batch row, rows, ends the input?)
-        k, i, start = 0, job.done, job.pos
-        while i < len(job.inputs) and k < self.n_batch and len(spans) < MAX_SEQS:
-            toks = job.inputs[i]
-            n = min(len(toks) - start, self.n_batch - k)
-            sid = i % MAX_SEQS
-            for j in range(n):
-                b.token[k + j], b.pos[k + j], b.n_seq_id[k + j] = toks[start + j], start + j, 1
-                b.seq_id[k + j][0] = sid
-                b.logits[k + j] = True
-            spans.append((i, k, n, start + n == len(toks)))
-            k += n
-            i, start = (i + 1, 0) if start + n == len(toks) else (i, start + n)
+        busy = {j.sid for j in jobs if j.pos}           # inputs in progress keep their id
+        free = [sid for sid in range(MAX_SEQS) if sid not in busy]
+        spans = []                 # (job, input, start, first batch row, rows, sequence id)
+        k = 0
+        for job in jobs:
+            i, start = job.done, job.pos
+            while i < len(job.inputs) and k < self.n_batch:
+                if start == 0:
+                    if not free:
+                        break
+                    sid = free.pop(0)
+                else:
+                    sid = job.sid
+                toks = job.inputs[i]
+                n = min(len(toks) - start, self.n_batch - k)
+                for j in range(n):
+                    b.token[k + j], b.pos[k + j], b.n_seq_id[k + j] = toks[start + j], start + j, 1
+                    b.seq_id[k + j][0] = sid
+                    b.logits[k + j] = True
+                spans.append((job, i, start, k, n, sid))
+                k += n
+                if start + n < len(toks):
+                    break              # the batch is full in the middle of this input
+                i, start = i + 1, 0
+            if k >= self.n_batch or not free:
+                break
         b.n_tokens = k
         rc = ll.llama_decode(ctx, b)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc} for an embedding batch")
         ptr = ctypes.cast(ll.llama_get_embeddings(ctx), ctypes.POINTER(ctypes.c_float))
         states = np.ctypeslib.as_array(ptr, shape=(k, self.n_embd))
-        for idx, row, n, ends in spans:
+        for job, idx, start, row, n, sid in spans:
             part = states[row:row + n].sum(axis=0, dtype=np.float64)
             job.acc = part if job.acc is None else job.acc + part
-            if not ends:
-                job.pos += n
-                break
+            if start + n < len(job.inputs[idx]):
+                job.pos, job.sid = start + n, sid
+                continue
             v = job.acc / len(job.inputs[idx])
             norm = float(np.linalg.norm(v))
             v = v / norm if norm > 0 else v
             job.vectors.append(base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"))
             job.done, job.pos, job.acc = idx + 1, 0, None
-            ll.llama_memory_seq_rm(self._mem, idx % MAX_SEQS, -1, -1)
-        return job.done == len(job.inputs)
+            ll.llama_memory_seq_rm(self._mem, sid, -1, -1)
+        return [j for j in jobs if j.done == len(j.inputs)]
