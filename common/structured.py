@@ -37,6 +37,11 @@ def schema_text(schema: Any, where: str) -> str:
     if not isinstance(schema, dict):
         raise BadRequest(f"{where} must be a JSON object (a JSON schema)")
     text = _dumps(schema)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} is not valid Unicode text (a lone surrogate escape?)") \
+            from None
     if len(text) > MAX_GRAMMAR:
         raise BadRequest(f"{where} is {len(text)} characters; at most {MAX_GRAMMAR}")
     return text

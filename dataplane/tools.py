@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.common.errors import BadRequest
+from llmctl.common.structured import schema_text
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
@@ -119,7 +120,8 @@ def tool_mode(body: dict[str, Any]) -> ToolMode | None:
     if choice == "auto":
         lines.append("If no tool is needed, answer in words.")
     return ToolMode(names=tuple(f["name"] for f in fns_called),
-                    schema=json.dumps(schema, ensure_ascii=False), or_text=choice == "auto",
+                    schema=schema_text(schema, "the tools' parameters"),
+                    or_text=choice == "auto",
                     prompt="\n".join(lines))
 
 

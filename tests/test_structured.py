@@ -257,3 +257,22 @@ def test_bad_constraints_are_bad_request(client, svc, extra, needle):
         wire = c.complete(1, messages=ask("x"), max_tokens=8, **extra)
     assert wire.error["code"] == "bad_request" and needle in wire.error["message"]
     assert all(w["restarts"] == 0 for w in svc.status()["workers"])
+
+
+@integration
+def test_a_grammar_with_no_way_on_ends_alone(client, svc):
+    """A grammar that compiles but allows no token (here: a NUL byte, which no token of
+    the vocabulary spells) would make llama.cpp abort the worker if a token were accepted;
+    the request ends with bad_request instead, and the worker serves on."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=ask("x"), max_tokens=8,
+                                       extra_body={"grammar": 'root ::= "\\x00"'})
+    assert "allows no token" in e.value.body["message"]
+    with svc.client() as c:
+        mid = c.complete(1, prompt="Say", max_tokens=8, grammar='root ::= " a" [\\x00]')
+    assert mid.text == " a" and mid.error["code"] == "bad_request"
+    assert all(w["restarts"] == 0 for w in svc.status()["workers"])
+    r = client.chat.completions.create(model="m", messages=ask("a person"),
+                                       max_tokens=MAX_TOKENS, temperature=0.0,
+                                       response_format=json_format(obj(name=S)))
+    valid(r.choices[0].message.content, obj(name=S))

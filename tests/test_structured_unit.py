@@ -76,3 +76,18 @@ def test_token_logprobs_is_a_log_softmax_with_sorted_alternatives():
     assert [a["token"] for a in e["top_logprobs"]] == ["t1", "t2", "t0"]
     assert e["top_logprobs"][0]["logprob"] == pytest.approx(ref[1])
     assert token_logprobs(logits, 0, 0, lambda t: b"")["top_logprobs"] == []
+
+
+def test_text_that_cannot_travel_is_refused():
+    """A lone surrogate in a schema (JSON allows the escape) could not be encoded for the
+    worker: refused at the door, in a response_format and in a tool's parameters."""
+    from llmctl.dataplane.tools import tool_mode
+
+    with pytest.raises(BadRequest, match="not valid Unicode"):
+        constraint({"response_format": {"type": "json_schema", "json_schema": {
+            "schema": {"enum": ["\ud800"]}}}})
+    with pytest.raises(BadRequest, match="not valid Unicode"):
+        constraint({"grammar": 'root ::= "\ud800"'})
+    with pytest.raises(BadRequest, match="not valid Unicode"):
+        tool_mode({"tools": [{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "description": "\udfff"}}}]})

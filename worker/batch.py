@@ -58,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.common.errors import BadRequest, InternalError
+from llmctl.common.errors import BadRequest, InternalError, LlmctlError
 from llmctl.common.messages import work_request
 from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
@@ -341,11 +341,16 @@ class BatchEngine(Prompting):
         return events
 
     def fail(self, rid: int, exc: Exception) -> Event:
-        """End ``rid`` with ERROR internal after an unexpected exception; its KV is
-        dropped (it may hold half a step), every other sequence goes on."""
-        log.exception("request %d failed: %s", rid, exc)
+        """End ``rid`` with ERROR after an exception (``internal`` unless it is a typed
+        error, e.g. a grammar that allows no token); its KV is dropped (it may hold half
+        a step), every other sequence goes on."""
         seq = self.running.get(rid) or self.parked.get(rid)
-        err = InternalError(f"the worker failed on this request: {type(exc).__name__}: {exc}")
+        if isinstance(exc, LlmctlError):
+            log.warning("request %d ended: %s", rid, exc.message)
+            err: LlmctlError = exc
+        else:
+            log.exception("request %d failed: %s", rid, exc)
+            err = InternalError(f"the worker failed on this request: {type(exc).__name__}: {exc}")
         if seq is None:
             return Event(rid, error=err)
         slot = seq.slot

@@ -163,6 +163,10 @@ class Grammar:
             data.p[:] = 0.0
             arr.size, arr.selected, arr.sorted = n_vocab, -1, False
             ll.llama_sampler_apply(self.smpl, ctypes.byref(arr))
+            if np.isneginf(data.logit).all():
+                # Accepting any token now would make llama.cpp abort the process.
+                raise BadRequest("the grammar allows no token of this model's vocabulary "
+                                 "at this point of the output")
             ll.llama_sampler_apply(chain, ctypes.byref(arr))
             tok = int(data.id[arr.selected])
         ll.llama_sampler_accept(self.smpl, tok)
