@@ -25,8 +25,6 @@ import json
 import logging
 import math
 import os
-import time
-import uuid
 from typing import Any
 
 from aiohttp import web

