@@ -60,6 +60,7 @@ class Result:
     piece_times: list[float] = field(default_factory=list)
     done: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)   # LOGPROBS entries
     t_start: float | None = None        # GENERATE sent (``request``)
     t_end: float | None = None          # DONE/ERROR arrived, or the connection ended
     cut: bool = False                   # ended by the connection's end, not by its own frame
@@ -74,6 +75,8 @@ class Result:
             self.pieces.append(piece)
             self.piece_times.append(t)
             self.text += piece
+        elif f.type is FrameType.LOGPROBS:
+            self.logprobs.extend(p.parse_json(f.payload).get("content", []))
         elif f.type is FrameType.DONE:
             self.done, self.t_end = p.parse_json(f.payload), t
         elif f.type is FrameType.ERROR:

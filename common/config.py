@@ -78,6 +78,10 @@ class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         ge=0, le=1 << 20,
         description="host memory per worker for KV states saved when a slot is reused (second cache level); "
                     "0 = none")] = 256
+    embeddings: Annotated[bool, Meta(
+        description="each worker also loads an embedding context on its model (mean pooling, "
+                    "normalised) and serves POST /v1/embeddings; costs a second KV cache of "
+                    "n_ctx cells")] = False
     heartbeat_interval_s: Annotated[float, Meta(
         ge=0.05, le=60.0, description="heartbeat period, both ways")] = 1.0
     liveness: Annotated[int, Meta(

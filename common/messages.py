@@ -65,6 +65,8 @@ class Kind(bytes, Enum):
     PARKED = b"Q"      # worker -> gateway: rid is parked (returns a credit; not an ending)
     RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
     DRAINING = b"Y"    # worker -> gateway: finishing what it has, send it nothing new
+    LOGPROBS = b"L"    # worker -> gateway: rid, body {"content": [entry...]}: the logprobs
+                       # of the tokens behind the next TOKEN (or DONE); not a TOKEN message
 
 
 class MessageError(ValueError):
@@ -124,7 +126,8 @@ def encode_batch(records: list[tuple[Kind, int, bytes]]) -> list[bytes]:
     return [Kind.BATCH.value, b"", b"".join(parts)]
 
 
-_IN_BATCH = {k.value: k for k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED)}
+_IN_BATCH = {k.value: k for k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED,
+                                  Kind.LOGPROBS)}
 
 
 def decode_batch(body: bytes) -> list[Message]:
@@ -174,6 +177,13 @@ class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     seed: int | None = None
     stop: list[str] = []
     window: int = 0                 # TOKEN messages it may send ahead; 0 = unbounded
+    grammar: str | None = None      # GBNF: output constrained by llama.cpp's grammar sampler
+    json_schema: str | None = None  # a JSON schema (text), converted to GBNF by the worker
+    or_text: bool = False           # json_schema's JSON, or else free text not starting
+                                    # with "{" (tool_choice "auto")
+    logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
+    embed: list[str] | None = None  # embed these texts instead of generating (DONE's embeddings)
+    top_logprobs: int = 0
 
 
 class ReadyInfo(msgspec.Struct, frozen=True):
@@ -209,6 +219,25 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     decode_ms: float = 0.0
     prefix_hashes: list[int] | None = None
     kv_store: KvStoreStats | None = None
+    embeddings: list[str] | None = None   # base64 float32 LE vectors of an ``embed`` request
+
+
+class TopLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """One generated token's logprob entry (OpenAI's chat shape)."""
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = []
+
+
+class LogprobsBody(msgspec.Struct, frozen=True):
+    content: list[TokenLogprob]
 
 
 class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -277,6 +306,11 @@ class Parked(msgspec.Struct, frozen=True):
     rid: int
 
 
+class Logprobs(msgspec.Struct, frozen=True):
+    rid: int
+    content: list[TokenLogprob]
+
+
 class Invalid(msgspec.Struct, frozen=True):
     """A well-framed message for request ``rid`` whose body does not validate: the
     receiver ends that request with an error (so its credit comes back) and counts it."""
@@ -286,10 +320,11 @@ class Invalid(msgspec.Struct, frozen=True):
 
 
 class Batch(msgspec.Struct, frozen=True):
-    items: list[Union[Token, Done, Error, Parked, Invalid]]
+    items: list[Union[Token, Done, Error, Parked, Logprobs, Invalid]]
 
 
-FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Invalid, Draining]
+FromWorker = Union[Ready, Heartbeat, Bye, Batch, Token, Done, Error, Parked, Logprobs, Invalid,
+                   Draining]
 FromGateway = Union[Generate, Cancel, Credit, Park, Resume, Drain, Heartbeat, Invalid]
 
 _json = msgspec.json.Encoder()
@@ -297,6 +332,7 @@ _ready = msgspec.json.Decoder(ReadyInfo)
 _work = msgspec.json.Decoder(WorkRequest)
 _done = msgspec.json.Decoder(DoneStats)
 _error = msgspec.json.Decoder(ErrorBody)
+_logprobs = msgspec.json.Decoder(LogprobsBody)
 
 
 def body(obj: msgspec.Struct) -> bytes:
@@ -317,7 +353,7 @@ def _need_rid(msg: Message) -> int:
     return msg.rid
 
 
-def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
+def _per_request(msg: Message) -> Token | Done | Error | Parked | Logprobs | Invalid:
     rid = _need_rid(msg)
     try:
         if msg.kind is Kind.TOKEN:
@@ -329,6 +365,8 @@ def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
             return Done(rid, _typed(_done, msg))
         if msg.kind is Kind.ERROR:
             return Error(rid, _typed(_error, msg))
+        if msg.kind is Kind.LOGPROBS:
+            return Logprobs(rid, _typed(_logprobs, msg).content)
     except MessageError as exc:
         return Invalid(rid, msg.kind.name, str(exc))
     return Parked(rid)
@@ -337,10 +375,10 @@ def _per_request(msg: Message) -> Token | Done | Error | Parked | Invalid:
 _TOKEN_B = Kind.TOKEN.value
 
 
-def _batch_items(body: bytes) -> list[Token | Done | Error | Parked | Invalid]:
+def _batch_items(body: bytes) -> list[Token | Done | Error | Parked | Logprobs | Invalid]:
     """A BATCH's records, typed: ``decode_batch`` then ``_per_request``, with TOKEN
     records (nearly all of them) made straight from the bytes (the token hot path)."""
-    out: list[Token | Done | Error | Parked | Invalid] = []
+    out: list[Token | Done | Error | Parked | Logprobs | Invalid] = []
     off, end, size, unpack = 0, len(body), _RECORD.size, _RECORD.unpack_from
     while off < end:
         if off + size > end:
@@ -377,7 +415,7 @@ def from_worker(frames: list[bytes]) -> FromWorker:
         return Draining()
     if k is Kind.BATCH:
         return Batch(_batch_items(msg.body))
-    if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED):
+    if k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED, Kind.LOGPROBS):
         return _per_request(msg)
     raise MessageError(f"a worker does not send {k.name}")
 

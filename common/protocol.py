@@ -19,6 +19,7 @@ import msgspec
 
 from llmctl.common.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
 from llmctl.common.messages import ChatMessage, WorkRequest
+from llmctl.common.structured import constraint, logprobs_fields
 
 __all__ = [
     "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",
@@ -47,6 +48,7 @@ class FrameType(IntEnum):
     DONE = 0x83
     ERROR = 0x84
     PONG = 0x85
+    LOGPROBS = 0x86    # only on streams whose GENERATE asked for logprobs
 
 
 CLIENT_TYPES = frozenset({FrameType.HELLO, FrameType.GENERATE, FrameType.CANCEL, FrameType.PING})
@@ -215,6 +217,12 @@ class GenerateRequest:
     seed: int | None
     stop: tuple[str, ...]
     deadline_ms: int
+    grammar: str | None = None         # GBNF text (from ``grammar``)
+    json_schema: str | None = None     # a JSON schema's text (from ``response_format``)
+    or_text: bool = False              # that JSON or free text (the HTTP front's tools)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    embed: tuple[str, ...] | None = None   # POST /v1/embeddings' inputs (the HTTP front)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def work(self, window: int = 0) -> WorkRequest:
@@ -223,7 +231,10 @@ class GenerateRequest:
             prompt=self.prompt,
             messages=[ChatMessage(r, c) for r, c in self.messages] if self.messages else None,
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window)
+            top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window,
+            grammar=self.grammar, json_schema=self.json_schema, or_text=self.or_text,
+            logprobs=self.logprobs, embed=list(self.embed) if self.embed is not None else None,
+            top_logprobs=self.top_logprobs)
 
     def worker_fields(self) -> dict[str, Any]:
         """``work()`` as plain JSON-like data."""
@@ -296,6 +307,8 @@ def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed <= 0xFFFFFFFF):
         raise BadRequest("seed must be an integer in [0, 4294967295]")
+    grammar, json_schema = constraint(obj)
+    logprobs, top_logprobs = logprobs_fields(obj)
     return GenerateRequest(
         prompt=prompt if has_prompt else None,
         messages=messages,
@@ -306,6 +319,7 @@ def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
         seed=seed,
         stop=_stop(obj.get("stop")),
         deadline_ms=_int(obj, "deadline_ms", d.deadline_ms, 1, d.max_deadline_ms),
+        grammar=grammar, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs,
     )
 
 
@@ -329,6 +343,10 @@ def token(stream: int, text: str) -> bytes:
     """A TOKEN frame (the hot path: ``stream`` is one the client opened, in range)."""
     data = text.encode("utf-8")
     return _FRAME_HEAD.pack(MIN_LENGTH + len(data), _TOKEN_TYPE, stream) + data
+
+
+def logprobs(stream: int, content: list[dict[str, Any]]) -> bytes:
+    return encode_frame(FrameType.LOGPROBS, stream, json_payload({"content": content}))
 
 
 def done(stream: int, stats: dict[str, Any]) -> bytes:

@@ -154,7 +154,7 @@ class Gateway:
             if self._tokens:
                 self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
             self.wake.set()
-        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Invalid)):
+        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Logprobs, m.Invalid)):
             self._tokens = 0
             self._on_item(w, msg)
             if self._tokens:
@@ -177,9 +177,13 @@ class Gateway:
         self.wake.set()
 
     def _on_item(self, w: WorkerState,
-                 msg: m.Token | m.Done | m.Error | m.Parked | m.Invalid) -> None:
+                 msg: m.Token | m.Done | m.Error | m.Parked | m.Logprobs | m.Invalid) -> None:
         if isinstance(msg, m.Token):
             self._on_token(w, msg)
+        elif isinstance(msg, m.Logprobs):
+            req = w.inflight.get(msg.rid)
+            if req is not None and not req.finished:
+                req.sink.on_logprobs(req, msgspec.to_builtins(msg.content))
         elif isinstance(msg, m.Invalid):
             self.counters.dropped_messages += 1
             log.error("worker %s sent a malformed %s for request %d: %s", w.id, msg.kind,
@@ -240,6 +244,8 @@ class Gateway:
                 self.counters.cancelled_decode += 1
         stats = msgspec.structs.asdict(st)
         del stats["prefix_hashes"], stats["kv_store"]
+        if stats.get("embeddings") is None:
+            stats.pop("embeddings", None)
         stats["worker"] = w.name
         self._finish(req, stats=stats)
 
@@ -381,6 +387,9 @@ class _ProbeSink:
         pass
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
+        pass
+
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
         pass
 
     def on_error(self, req: Request, err: LlmctlError) -> None:

@@ -7,7 +7,8 @@ client goes away, and their token credit is given back (``Gateway.grant``) only 
 a token has been written and the connection's write buffer has drained, so a slow
 HTTP reader pauses its sequence on the worker exactly like a slow TCP one.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``.  ``build_app(gw)`` returns the
 application, so more routes (``/metrics``) can be added before it is served.
 
@@ -18,13 +19,11 @@ the status of ``errors.http_status``; an error after a stream began is one SSE
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
-import json
 import logging
 import math
 import os
-import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -32,8 +31,11 @@ from aiohttp import web
 from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
                               NotReady, ShuttingDown, Unauthorized, openai_type)
 from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
+from llmctl.dataplane import embeddings as emb
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
+from llmctl.dataplane.shapes import Reply, dumps
+from llmctl.dataplane.tools import ToolMode, parse_call, render_messages, tool_mode
 from llmctl.dataplane.transport import limit_output
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,13 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE_EVENT = b"data: [DONE]\n\n"
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
-_ONLY = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "suffix": ""}
+_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
+# Fields that would change the answer and that llmctl does not implement: refused unless
+# absent or at their no-op value (0, empty, null).
+_UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "audio", "prediction",
+                "web_search_options", "reasoning_effort", "min_p", "repeat_penalty",
+                "typical_p", "mirostat")
+_TEXT_ONLY = (None, ["text"])         # modalities
 
 
 def api_key(cfg_key: str) -> str:
@@ -53,8 +61,7 @@ def api_key(cfg_key: str) -> str:
     return os.environ.get(API_KEY_ENV) or cfg_key
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+_dumps = dumps     # compact UTF-8 JSON, as the response shapes are written
 
 
 def _bad(message: str, param: str | None) -> BadRequest:
@@ -95,12 +102,17 @@ def _text_content(content: Any, i: int) -> Any:
 
 
 def to_generate(body: dict[str, Any], defaults: Defaults,
-                chat: bool) -> tuple[GenerateRequest, bool, bool]:
-    """(the GenerateRequest, stream?, include_usage?) of an OpenAI request body."""
+                chat: bool) -> tuple[GenerateRequest, bool, bool, ToolMode | None]:
+    """(the GenerateRequest, stream?, include_usage?, tool calling) of an OpenAI request body."""
     for key, only in _ONLY.items():
         v = body.get(key)
         if v is not None and (v != only or type(v) is not type(only)):
             raise _bad(f"{key} is not supported: only {_dumps(only)}", key)
+    for key in _UNSUPPORTED:
+        if body.get(key) not in (None, 0, {}, []):
+            raise _bad(f"{key} is not supported", key)
+    if body.get("modalities") not in _TEXT_ONLY:
+        raise _bad('modalities other than ["text"] is not supported', "modalities")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream must be a boolean", "stream")
@@ -113,16 +125,31 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
     # Server defaults ([generation]) apply to what is left out, as on the TCP front;
     # top_k and deadline_ms are extensions to OpenAI's fields.
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                    "deadline_ms")}
+                                    "deadline_ms", "response_format", "grammar")}
+    mode = None
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages must be a non-empty list", "messages")
+        mode = tool_mode(body)
+        if mode is not None:
+            rf = body.get("response_format")
+            if body.get("grammar") is not None or (isinstance(rf, dict)
+                                                   and rf.get("type") != "text"):
+                raise _bad("tools cannot be combined with grammar or a JSON response_format "
+                           "(tool_choice \"none\" can)", "tools")
+            if body.get("logprobs"):
+                raise _bad("logprobs with tools is not supported", "logprobs")
+        messages = render_messages(messages, mode)
         obj["messages"] = [{**m, "content": _text_content(m.get("content"), i)}
                            if isinstance(m, dict) else m for i, m in enumerate(messages)]
+        obj["logprobs"], obj["top_logprobs"] = body.get("logprobs"), body.get("top_logprobs")
         mct = body.get("max_completion_tokens")
         obj["max_tokens"] = mct if mct is not None else body.get("max_tokens")
     else:
+        for key in ("tools", "tool_choice"):
+            if body.get(key) is not None:
+                raise _bad(f"{key} is for /v1/chat/completions", key)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -130,103 +157,57 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
             raise _bad("prompt must be a string (or a list of one string)", "prompt")
         obj["prompt"] = prompt
         obj["max_tokens"] = body.get("max_tokens")
-    return validate_generate(obj, defaults), bool(stream), bool(include_usage)
+        # the legacy API's logprobs is the number of alternatives (0..20 here, 5 at OpenAI)
+        n = body.get("logprobs")
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise _bad("logprobs must be an integer (alternatives per token)", "logprobs")
+            obj["logprobs"], obj["top_logprobs"] = True, n
+    params = validate_generate(obj, defaults)
+    if mode is not None:
+        params = dataclasses.replace(params, json_schema=mode.schema, or_text=mode.or_text)
+    return params, bool(stream), bool(include_usage), mode
 
 
-# ---- response shapes ----------------------------------------------------------------------
-
-class Reply:
-    """OpenAI's response objects for one request (chat or text completion)."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model
-        self._event: tuple[bytes, bytes] | None = None   # token_event's template
-
-    def _head(self, chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
-            else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(stats: dict[str, Any]) -> dict[str, int]:
-        p, c = int(stats.get("prompt_tokens", 0)), int(stats.get("completion_tokens", 0))
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    @staticmethod
-    def finish_reason(stats: dict[str, Any]) -> str:
-        return str(stats.get("finish_reason", "stop"))   # the worker's stop / length
-
-    def full(self, text: str, stats: dict[str, Any]) -> dict[str, Any]:
-        fr = self.finish_reason(stats)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": fr}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": fr}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None,
-                      "finish_reason": finish_reason}
-        return {**self._head(True), "choices": [choice]}
-
-    def token_event(self, text: str) -> bytes:
-        """The SSE event of one token: ``chunk(text)`` as ``data: ...``, from a template
-        made once per request (the hot path: one JSON string encoded per token)."""
-        if self._event is None:
-            mark = "\x00"
-            body = _dumps(self.chunk(mark))
-            head, tail = body.split(_dumps(mark), 1)
-            self._event = ("data: " + head).encode(), (tail + "\n\n").encode()
-        head, tail = self._event
-        return head + _dumps(text).encode("utf-8") + tail
-
-    def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self.usage(stats)}
+def _event(obj: dict[str, Any]) -> bytes:
+    """One SSE event."""
+    return f"data: {_dumps(obj)}\n\n".encode("utf-8")
 
 
 # ---- the sink ---------------------------------------------------------------------------
 
 class HttpSink:
-    """A request's output, held for its handler: the tokens not yet written (bounded by
-    the worker's token window: they hold their credit), then its end."""
+    """A request's output, held for its handler in arrival order: tokens (bounded by the
+    worker's token window: those not yet written hold their credit), logprobs, its end."""
 
     def __init__(self) -> None:
-        self.tokens: list[str] = []
-        self.end: tuple[str, Any] | None = None      # ("done", stats) or ("error", err)
+        self.events: list[tuple[str, Any]] = []
         self.ready = asyncio.Event()
 
     def on_token(self, req: Request, text: str) -> None:
-        self.tokens.append(text)
+        self.events.append(("token", text))
+        self.ready.set()
+
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
+        self.events.append(("logprobs", content))
         self.ready.set()
 
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
-        self.end = ("done", stats)
+        self.events.append(("done", stats))
         self.ready.set()
 
     def on_error(self, req: Request, err: LlmctlError) -> None:
-        self.end = ("error", err)
+        self.events.append(("error", err))
         self.ready.set()
 
-    async def next(self) -> tuple[list[str], tuple[str, Any] | None]:
-        """What came since the last call: the tokens, in order, and the end if it came
-        (after them); waits while there is nothing."""
-        while not self.tokens and self.end is None:
+    async def next(self) -> list[tuple[str, Any]]:
+        """Every event since the last call, in order (waits while there is none): the
+        handler writes the tokens that came together at once."""
+        while not self.events:
             self.ready.clear()
             await self.ready.wait()
-        tokens, self.tokens = self.tokens, []
-        return tokens, self.end
+        events, self.events = self.events, []
+        return events
 
 
 class _ClientGone(Exception):
@@ -236,8 +217,10 @@ class _ClientGone(Exception):
 class _Exchange:
     """One generation request on its way from submit to the client."""
 
-    def __init__(self, gw: Gateway, request: web.Request, chat: bool) -> None:
+    def __init__(self, gw: Gateway, request: web.Request, chat: bool,
+                 tools: ToolMode | None = None) -> None:
         self.gw = gw
+        self.tools = tools
         self.request = request
         self.reply = Reply(chat, gw.model_name)
         self.sink = HttpSink()
@@ -258,45 +241,95 @@ class _Exchange:
     async def _collect(self) -> web.Response:
         assert self.req is not None
         parts: list[str] = []
+        lps: list[dict[str, Any]] | None = [] if self.req.params.logprobs else None
         while True:
-            tokens, end = await self.sink.next()
-            parts += tokens
-            self.gw.grant(self.req, len(tokens))   # held in memory, bounded by max_tokens
-            if end is not None:
-                kind, val = end
-                if kind == "error":
+            events = await self.sink.next()
+            self.gw.grant(self.req, sum(kind == "token" for kind, _ in events))   # held in
+            for kind, val in events:                                   # memory: max_tokens
+                if kind == "token":
+                    parts.append(val)
+                elif kind == "logprobs":
+                    if lps is not None:
+                        lps.extend(val)
+                elif kind == "done":
+                    call = parse_call("".join(parts), self.tools) if self.tools else None
+                    out = self.reply.tool_full(call, val) if call is not None \
+                        else self.reply.full("".join(parts), val, lps)
+                    return web.json_response(out, dumps=_dumps)
+                else:
                     raise val
-                return web.json_response(self.reply.full("".join(parts), val), dumps=_dumps)
 
     async def _stream(self, include_usage: bool) -> web.StreamResponse:
         assert self.req is not None
         resp: web.StreamResponse | None = None
+        want_lp = self.req.params.logprobs
+        held: list[dict[str, Any]] = []     # logprobs of the tokens behind the next piece
+        offset = 0                          # characters sent (completions' text_offset)
+        # A tool call is held until it is whole, then sent in one chunk; with "auto" an
+        # answer is a call if it starts with "{" (the grammar's text never does).
+        calling: bool | None = None if self.tools is None or self.tools.or_text else True
+        if self.tools is None:
+            calling = False
+        call_parts: list[str] = []
+        ended = False
         try:
-            while True:
-                tokens, end = await self.sink.next()
-                if resp is None:
-                    if not tokens and end is not None and end[0] == "error":
-                        raise end[1]  # nothing sent yet: a plain JSON error with its status
-                    resp = await self._start()
-                    if self.reply.chat:    # OpenAI's first chat chunk: the role
-                        await self._send(resp, self.reply.chunk("", role=True))
-                if tokens:
-                    # The tokens that came together go out in one write; their credit
-                    # comes back once it is written (and drained, if it had to wait).
-                    await self._write(resp, b"".join(map(self.reply.token_event, tokens)))
-                    self.gw.grant(self.req, len(tokens))
-                if end is None:
-                    continue
-                kind, val = end
-                if kind == "done":
-                    await self._send(resp, self.reply.chunk(
-                        None, finish_reason=self.reply.finish_reason(val)))
-                    if include_usage:
-                        await self._send(resp, self.reply.usage_chunk(val))
-                else:
-                    await self._send(resp, error_body(val))
-                break
-            await self._write(resp, _DONE_EVENT)
+            while not ended:
+                # The events that came together are written at once, and the credit of
+                # their tokens comes back once it is written (and drained, if it had to).
+                events = await self.sink.next()
+                out: list[bytes] = []
+                tokens = 0
+                for kind, val in events:
+                    if kind == "logprobs":
+                        held.extend(val)
+                        continue
+                    if resp is None:
+                        if kind == "error":
+                            raise val   # nothing sent yet: a plain JSON error with its status
+                        resp = await self._start()
+                        if self.reply.chat:    # OpenAI's first chat chunk: the role
+                            out.append(_event(self.reply.chunk("", role=True)))
+                    if kind == "token":
+                        tokens += 1
+                        if calling is None:
+                            calling = val.startswith("{")
+                        if calling:
+                            call_parts.append(val)     # held in memory, bounded by max_tokens
+                        elif want_lp:
+                            out.append(_event(self.reply.chunk(val, logprobs=held,
+                                                               offset=offset)))
+                            offset += len(val)
+                            held = []
+                        else:
+                            out.append(self.reply.token_event(val))
+                        continue
+                    if kind == "done":
+                        if calling:
+                            text = "".join(call_parts)
+                            call = parse_call(text, self.tools) if self.tools else None
+                            if call is not None:
+                                out.append(_event(self.reply.tool_chunk(call)))
+                                val = {**val, "finish_reason": "tool_calls"}
+                            elif text:      # cut by max_tokens: what there is, as text
+                                out.append(_event(self.reply.chunk(text)))
+                        if held and want_lp:    # tokens that showed no text of their own
+                            out.append(_event(self.reply.chunk("", logprobs=held,
+                                                               offset=offset)))
+                        out.append(_event(self.reply.chunk(
+                            None, finish_reason=self.reply.finish_reason(val))))
+                        if include_usage:
+                            out.append(_event(self.reply.usage_chunk(val)))
+                    else:
+                        out.append(_event(error_body(val)))
+                    out.append(_DONE_EVENT)
+                    ended = True
+                    break
+                if out:
+                    assert resp is not None
+                    await self._write(resp, b"".join(out))
+                if tokens and not ended:
+                    self.gw.grant(self.req, tokens)
+            assert resp is not None
             await resp.write_eof()
         except (_ClientGone, ConnectionError):
             pass
@@ -312,11 +345,8 @@ class _Exchange:
         await resp.prepare(self.request)
         return resp
 
-    async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
-        await self._write(resp, f"data: {_dumps(obj)}\n\n".encode("utf-8"))
-
     async def _write(self, resp: web.StreamResponse, data: bytes) -> None:
-        """Write and wait until the connection's buffer is below its high-water mark;
+        """Write, and wait while the connection's buffer holds bytes the kernel refused;
         a client that takes nothing for slow_client_timeout_s is disconnected."""
         timeout = self.gw.cfg.gateway.slow_client_timeout_s
         try:
@@ -349,8 +379,24 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    params, stream, include_usage = to_generate(await _body(request), gw.defaults, chat)
-    return await _Exchange(gw, request, chat).run(params, stream, include_usage)
+    params, stream, include_usage, tools = to_generate(await _body(request), gw.defaults, chat)
+    return await _Exchange(gw, request, chat, tools).run(params, stream, include_usage)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    params, fmt = emb.to_embed(await _body(request), gw.defaults)
+    sink = HttpSink()
+    req = gw.submit(params, sink)       # NotReady / Overloaded / ShuttingDown
+    try:
+        while True:
+            kind, val = await sink.events.get()
+            if kind == "done":
+                return web.json_response(emb.response(val, fmt, gw.model_name), dumps=_dumps)
+            if kind == "error":
+                raise val
+    finally:
+        gw.cancel(req)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -445,6 +491,7 @@ def build_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)

@@ -113,6 +113,11 @@ class Connection:
                     self.gw.grant(req, req.owed)
                     req.owed = 0
 
+    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
+        if not self._pending:
+            self.gw.dirty.append(self)      # written with the TOKEN it describes
+        self._pending.append(p.logprobs(req.stream, content))
+
     def on_done(self, req: Request, stats: dict[str, Any]) -> None:
         self.streams.pop(req.stream, None)
         self._write(p.done(req.stream, stats))

@@ -34,6 +34,7 @@ from llmctl.common.client import now
 from llmctl.tools.bare_llama import BareLlamaTarget
 from llmctl.tools.bench_engine import EngineTarget
 from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
+from llmctl.tools.bench_embed import run_embeddings
 from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
 from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
@@ -292,6 +293,9 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
                     help="config of the llmctl under test: report its gateway's CPU per "
                          "1,000 tokens at every point (with --compare, both targets should "
                          "be its fronts); with --overload: sample its RSS")
+    ap.add_argument("--embeddings", type=_list(int), default=None, metavar="N[,N...]",
+                    help="measure POST /v1/embeddings with N inputs a request (http:// target; "
+                         "tools/bench_embed.py)")
     en = ap.add_argument_group("engine (--engine)")
     en.add_argument("--slots", type=int, default=None, help="default: the most --clients")
     en.add_argument("--threads", type=int, default=None, help="default: all cores")
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.benc
     ap = build_parser(prog)
     args = ap.parse_args(argv)
     check_args(ap, args)
+    if args.embeddings:
+        return run_embeddings(args)
     if args.engine:
         targets: list[Target] = [EngineTarget(
             args.engine, args.slots or max(args.clients), args.threads, args.n_ctx,

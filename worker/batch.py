@@ -58,11 +58,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.common.errors import InternalError
+from llmctl.common.errors import BadRequest, InternalError, LlmctlError
+from llmctl.common.messages import work_request
+from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
 from llmctl.worker.kvstore import KVStore, common_prefix
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats, prefill_chunk, reusable_prefix)
+                           done_stats, prefill_chunk, reusable_prefix, token_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class BatchEngine(Prompting):
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
                  slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
-                 prompt_cache_bytes: int = 0) -> None:
+                 prompt_cache_bytes: int = 0, embeddings: bool = False) -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -133,8 +135,12 @@ class BatchEngine(Prompting):
         metadata = self._model.metadata()
         self.model_name = str(metadata.get("general.name") or path.rsplit("/", 1)[-1])
         self._vocab = self._model.vocab
+        self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
         self.slots = [Slot(i) for i in range(slots)]
+        self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
+            if embeddings else None
+        self.embedding: dict[int, EmbedJob] = {}   # rid -> embedding request
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
         self.parked: dict[int, Seq] = {}           # rid -> sequence without a slot
         self._tick = 0
@@ -146,7 +152,7 @@ class BatchEngine(Prompting):
 
     @property
     def free_slots(self) -> int:
-        return len(self.slots) - len(self.running)
+        return len(self.slots) - len(self.running) - len(self.embedding)
 
     @property
     def active(self) -> Seq | None:
@@ -156,7 +162,8 @@ class BatchEngine(Prompting):
     @property
     def runnable(self) -> bool:
         """Is there work that a step would advance (not only paused sequences)?"""
-        return any(s.prefilled < len(s.tokens) - 1 or s.window > 0 for s in self.running.values())
+        return bool(self.embedding) or any(s.prefilled < len(s.tokens) - 1 or s.window > 0
+                                           for s in self.running.values())
 
     def grant(self, rid: int, n: int) -> None:
         """The client took ``n`` more TOKEN messages: the sequence may send n more."""
@@ -164,9 +171,23 @@ class BatchEngine(Prompting):
         if seq is not None:
             seq.window += n
 
-    def start(self, seq: Seq) -> None:
-        if not self.free_slots or seq.rid in self.running:
+    def prepare(self, rid: int, request: Any) -> Any:
+        req = work_request(request)
+        if req.embed is None:
+            return super().prepare(rid, req)
+        if self.embedder is None:
+            raise BadRequest("this service serves no embeddings: set [workers] embeddings = true")
+        job = EmbedJob(rid, [self._model.tokenize(t.encode("utf-8"), add_bos=True, special=False)
+                             for t in req.embed])
+        self.embedder.check(job.inputs)
+        return job
+
+    def start(self, seq: Any) -> None:
+        if not self.free_slots or seq.rid in self.running or seq.rid in self.embedding:
             raise InternalError("engine is busy: a GENERATE arrived without credit")
+        if isinstance(seq, EmbedJob):
+            self.embedding[seq.rid] = seq
+            return
         seq.cached = seq.prefilled = self._place(seq)
 
     def _place(self, seq: Seq) -> int:
@@ -230,6 +251,11 @@ class BatchEngine(Prompting):
         self._place(seq)
 
     def cancel(self, rid: int) -> Event | None:
+        job = self.embedding.pop(rid, None)
+        if job is not None:
+            assert self.embedder is not None
+            self.embedder.drop(job)
+            return Event(rid, done=done_stats(job, "cancelled"))
         seq = self.running.get(rid) or self.parked.get(rid)
         if seq is None:
             return None
@@ -247,6 +273,27 @@ class BatchEngine(Prompting):
             k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
             events += self._decode([(seq, toks, False)])
+        if self.embedding:
+            events += self._embed()
+        return events
+
+    def _embed(self) -> list[Event]:
+        """One chunk of the embedding requests' inputs; the DONEs of those it finished."""
+        assert self.embedder is not None
+        jobs = list(self.embedding.values())
+        try:
+            finished = self.embedder.step(jobs)
+        except Exception as exc:   # these requests fail, not the engine
+            log.exception("embedding requests %s failed", [j.rid for j in jobs])
+            self.embedding.clear()
+            self.embedder.reset()
+            return [Event(j.rid, error=InternalError(f"embedding failed: {exc}")) for j in jobs]
+        events = []
+        for job in finished:
+            del self.embedding[job.rid]
+            job.t_prefill_done = time.monotonic()
+            events.append(Event(job.rid, done={**done_stats(job, "stop"),
+                                               "embeddings": job.vectors}))
         return events
 
     def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
@@ -281,18 +328,29 @@ class BatchEngine(Prompting):
             if seq.t_prefill_done is None:
                 seq.t_prefill_done = now
             try:
-                tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                if seq.grammar is None:
+                    tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
+                else:
+                    tok = seq.grammar.sample(seq.sampler.sampler, self._ctx.ctx, i,
+                                             self._n_vocab)
+                if seq.top_logprobs >= 0 and not self._ll.llama_vocab_is_eog(self._vocab, tok):
+                    seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs))
                 events.extend(self._advance(seq, tok))
             except Exception as exc:   # one sequence's failure, not the engine's
                 events.append(self.fail(seq.rid, exc))
         return events
 
     def fail(self, rid: int, exc: Exception) -> Event:
-        """End ``rid`` with ERROR internal after an unexpected exception; its KV is
-        dropped (it may hold half a step), every other sequence goes on."""
-        log.exception("request %d failed: %s", rid, exc)
+        """End ``rid`` with ERROR after an exception (``internal`` unless it is a typed
+        error, e.g. a grammar that allows no token); its KV is dropped (it may hold half
+        a step), every other sequence goes on."""
         seq = self.running.get(rid) or self.parked.get(rid)
-        err = InternalError(f"the worker failed on this request: {type(exc).__name__}: {exc}")
+        if isinstance(exc, LlmctlError):
+            log.warning("request %d ended: %s", rid, exc.message)
+            err: LlmctlError = exc
+        else:
+            log.exception("request %d failed: %s", rid, exc)
+            err = InternalError(f"the worker failed on this request: {type(exc).__name__}: {exc}")
         if seq is None:
             return Event(rid, error=err)
         slot = seq.slot
@@ -302,6 +360,20 @@ class BatchEngine(Prompting):
         return Event(rid, error=err)
 
     # ---- internals --------------------------------------------------------------------
+    def _logprobs(self, i: int, tok: int, top: int) -> dict:
+        import numpy as np
+
+        ptr = self._ll.llama_get_logits_ith(self._ctx.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        return token_logprobs(logits, tok, top, lambda t: self._model.detokenize([t]))
+
+    @staticmethod
+    def _with_logprobs(seq: Seq, ev: Event) -> Event:
+        """Give ``ev`` (carrying text, or ending ``seq``) the logprobs held so far."""
+        if seq.lp_held:
+            ev.logprobs, seq.lp_held = seq.lp_held, []
+        return ev
+
     def _advance(self, seq: Seq, tok: int) -> list[Event]:
         """A token was sampled for ``seq``: send it, or end the sequence."""
         seq.pending = None
@@ -310,12 +382,13 @@ class BatchEngine(Prompting):
         seq.generated += 1
         text = seq.stream.push(self._model.detokenize([tok]))
         if seq.stream.stopped or seq.generated >= seq.max_tokens:
+            piece = self._with_logprobs(seq, Event(seq.rid, text)) if text else None
             end = self._finish(seq, "stop" if seq.stream.stopped else "length")
-            return [Event(seq.rid, text), end] if text else [end]
+            return [piece, end] if piece else [end]
         seq.pending = tok
         if text:
             seq.window -= 1
-            return [Event(seq.rid, text)]
+            return [self._with_logprobs(seq, Event(seq.rid, text))]
         return []
 
     def _copy(self, src: Slot, dst: Slot, n: int) -> int:
@@ -425,4 +498,5 @@ class BatchEngine(Prompting):
         stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
         if self.store is not None:
             stats["kv_store"] = self.store.stats()
-        return Event(seq.rid, tail, stats)
+        return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \
+            else Event(seq.rid, tail, stats)

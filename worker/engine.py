@@ -31,6 +31,7 @@ class Event:
     text: str = ""                         # a TOKEN piece, if non-empty
     done: dict[str, Any] | None = None     # the DONE stats, when the sequence ended
     error: Exception | None = None         # an LlmctlError: the sequence failed (ERROR)
+    logprobs: list[dict[str, Any]] | None = None   # entries of the tokens behind ``text``
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Sequence:
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_done: float | None = None
     hashes: tuple[int, ...] = ()           # prefix hashes of its prompt (routing)
+    grammar: Any = None                    # constrain.Grammar of a constrained sequence
+    top_logprobs: int = -1                 # -1: no logprobs; else alternatives per token
+    lp_held: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with text
 
     def __post_init__(self) -> None:
         self.n_prompt = self.n_prompt or len(self.tokens)
@@ -108,9 +112,12 @@ class Prompting:
             raise BadRequest(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
         max_tokens = min(req.max_tokens, self.n_ctx - len(tokens))
         seq = self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens,
-                             window=req.window or 1 << 30, sampler=make_sampler(req),
-                             stream=TextStream(tuple(req.stop)))
+                             window=req.window or 1 << 30,
+                             sampler=make_sampler(req),
+                             stream=TextStream(tuple(req.stop)),
+                             top_logprobs=req.top_logprobs if req.logprobs else -1)
         seq.hashes = request_hashes(req)
+        seq.grammar = make_grammar(req, self._model.vocab)
         return seq
 
 
@@ -127,6 +134,17 @@ def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
 
     return Jinja2ChatFormatter(template=template, eos_token=text_of(model.token_eos()),
                                bos_token=text_of(model.token_bos()))
+
+
+def make_grammar(req: WorkRequest, vocab: Any) -> Any:
+    """The request's compiled grammar (``constrain.Grammar``), or None if it is free.
+    Raises BadRequest for a schema or grammar that does not convert or compile."""
+    import llama_cpp
+
+    from llmctl.worker.constrain import Grammar, grammar_sampler, grammar_text
+
+    gbnf = grammar_text(req.grammar, req.json_schema, req.or_text)
+    return Grammar(llama_cpp, grammar_sampler(llama_cpp, vocab, gbnf)) if gbnf else None
 
 
 def make_sampler(req: WorkRequest) -> Any:
@@ -208,3 +226,30 @@ def _longest_partial(text: str, stops: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+# ---- logprobs ---------------------------------------------------------------------------
+
+def token_logprobs(logits: Any, tok: int, top: int, piece: Any) -> dict[str, Any]:
+    """OpenAI's logprob entry of the chosen token ``tok``: the log-softmax of the model's
+    logits at that position (before temperature, top-k/top-p or a grammar reshape them,
+    as OpenAI, vLLM and llama-server report them), with the ``top`` most likely tokens.
+    ``piece(tok)`` is a token's bytes."""
+    import numpy as np
+
+    x = logits.astype(np.float64, copy=False)
+    mx = float(x.max())
+    lse = mx + float(np.log(np.exp(x - mx).sum()))
+
+    def entry(t: int) -> dict[str, Any]:
+        b = piece(t)
+        return {"token": b.decode("utf-8", "replace"), "logprob": float(x[t]) - lse,
+                "bytes": list(b)}
+
+    out = entry(tok)
+    alts: list[dict[str, Any]] = []
+    if top > 0:
+        idx = np.argpartition(-x, top - 1)[:top]
+        alts = [entry(int(t)) for t in idx[np.argsort(-x[idx], kind="stable")]]
+    out["top_logprobs"] = alts
+    return out

@@ -217,7 +217,8 @@ class Worker:
             self._report("drained")
 
     def _drop_active(self) -> None:
-        for rid in [*self.engine.running, *self.engine.parked]:
+        for rid in [*self.engine.running, *self.engine.parked,
+                    *getattr(self.engine, "embedding", ())]:
             self.engine.cancel(rid)
 
     # ---- messages ---------------------------------------------------------------------
@@ -272,6 +273,8 @@ class Worker:
     def _records(ev: Event) -> list[tuple[m.Kind, int, bytes]]:
         """The TOKEN / DONE / ERROR records of an engine event (for a BATCH)."""
         out = []
+        if ev.logprobs:     # before the TOKEN (or DONE) whose tokens they describe
+            out.append((m.Kind.LOGPROBS, ev.rid, m.dumps({"content": ev.logprobs})))
         if ev.text:
             out.append((m.Kind.TOKEN, ev.rid, ev.text.encode("utf-8")))
         if ev.error is not None:
@@ -296,7 +299,8 @@ def make_engine(cfg: Config) -> Any:
     return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                        cfg.model.n_batch, slots=cfg.workers.slots,
                        prompt_cache=cfg.workers.prompt_cache,
-                       prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20)
+                       prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
+                       embeddings=cfg.workers.embeddings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,9 @@ class SyntheticEngine:
 
     def prepare(self, rid: int, request: WorkRequest | Mapping[str, Any]) -> SynthSeq:
         req = work_request(request)
+        if req.grammar is not None or req.json_schema is not None or req.logprobs or req.embed:
+            raise BadRequest("the synthetic engine has no grammar sampler and no logprobs: "
+                             "use [model] engine = \"llama\"")
         if req.messages:
             text = "".join(f"{m.role}\n{m.content}\n" for m in req.messages)
         elif req.prompt is not None:
