@@ -390,11 +390,12 @@ async def embeddings(request: web.Request) -> web.Response:
     req = gw.submit(params, sink)       # NotReady / Overloaded / ShuttingDown
     try:
         while True:
-            kind, val = await sink.events.get()
-            if kind == "done":
-                return web.json_response(emb.response(val, fmt, gw.model_name), dumps=_dumps)
-            if kind == "error":
-                raise val
+            for kind, val in await sink.next():
+                if kind == "done":
+                    return web.json_response(emb.response(val, fmt, gw.model_name),
+                                             dumps=_dumps)
+                if kind == "error":
+                    raise val
     finally:
         gw.cancel(req)
 
