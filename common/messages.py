@@ -182,6 +182,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     model: str = ""
     n_ctx: int = 0
     device: str = "cpu"
+    served: str = ""        # the configured model it serves ([[models]] name); "" = default
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):
