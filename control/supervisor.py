@@ -34,6 +34,7 @@ from llmctl.common.procs import bind_private, describe_exit, make_private
 from llmctl.control import gpu
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
+from llmctl.control.models import ModelManager, memory_plan
 from llmctl.control.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 PROCS_EVERY_S = 0.5          # process figures pushed to the gateway (/metrics)
 # Sections a rolling reload applies; the rest needs a restart of the gateway.
-ROLLING = ("model", "workers", "generation", "synthetic")
+ROLLING = ("model", "workers", "generation", "synthetic", "models")
 GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
@@ -51,7 +52,10 @@ class Supervisor:
         self.gateway = ChildProcess("gateway", cfg)
         self.gateway_up: admin.GatewayUp | None = None     # its addresses, once it listens
         self.rollout = Rollout(cfg, drain=self._drain_worker, forget=self._forget)
-        self.rollout.want(cfg)
+        # The served models: which are loaded (the plan is computed in run()).
+        self.models = ModelManager(cfg, {}, 0.0)
+        self.rollout.want_workers(self.models.desired_workers())
+        self._usage: dict[str, Any] = {}          # the gateway's last per-model figures
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.stopping = False
@@ -83,6 +87,13 @@ class Supervisor:
             self.link.bind()
             tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
                                                       self.link.run(), self._watch_vram())]
+            needs, budget, kind = await asyncio.to_thread(memory_plan, self.cfg)
+            self.models.budget_mib, self.models.kind = budget, kind
+            self.models.configure(self.cfg, needs)
+            if budget:
+                log.info("memory plan (%s): budget %.0f MiB; %s", kind, budget, ", ".join(
+                    f"{n} {v:.0f} MiB" if v is not None else f"{n} unknown"
+                    for n, v in needs.items()))
             await self.gateway.start()
             self.link.expect(self.gateway.pid)
             await self.rollout.step()            # the workers start with the gateway
@@ -120,11 +131,34 @@ class Supervisor:
                           self.cfg.workers.ready_timeout_s)
                 _kill(w)
         self._check_gateway(now)
+        await self._step_models(now)
         await self.rollout.step()
         self._track_reload()
         if now - self._last_procs >= PROCS_EVERY_S:
             self._last_procs = now
             self.link.tell(admin.Procs(procs=self._procs()))
+
+    async def _step_models(self, now: float) -> None:
+        """The served models' desired state: loads asked for, evictions, keep_alive_s."""
+        assert self.link is not None
+        usage = None
+        if self.models.on_demand and self.gateway_up is not None:
+            reply = await self.link.call(admin.Models(), timeout=0.5)
+            if reply is not None:
+                usage = self._usage = reply.data
+        ro = self.rollout
+        ready = {n: w.was_ready and w.pid is not None and w.state == "running"
+                 for n, w in ro.workers.items()}
+        running = {w.name: True for w in ro.all()}
+        fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
+                 for n, w in ro.workers.items() if w.state == "fatal"}
+        for r in self.models.step(now, ready, running, fatal, usage):
+            self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
+                                                  retry_after_ms=r.retry_after_ms))
+        desired = self.models.desired_workers()
+        if set(desired) != set(ro.desired):     # a model loads or unloads (the configs of
+            ro.want_workers({n: ro.desired.get(n, c)    # the others stay as they are:
+                             for n, c in desired.items()})   # a reload, the governor)
 
     def _check_gateway(self, now: float) -> None:
         """Ping the gateway; kill one that was ready and stopped answering (hung)."""
@@ -166,6 +200,8 @@ class Supervisor:
                 w = self._by_routing_id(wid)
                 if w is not None:
                     w.drained = True
+            case admin.ModelWanted(model=name):
+                self.models.want(name)
 
     def _by_routing_id(self, wid: str) -> WorkerProcess | None:
         return next((w for w in self.workers if w.routing_id == wid), None)
@@ -218,9 +254,15 @@ class Supervisor:
             self.link.tell(admin.SetDefaults(
                 max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
                 top_k=g.top_k, deadline_ms=g.deadline_ms, max_deadline_ms=g.max_deadline_ms))
+        if [e.name for e in target.served] != [e.name for e in self.cfg.served]:
+            return {"ok": False, "error": "adding, removing, renaming or reordering served "
+                                          "models needs `llmctl stop` + `llmctl start`"}
         self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
                              "step": "", "error": None, "target": target}
-        self.rollout.want(target)
+        needs, _, _ = memory_plan(target)
+        self.models.configure(target, needs)
+        self.rollout.want_workers(self.models.desired_workers())
+        self.rollout.failed = None
         return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}
 
     def _track_reload(self) -> None:
@@ -286,6 +328,14 @@ class Supervisor:
                 return {"ok": True, "restarted": names}
             case admin.Reload():
                 return self.start_reload()
+            case admin.Models():
+                return {"ok": True, "models": self.model_rows()}
+            case admin.Load(model=name):
+                err = self.models.want(name)
+                return {"ok": err is None, "error": err, "models": self.model_rows()}
+            case admin.Unload(model=name):
+                err = self.models.unload(name)
+                return {"ok": err is None, "error": err, "models": self.model_rows()}
         return {"ok": False, "error": f"{type(cmd).__name__} is not a command of the CLI"}
 
     def status(self, gw: dict[str, Any]) -> dict[str, Any]:
@@ -305,6 +355,7 @@ class Supervisor:
             snap["vram_mib"] = self._vram_of(w)
             snap["cpu"] = self._cpu.get(w.name)
             snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
+            snap["model"] = w.cfg.default_model.name
             workers.append(snap)
         up = self.gateway_up
         return {
@@ -323,7 +374,22 @@ class Supervisor:
                                                      "connections")},
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
             "workers": workers,
+            "models": self.model_rows(gw.get("models")),
         }
+
+    def model_rows(self, usage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """`llmctl models`: each served model's state, plan and measured memory."""
+        measured: dict[str, float | None] = {}
+        for m in self.models.models.values():
+            procs = [w for w in self.workers if w.name in m.names and w.pid]
+            if self.models.kind == "vram":
+                vals = [self._vram_of(w) for w in procs]
+                measured[m.name] = round(sum(v for v in vals if v), 1) if procs else None
+            else:
+                rss = [w.rss() for w in procs]
+                measured[m.name] = round(sum(r for r in rss if r) / 2 ** 20, 1) if procs else None
+        return self.models.rows(time.monotonic(), measured,
+                                usage if usage is not None else self._usage)
 
     def _state_of(self, w: WorkerProcess, info: dict[str, Any] | None) -> str:
         if w in self.rollout.retiring:
@@ -347,7 +413,11 @@ class Supervisor:
                          "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
                          "vram_mib": self._vram_of(w)} for w in self.rollout.workers.values()],
             "gpu": self.gpu.last if self.gpu else None,
+            "models": {m.name: {"state": m.state, "workers": m.names}
+                       for m in self.models.models.values()},
         }
+        for w in procs["workers"]:
+            w["model"] = self.rollout.workers[w["name"]].cfg.default_model.name
         self._cpu = {"supervisor": procs["supervisor"]["cpu"], "gateway": procs["gateway"]["cpu"],
                      **{w["name"]: w["cpu"] for w in procs["workers"]}}
         return procs
@@ -364,8 +434,10 @@ def _kill(w: ChildProcess) -> None:
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
+    if old.models != new.models:
+        changed.append("models")
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic"):
+                    "synthetic", "host"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):

@@ -1,0 +1,127 @@
+"""`llmctl models | load NAME | unload NAME`: the served models and their memory plan."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from llmctl.common import admin
+from llmctl.common.config import Config
+
+EXIT_NOT_RUNNING = 3
+
+
+def _call(cfg: Config, cmd: admin.Command) -> dict[str, Any] | None:
+    from llmctl.control.cli import ControlClient, _read_pid
+    return ControlClient(cfg).call(cmd) if _read_pid(cfg) else None
+
+
+def _mib(v: float | None) -> str:
+    return f"{v:.0f}M" if v is not None else "-"
+
+
+def _ago(v: float | None) -> str:
+    return "never" if v is None else f"{v:.0f}s ago"
+
+
+def print_models(rows: list[dict[str, Any]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    t = Table("model", "file", "load", "state", "workers", "plan", "measured", "last used",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for m in rows:
+        name = m["name"] + (" *" if m.get("default") else "")
+        t.add_row(name, m["path"].rsplit("/", 1)[-1], m["load"], m["state"],
+                  f"{m['workers_ready']}/{len(m['workers'])}", _mib(m["need_mib"]),
+                  _mib(m["measured_mib"]), _ago(m["last_used_s"]))
+    console = Console()
+    console.print(t)
+    if rows:
+        r = rows[0]
+        budget = f"{r['budget_mib']:.0f} MiB" if r.get("budget_mib") else "none"
+        console.print(f"* default model; plan: {r['plan']} estimate, budget {budget}; measured: "
+                      f"{'NVML' if r['plan'] == 'vram' else 'RSS'}", highlight=False)
+    for m in rows:
+        if m.get("error"):
+            console.print(f"{m['name']}: {m['error']}", markup=False, highlight=False)
+
+
+def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
+    st = _call(cfg, admin.Models())
+    if not st:
+        print(json.dumps({"running": False}) if args.json else "llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if args.json:
+        print(json.dumps(st["models"], indent=2))
+    else:
+        print_models(st["models"])
+    return 0
+
+
+def _wait(cfg: Config, name: str, states: tuple[str, ...], timeout: float) -> dict | None:
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        st = _call(cfg, admin.Models())
+        if st is None:
+            return None
+        row = next((m for m in st["models"] if m["name"] == name), None)
+        if row is None or row["state"] in states:
+            return row
+        if row["state"] == "unloaded" and row.get("error"):
+            return row
+        time.sleep(0.2)
+    return row
+
+
+def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    st = _call(cfg, admin.Load(model=args.name))
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if not st.get("ok"):
+        print(f"error: {st.get('error')}", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    row = _wait(cfg, args.name, ("loaded",), cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
+    if row is None or row["state"] != "loaded":
+        why = (row or {}).get("error") or f"state {(row or {}).get('state')}"
+        print(f"error: model {args.name} did not load: {why}", file=sys.stderr)
+        return 1
+    print(f"model {args.name} loaded in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
+    st = _call(cfg, admin.Unload(model=args.name))
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if not st.get("ok"):
+        print(f"error: {st.get('error')}", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    row = _wait(cfg, args.name, ("unloaded",), cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
+    if row is None or row["state"] != "unloaded":
+        print(f"error: model {args.name} did not unload: state {(row or {}).get('state')}",
+              file=sys.stderr)
+        return 1
+    print(f"model {args.name} unloaded in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("models", parents=[common],
+                       help="the served models: state, workers, memory plan and measured")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("load", parents=[common],
+                       help="load a model now (evicting the least recently used idle one)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_load)
+    p = sub.add_parser("unload", parents=[common], help="drain and unload a model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_unload)
