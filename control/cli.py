@@ -16,7 +16,7 @@ import zmq
 
 from llmctl.common import admin
 from llmctl.common import config as config_mod
-from llmctl.control import gpu
+from llmctl.control import cli_models, gpu
 from llmctl.control.models import check_plan, memory_plan
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import CONFIG_JSON_ENV, make_private, pid_alive
@@ -46,6 +46,10 @@ class ControlClient:
             return None
         finally:
             sock.close(linger=0)
+
+
+def _supervisor_call(cfg: Config, cmd: admin.Command) -> dict[str, Any] | None:
+    return ControlClient(cfg).call(cmd) if _read_pid(cfg) else None
 
 
 def _read_pid(cfg: Config) -> int | None:
@@ -437,8 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", parents=[common],
                        help="re-read the config and roll the workers one at a time")
     p.set_defaults(func=cmd_reload)
-    from llmctl.control import cli_models
-    cli_models.add_parsers(sub, common)
+    cli_models.add_parsers(sub, common, _supervisor_call)
     p = sub.add_parser("logs", parents=[common], help="show a process's log")
     p.add_argument("name", nargs="?", default="supervisor",
                    help="supervisor, gateway, w0, w1, ... (default supervisor)")

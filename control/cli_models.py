@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from llmctl.common import admin
 from llmctl.common.config import Config
@@ -13,9 +13,7 @@ from llmctl.common.config import Config
 EXIT_NOT_RUNNING = 3
 
 
-def _call(cfg: Config, cmd: admin.Command) -> dict[str, Any] | None:
-    from llmctl.control.cli import ControlClient, _read_pid
-    return ControlClient(cfg).call(cmd) if _read_pid(cfg) else None
+Call = Callable[[Config, admin.Command], "dict[str, Any] | None"]
 
 
 def _mib(v: float | None) -> str:
@@ -50,7 +48,7 @@ def print_models(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
-    st = _call(cfg, admin.Models())
+    st = args.call(cfg, admin.Models())
     if not st:
         print(json.dumps({"running": False}) if args.json else "llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -61,11 +59,12 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(cfg: Config, name: str, states: tuple[str, ...], timeout: float) -> dict | None:
+def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
+          timeout: float) -> dict | None:
     deadline = time.monotonic() + timeout
     row = None
     while time.monotonic() < deadline:
-        st = _call(cfg, admin.Models())
+        st = call(cfg, admin.Models())
         if st is None:
             return None
         row = next((m for m in st["models"] if m["name"] == name), None)
@@ -78,7 +77,7 @@ def _wait(cfg: Config, name: str, states: tuple[str, ...], timeout: float) -> di
 
 
 def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
-    st = _call(cfg, admin.Load(model=args.name))
+    st = args.call(cfg, admin.Load(model=args.name))
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -86,7 +85,8 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: {st.get('error')}", file=sys.stderr)
         return 1
     t0 = time.monotonic()
-    row = _wait(cfg, args.name, ("loaded",), cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
+    row = _wait(args.call, cfg, args.name, ("loaded",),
+                cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
     if row is None or row["state"] != "loaded":
         why = (row or {}).get("error") or f"state {(row or {}).get('state')}"
         print(f"error: model {args.name} did not load: {why}", file=sys.stderr)
@@ -96,7 +96,7 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
-    st = _call(cfg, admin.Unload(model=args.name))
+    st = args.call(cfg, admin.Unload(model=args.name))
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -104,7 +104,8 @@ def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: {st.get('error')}", file=sys.stderr)
         return 1
     t0 = time.monotonic()
-    row = _wait(cfg, args.name, ("unloaded",), cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
+    row = _wait(args.call, cfg, args.name, ("unloaded",),
+                cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
     if row is None or row["state"] != "unloaded":
         print(f"error: model {args.name} did not unload: state {(row or {}).get('state')}",
               file=sys.stderr)
@@ -113,15 +114,17 @@ def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+def add_parsers(sub: Any, common: argparse.ArgumentParser, call: Call) -> None:
+    """The subcommands; ``call(cfg, command)`` asks the running supervisor (None: not
+    running)."""
     p = sub.add_parser("models", parents=[common],
                        help="the served models: state, workers, memory plan and measured")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=cmd_models, call=call)
     p = sub.add_parser("load", parents=[common],
                        help="load a model now (evicting the least recently used idle one)")
     p.add_argument("name")
-    p.set_defaults(func=cmd_load)
+    p.set_defaults(func=cmd_load, call=call)
     p = sub.add_parser("unload", parents=[common], help="drain and unload a model")
     p.add_argument("name")
-    p.set_defaults(func=cmd_unload)
+    p.set_defaults(func=cmd_unload, call=call)

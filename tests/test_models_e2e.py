@@ -197,3 +197,39 @@ def test_a_flood_on_one_model_is_overloaded_for_that_model_only(make_service):
     assert sum(kind == "done" for kind, _ in a_ends) == 2      # one running, one queued
     kind, body = ends[7][0]
     assert kind == "done"                  # b was admitted and served beside a's flood
+
+
+@integration
+def test_cli_models_load_unload_and_keep_alive(make_service):
+    svc = two_models(make_service)
+    svc_cfg = svc.config.read_text().replace('name = "b"', 'name = "b"\nkeep_alive_s = 1.0')
+    svc.config.write_text(svc_cfg)
+    assert svc.start().returncode == 0
+    r = svc.llmctl("models")
+    assert r.returncode == 0 and "a *" in r.stdout and "unloaded" in r.stdout, r.stdout
+    r = svc.llmctl("load", "a")
+    assert r.returncode == 0 and "model a loaded" in r.stdout, r.stdout + r.stderr
+    r = svc.llmctl("load", "b")                         # a is idle: evicted for b
+    assert r.returncode == 0 and "model b loaded" in r.stdout, r.stdout + r.stderr
+    rows = {m["name"]: m for m in json.loads(svc.llmctl("models", "--json").stdout)}
+    assert rows["a"]["state"] == "unloaded" and rows["a"]["evictions"] == 1
+    st = svc.status()
+    assert {w["model"] for w in st["workers"]} == {"b"}
+    # keep_alive_s = 1: b, idle, unloads by itself
+    wait_until(lambda: {m["name"]: m["state"] for m in svc.status()["models"]}["b"]
+               == "unloaded", 30, "b to unload after keep_alive_s")
+    r = svc.llmctl("load", "zz")
+    assert r.returncode == 1 and "no such model: zz" in r.stderr
+    r = svc.llmctl("load", "a")
+    assert r.returncode == 0
+    r = svc.llmctl("unload", "a")
+    assert r.returncode == 0 and "model a unloaded" in r.stdout, r.stdout + r.stderr
+    assert svc.status()["workers"] == []
+
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{svc.http_port}/metrics",
+                                      timeout=10).read().decode()
+    # the supervisor's figures reach the gateway every half second
+    wait_until(lambda: 'llmctl_model_state{model="a",state="unloaded"} 1.0' in metrics(), 10,
+               "/metrics to show model a unloaded")
+    assert 'llmctl_model_queue_depth{model="b"} 0.0' in metrics()
