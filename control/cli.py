@@ -138,7 +138,8 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
             ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
             http_up = gw.get("http_listening") or not cfg.http.enabled
             # Only on-demand models: nothing loads before a request for it.
-            if gw.get("listening") and http_up and (ready or not status["workers"]):
+            lazy = all(m["load"] == "on_demand" for m in status.get("models") or [{}])
+            if gw.get("listening") and http_up and (ready or lazy and not status["workers"]):
                 print(f"llmctl started: supervisor pid {proc.pid}, gateway "
                       f"{_addresses(gw)}, {len(ready)}/{len(status['workers'])} "
                       f"worker(s) ready")

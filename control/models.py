@@ -159,7 +159,7 @@ class ModelManager:
         for m in self.models.values():
             if m.state == "loading":
                 failed = [fatal[n] for n in m.names if n in fatal]
-                if failed:
+                if failed and m.evictable:      # an always model stays: FATAL, as ever
                     m.error = f"model {m.name} failed to load: {failed[0]}"
                     log.error("%s", m.error)
                     m.wanted = False
