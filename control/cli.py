@@ -17,7 +17,7 @@ import zmq
 from llmctl.common import admin
 from llmctl.common import config as config_mod
 from llmctl.control import cli_models, gpu
-from llmctl.control.models import check_plan, memory_plan
+from llmctl.control.models import check_plan, memory_plan, plan_budget
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import CONFIG_JSON_ENV, make_private, pid_alive
 
@@ -96,7 +96,9 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
     try:
         # [[models]]: the served models' plan (control/models.py); one [model]: as before.
         plan = None if synthetic or cfg.models else gpu.startup_plan(cfg)
-        refused = None if synthetic else check_plan(cfg, *memory_plan(cfg))
+        # The served models' plan, when a budget is enforced (reading GGUFs takes seconds).
+        refused = None if synthetic or not plan_budget(cfg)[0] \
+            else check_plan(cfg, *memory_plan(cfg))
     except (gpu.VramBudgetError, gpu.ModelInfoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -85,6 +85,7 @@ class ModelManager:
         self.kind = kind                    # "vram" or "ram": what the plan counts
         self.models: dict[str, ModelState] = {}
         self.on_demand = any(e.load == "on_demand" for e in cfg.served)
+        self.planned = True                 # the figures are known (see step)
         self.configure(cfg, needs)
         now = time.monotonic()
         for m in self.models.values():
@@ -172,6 +173,8 @@ class ModelManager:
                 m.set("unloaded", now)
         if usage is not None:
             self._expire(now, usage)
+        if self.budget_mib and not self.planned:
+            return out                      # no load decided before the figures are known
         for m in sorted(self.models.values(), key=lambda x: x.since):
             if m.wanted and m.state == "unloaded":
                 refusal = self._try_load(m, now, usage)
@@ -249,6 +252,21 @@ class ModelManager:
                 "default": m is next(iter(self.models.values())),
             })
         return out
+
+
+def plan_budget(cfg: Config, reader: Any = None) -> tuple[float, str]:
+    """(the plan's budget in MiB, 0 = none; "vram" with an NVIDIA GPU, else "ram"): fast,
+    no GGUF read."""
+    from llmctl.control.gpu import NvmlReader
+    rd = reader if reader is not None else NvmlReader()
+    try:
+        on_gpu = rd.available()
+    finally:
+        if reader is None:
+            rd.close()
+    if on_gpu:
+        return float(cfg.gpu.vram_budget_mb), "vram"
+    return float(cfg.host.ram_budget_mb), "ram"
 
 
 def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None], float, str]:

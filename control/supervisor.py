@@ -34,7 +34,7 @@ from llmctl.common.procs import bind_private, describe_exit, make_private
 from llmctl.control import gpu
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
-from llmctl.control.models import ModelManager, memory_plan
+from llmctl.control.models import ModelManager, memory_plan, plan_budget
 from llmctl.control.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class Supervisor:
         self.rollout = Rollout(cfg, drain=self._drain_worker, forget=self._forget)
         # The served models: which are loaded (the plan is computed in run()).
         self.models = ModelManager(cfg, {}, 0.0)
+        self.models.planned = False
         self.rollout.want_workers(self.models.desired_workers())
         self._usage: dict[str, Any] = {}          # the gateway's last per-model figures
         self.started = time.time()
@@ -87,13 +88,11 @@ class Supervisor:
             self.link.bind()
             tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
                                                       self.link.run(), self._watch_vram())]
-            needs, budget, kind = await asyncio.to_thread(memory_plan, self.cfg)
-            self.models.budget_mib, self.models.kind = budget, kind
-            self.models.configure(self.cfg, needs)
-            if budget:
-                log.info("memory plan (%s): budget %.0f MiB; %s", kind, budget, ", ".join(
-                    f"{n} {v:.0f} MiB" if v is not None else f"{n} unknown"
-                    for n, v in needs.items()))
+            # The plan's figures take seconds (GGUF reads): off the loop, beside the start;
+            # no on-demand load is decided under a budget before they are known.
+            self.models.budget_mib, self.models.kind = await asyncio.to_thread(
+                plan_budget, self.cfg)
+            tasks.append(asyncio.create_task(self._plan(self.cfg)))
             await self.gateway.start()
             self.link.expect(self.gateway.pid)
             await self.rollout.step()            # the workers start with the gateway
@@ -138,11 +137,21 @@ class Supervisor:
             self._last_procs = now
             self.link.tell(admin.Procs(procs=self._procs()))
 
+    async def _plan(self, cfg: Config | None = None) -> None:
+        cfg = cfg or self.cfg
+        needs, budget, kind = await asyncio.to_thread(memory_plan, cfg)
+        self.models.configure(cfg, needs)
+        self.models.planned = True
+        if budget:
+            log.info("memory plan (%s): budget %.0f MiB; %s", kind, budget, ", ".join(
+                f"{n} {v:.0f} MiB" if v is not None else f"{n} unknown"
+                for n, v in needs.items()))
+
     async def _step_models(self, now: float) -> None:
         """The served models' desired state: loads asked for, evictions, keep_alive_s."""
         assert self.link is not None
         usage = None
-        if self.models.on_demand and self.gateway_up is not None:
+        if self.gateway_up is not None:
             reply = await self.link.call(admin.Models(), timeout=0.5)
             if reply is not None:
                 usage = self._usage = reply.data
@@ -259,8 +268,9 @@ class Supervisor:
                                           "models needs `llmctl stop` + `llmctl start`"}
         self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
                              "step": "", "error": None, "target": target}
-        needs, _, _ = memory_plan(target)
-        self.models.configure(target, needs)
+        # The old figures until the new ones are read (off the loop).
+        self.models.configure(target, {n: m.need_mib for n, m in self.models.models.items()})
+        asyncio.create_task(self._plan(target))
         self.rollout.want_workers(self.models.desired_workers())
         self.rollout.failed = None
         return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}

@@ -294,3 +294,13 @@ def test_the_plan_is_never_exceeded(script):
         assert mm.used_mib() <= 200.0
         assert sum(mm.models[n].need_mib for n in "abc"
                    if any(w in running or w in desired for w in mm.models[n].names)) <= 200.0
+
+
+def test_no_load_is_decided_under_a_budget_before_the_figures_are_known():
+    mm = manager(200.0, a=116.0)
+    mm.planned = False
+    mm.want("a")
+    assert tick(mm, 1.0) == [] and mm.models["a"].state == "unloaded" and mm.models["a"].wanted
+    mm.planned = True
+    tick(mm, 1.1)
+    assert mm.models["a"].state == "loading"

@@ -65,7 +65,8 @@ class PlanWatch:
         return {m["name"]: m for m in r["models"]}
 
     def worst(self) -> float:
-        return max(sum(m["need_mib"] for m in rows if m["state"] != "unloaded")
+        # nothing loads under a budget before the figures are known (need_mib None)
+        return max(sum(m["need_mib"] or 0 for m in rows if m["state"] != "unloaded")
                    for rows in self.samples)
 
 
@@ -103,6 +104,9 @@ def test_a_then_b_evicts_a_then_a_evicts_b(make_service):
     assert r.returncode == 0, r.stderr
     assert "0/0 worker(s) ready" in r.stdout            # on demand: nothing loaded yet
     with PlanWatch(svc) as watch:
+        # the plan's figures are read from the GGUFs beside the start
+        wait_until(lambda: all(x["need_mib"] is not None for x in watch.now().values()), 60,
+                   "the memory plan")
         m = watch.now()
         assert m["a"]["state"] == m["b"]["state"] == "unloaded"
         assert m["a"]["need_mib"] <= BUDGET and m["b"]["need_mib"] <= BUDGET
