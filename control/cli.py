@@ -333,6 +333,8 @@ def cmd_top(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.models:
+        return cli_models.check_models(cfg)
     try:
         print(gpu.check_main(cfg))
     except gpu.VramBudgetError as exc:

@@ -114,6 +114,31 @@ def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def check_models(cfg: Config) -> int:
+    """`llmctl check` of [[models]]: each model's plan figure against the budget."""
+    from llmctl.control.gpu import ModelInfoError
+    from llmctl.control.models import check_plan, memory_plan
+    try:
+        needs, budget, kind = memory_plan(cfg)
+    except ModelInfoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    where = "[gpu] vram_budget_mb" if kind == "vram" else "[host] ram_budget_mb"
+    print(f"memory plan ({kind}, the GGUF estimate per worker x workers) against {where} = "
+          + (f"{budget:.0f} MiB" if budget else "0 (no budget)"))
+    for e in cfg.served:
+        n = needs.get(e.name)
+        print(f"  {e.name:<24} {e.load:<9} {e.workers} worker(s) x {e.slots} slot(s), n_ctx "
+              f"{e.n_ctx}: " + (f"{n:,.1f} MiB" if n is not None else "unknown"))
+    refused = check_plan(cfg, needs, budget, kind)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 1
+    print("fits: the always models together and every model alone are within the budget"
+          if budget else "nothing is enforced")
+    return 0
+
+
 def add_parsers(sub: Any, common: argparse.ArgumentParser, call: Call) -> None:
     """The subcommands; ``call(cfg, command)`` asks the running supervisor (None: not
     running)."""

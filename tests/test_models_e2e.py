@@ -237,3 +237,13 @@ def test_cli_models_load_unload_and_keep_alive(make_service):
     wait_until(lambda: 'llmctl_model_state{model="a",state="unloaded"} 1.0' in metrics(), 10,
                "/metrics to show model a unloaded")
     assert 'llmctl_model_queue_depth{model="b"} 0.0' in metrics()
+
+
+@integration
+def test_start_refuses_a_model_that_can_never_fit(make_service):
+    svc = two_models(make_service, host={"ram_budget_mb": 150})     # b needs 161 MiB alone
+    r = svc.llmctl("check")
+    assert r.returncode == 1 and "model b needs 161 MiB of ram" in r.stderr, r.stdout + r.stderr
+    r = svc.start()
+    assert r.returncode == 2 and "it could never be loaded" in r.stderr
+    assert svc.status()["running"] is False
