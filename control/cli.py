@@ -97,8 +97,11 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         # [[models]]: the served models' plan (control/models.py); one [model]: as before.
         plan = None if synthetic or cfg.models else gpu.startup_plan(cfg)
         # The served models' plan, when a budget is enforced (reading GGUFs takes seconds).
-        refused = None if synthetic or not plan_budget(cfg)[0] \
-            else check_plan(cfg, *memory_plan(cfg))
+        if not synthetic and plan_budget(cfg)[0]:
+            make_private(cfg.run_dir, cfg.log_dir)      # the plan's figures are kept there
+            refused = check_plan(cfg, *memory_plan(cfg))
+        else:
+            refused = None
     except (gpu.VramBudgetError, gpu.ModelInfoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -273,6 +276,11 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                       f"budget{' [red]OVER BUDGET[/]' if g['breach'] else ''}")
     else:
         console.print("device cpu (no NVIDIA GPU: VRAM budget not enforced)")
+    rows = st.get("models") or []
+    if rows and rows[0].get("budget_mib"):
+        used = sum(m["need_mib"] or 0 for m in rows if m["state"] != "unloaded")
+        console.print(f"memory plan ({rows[0]['plan']}): {used:.0f} of {rows[0]['budget_mib']:.0f}"
+                      " MiB budget (models loading, loaded or unloading)", highlight=False)
     # Fits 80 columns: busy = in flight / slots.
     several = len(st.get("models") or []) > 1
     t = Table("worker", *(["model"] if several else []), "pid", "state", "up", "busy", "served",

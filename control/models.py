@@ -21,7 +21,9 @@ unload after ``keep_alive_s`` without a request.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -269,6 +271,21 @@ def plan_budget(cfg: Config, reader: Any = None) -> tuple[float, str]:
     return float(cfg.host.ram_budget_mb), "ram"
 
 
+PLAN_CACHE = "plan-cache.json"      # in run_dir: figures by their inputs (llmctl start's)
+
+
+def _cache_key(e: ModelEntry, cfg: Config, on_gpu: bool) -> str | None:
+    """Every input of a model's figure, the GGUF's size and mtime included."""
+    try:
+        st = os.stat(e.path)
+    except OSError:
+        return None
+    g = cfg.gpu
+    return json.dumps([e.path, st.st_size, st.st_mtime_ns, on_gpu, e.n_ctx, e.slots, e.workers,
+                       e.n_gpu_layers, cfg.model.n_batch, g.kv_type, g.compute_buffer_mb,
+                       g.cuda_overhead_mb, cfg.workers.prompt_cache_mib])
+
+
 def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None], float, str]:
     """(MiB each served model needs, the budget in MiB (0 = none), "vram" or "ram").
 
@@ -289,9 +306,23 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
             rd.close()
     g = cfg.gpu
     needs: dict[str, float | None] = {}
+    # GGUFReader takes seconds per model (it parses the whole vocabulary): the figures that
+    # `llmctl start` computed are kept in run_dir, keyed by every input.
+    cache_path = cfg.run_dir / PLAN_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    fresh = {}
     for e in cfg.served:
         if cfg.model.engine == "synthetic":
             needs[e.name] = None
+            continue
+        key = _cache_key(e, cfg, on_gpu)
+        if key is not None and isinstance(cache.get(key), (int, float)):
+            needs[e.name] = fresh[key] = float(cache[key])
             continue
         try:
             info = read_model(e.path)
@@ -310,6 +341,13 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
                            compute_buffer_mb=g.compute_buffer_mb, cuda_overhead_mb=0).total \
                 + cfg.workers.prompt_cache_mib * MiB
         needs[e.name] = per * e.workers / MiB
+        if key is not None:
+            fresh[key] = needs[e.name]
+    if fresh and fresh != cache and cache_path.parent.is_dir():
+        try:
+            cache_path.write_text(json.dumps(fresh))
+        except OSError as exc:
+            log.debug("plan cache not written: %s", exc)
     if on_gpu:
         return needs, float(g.vram_budget_mb), "vram"
     return needs, float(cfg.host.ram_budget_mb), "ram"
