@@ -92,7 +92,10 @@ class Supervisor:
             # no on-demand load is decided under a budget before they are known.
             self.models.budget_mib, self.models.kind = await asyncio.to_thread(
                 plan_budget, self.cfg)
-            tasks.append(asyncio.create_task(self._plan(self.cfg)))
+            if self.models.budget_mib:      # figures only where a budget is enforced:
+                tasks.append(asyncio.create_task(self._plan(self.cfg)))   # see _plan
+            else:
+                self.models.planned = True
             await self.gateway.start()
             self.link.expect(self.gateway.pid)
             await self.rollout.step()            # the workers start with the gateway
@@ -138,6 +141,10 @@ class Supervisor:
             self.link.tell(admin.Procs(procs=self._procs()))
 
     async def _plan(self, cfg: Config | None = None) -> None:
+        """The plan's figures: from run_dir's cache (``llmctl start`` computed them), else
+        from the GGUFs.  Not without a budget: GGUFReader maps the file, and a GGUF
+        truncated while it is read (replaced, or a test breaking it) is a SIGBUS that
+        would take the supervisor down."""
         cfg = cfg or self.cfg
         needs, budget, kind = await asyncio.to_thread(memory_plan, cfg)
         self.models.configure(cfg, needs)
@@ -270,7 +277,8 @@ class Supervisor:
                              "step": "", "error": None, "target": target}
         # The old figures until the new ones are read (off the loop).
         self.models.configure(target, {n: m.need_mib for n, m in self.models.models.items()})
-        asyncio.create_task(self._plan(target))
+        if self.models.budget_mib:
+            asyncio.create_task(self._plan(target))
         self.rollout.want_workers(self.models.desired_workers())
         self.rollout.failed = None
         return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}
