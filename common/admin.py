@@ -81,8 +81,32 @@ class SetDefaults(_Msg, tag="set_defaults"):
     max_deadline_ms: int
 
 
+class Models(_Msg, tag="models"):
+    """CLI: every served model and its state; supervisor -> gateway: each model's queue,
+    requests and idle time (what eviction and keep_alive_s decide on)."""
+
+
+class Load(_Msg, tag="load"):
+    """CLI: load ``model`` now (an on-demand model; evicting the LRU idle one if needed)."""
+    model: str
+
+
+class Unload(_Msg, tag="unload"):
+    """CLI: drain and unload ``model`` (it loads again on its next request if on demand)."""
+    model: str
+
+
+class ModelUnavailable(_Msg, tag="model_unavailable"):
+    """Supervisor -> gateway: ``model`` cannot be loaded now; its queued requests are
+    answered with this error (``overloaded`` with ``retry_after_ms``, or ``not_ready``)."""
+    model: str
+    code: str
+    message: str
+    retry_after_ms: int | None = None
+
+
 Command = Union[Status, Stop, Restart, Reload, Ping, Drain, DrainWorker, WorkerExited, Procs,
-                SetDefaults]
+                SetDefaults, Models, Load, Unload, ModelUnavailable]
 
 
 # ---- gateway -> supervisor ---------------------------------------------------------------
@@ -121,7 +145,12 @@ class WorkerDrained(_Msg, tag="worker_drained"):
     worker: str
 
 
-FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained]
+class ModelWanted(_Msg, tag="model_wanted"):
+    """A request waits for ``model``, which has no ready worker: load it."""
+    model: str
+
+
+FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained, ModelWanted]
 
 # ---- node worker -> its supervisor ---------------------------------------------------------
 

@@ -470,10 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=None)
     ap.add_argument("--token", default=None)
+    ap.add_argument("--model", default=None, help="a served model (default: the first)")
     args = ap.parse_args(argv)
     with Client(args.host, args.port) as c:
         c.hello(args.token)
-        body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        body: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature,
+                                "model": args.model}
         if args.chat:
             body["messages"] = [{"role": "user", "content": args.prompt}]
         else:

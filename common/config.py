@@ -20,6 +20,7 @@ The sections are msgspec Structs, not dataclasses: derive a changed copy with
 
 import os
 import socket
+import re
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, get_args, get_origin
@@ -42,6 +43,13 @@ ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 
 class ConfigError(ValueError):
     """A configuration file is unreadable or one of its values is invalid."""
+
+
+LoadPolicy = Literal["always", "on_demand"]
+# Keys of [model] / [workers] that a [[models]] entry sets for itself: with [[models]]
+# they may not be set in those sections too (which would win is not obvious).
+PER_MODEL_KEYS = {"model": ("path", "n_ctx", "n_gpu_layers", "threads", "sha256"),
+                  "workers": ("count", "slots")}
 
 
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -251,6 +259,41 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     "again (ZeroMQ reconnects by itself); above the link's worst round trip")] = 2.0
 
 
+class HostConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    ram_budget_mb: Annotated[int, Meta(
+        ge=0, le=1 << 24,
+        description="host memory the loaded models' workers may use on a CPU host (MiB, by "
+                    "the same GGUF estimate as the VRAM plan, plus prompt_cache_mib); "
+                    "0 = no budget")] = 0
+
+
+class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One served model: a ``[[models]]`` entry, or the one ``[model]`` section."""
+    name: Annotated[str, Meta(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="the model's name: the `model` of a request (OpenAI's and GENERATE's); "
+                    "the first entry is the default model")]
+    path: Annotated[str, Meta(
+        description="GGUF file; relative paths are relative to the config file")]
+    n_ctx: Annotated[int, Meta(ge=64, le=1 << 20,
+                               description="context length of every sequence (tokens)")] = 2048
+    n_gpu_layers: Annotated[int, Meta(
+        ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
+    workers: Annotated[int, Meta(ge=1, le=64, description="worker processes of this model")] = 1
+    slots: Annotated[int, Meta(
+        ge=1, le=64, description="concurrent sequences per worker (= its dispatch credits)")] = 1
+    threads: Annotated[int, Meta(
+        ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")] = 0
+    load: Annotated[LoadPolicy, Meta(
+        description="always = loaded at start and never evicted; on_demand = loaded by the "
+                    "first request for it (or `llmctl load`), unloaded after keep_alive_s idle "
+                    "or to make room for another")] = "always"
+    keep_alive_s: Annotated[float, Meta(
+        ge=0.0, le=86_400.0 * 365,
+        description="an on_demand model idle this long (no request queued or running) "
+                    "is unloaded; 0 = only to make room")] = 300.0
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     model: ModelConfig = ModelConfig()
     workers: WorkersConfig = WorkersConfig()
@@ -262,6 +305,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     synthetic: SyntheticConfig = SyntheticConfig()
     cluster: ClusterConfig = ClusterConfig()
     node: NodeConfig = NodeConfig()
+    host: HostConfig = HostConfig()
+    models: tuple[ModelEntry, ...] = ()     # [[models]]; () = the one [model]
     source: str = ""  # the file it came from ("" = defaults)
 
     # ---- derived, absolute paths -------------------------------------------------
@@ -313,6 +358,31 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    @property
+    def served(self) -> tuple[ModelEntry, ...]:
+        """The normalised list of served models: the ``[[models]]`` entries, or the one
+        ``[model]`` (named after its file); the first is the default model."""
+        return served_models(self)
+
+    @property
+    def default_model(self) -> ModelEntry:
+        return self.served[0]
+
+    def entry(self, name: str | None) -> ModelEntry | None:
+        """The served model called ``name`` (None/"" = the default), or None."""
+        if not name:
+            return self.served[0]
+        return next((e for e in self.served if e.name == name), None)
+
+    def for_model(self, e: ModelEntry) -> "Config":
+        """The config one worker of model ``e`` runs: its [model] and [workers] are the
+        entry's, and ``models`` is that one entry (the worker's name for itself)."""
+        replace = msgspec.structs.replace
+        return replace(self, models=(e,),
+                       model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
+                                     n_gpu_layers=e.n_gpu_layers, threads=e.threads),
+                       workers=replace(self.workers, count=e.workers, slots=e.slots))
+
     def worker_threads(self) -> int:
         if self.model.threads:
             return self.model.threads
@@ -334,6 +404,17 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         return _build(raw, source if source and isinstance(source, str) else "<json>", base=None)
 
 
+@cache
+def served_models(cfg: Config) -> tuple[ModelEntry, ...]:
+    """``cfg.served``, derived once per config (a frozen tree: hashable)."""
+    if cfg.models:
+        return cfg.models
+    m, w = cfg.model, cfg.workers
+    return (ModelEntry(name=Path(m.path).name.removesuffix(".gguf") or "model", path=m.path,
+                       n_ctx=m.n_ctx, n_gpu_layers=m.n_gpu_layers, workers=w.count,
+                       slots=w.slots, threads=m.threads, load="always", keep_alive_s=0.0),)
+
+
 # ---- validation -------------------------------------------------------------------
 
 class _Key(msgspec.Struct, frozen=True):
@@ -344,6 +425,22 @@ class _Key(msgspec.Struct, frozen=True):
     choices: tuple[str, ...] | None
     default: Any
     doc: str
+    pattern: str | None = None
+
+
+def _struct_keys(name: str, struct: type) -> dict[str, _Key]:
+    keys = {}
+    for f in msgspec.structs.fields(struct):
+        base, *extras = get_args(f.type) if get_origin(f.type) is Annotated else (f.type,)
+        meta = next((m for m in extras if isinstance(m, Meta)), Meta())
+        choices = get_args(base) if get_origin(base) is Literal else None
+        kind = str if choices else base
+        if kind not in (bool, int, float, str) or meta.gt is not None or meta.lt is not None \
+                or choices and not all(isinstance(c, str) for c in choices):
+            raise TypeError(f"[{name}] {f.name}: unsupported config type {f.type}")
+        keys[f.name] = _Key(kind, meta.ge, meta.le, choices, f.default, meta.description or "",
+                            meta.pattern)
+    return keys
 
 
 @cache
@@ -352,18 +449,15 @@ def _keys() -> dict[str, dict[str, _Key]]:
     sections: dict[str, dict[str, _Key]] = {}
     for sec in msgspec.structs.fields(Config):
         if not (isinstance(sec.type, type) and issubclass(sec.type, msgspec.Struct)):
-            continue                                    # source
-        keys = sections[sec.name] = {}
-        for f in msgspec.structs.fields(sec.type):
-            base, *extras = get_args(f.type) if get_origin(f.type) is Annotated else (f.type,)
-            meta = next((m for m in extras if isinstance(m, Meta)), Meta())
-            choices = get_args(base) if get_origin(base) is Literal else None
-            kind = str if choices else base
-            if kind not in (bool, int, float, str) or meta.gt is not None or meta.lt is not None \
-                    or choices and not all(isinstance(c, str) for c in choices):
-                raise TypeError(f"[{sec.name}] {f.name}: unsupported config type {f.type}")
-            keys[f.name] = _Key(kind, meta.ge, meta.le, choices, f.default, meta.description or "")
+            continue                                    # models, source
+        sections[sec.name] = _struct_keys(sec.name, sec.type)
     return sections
+
+
+@cache
+def _entry_keys() -> dict[str, _Key]:
+    """The keys of a [[models]] entry."""
+    return _struct_keys("[models]", ModelEntry)
 
 
 def _check_value(where: str, key: _Key, value: Any) -> None:
@@ -388,6 +482,9 @@ def _check_value(where: str, key: _Key, value: Any) -> None:
         raise ConfigError(f"{where}: {value!r} is out of range [{lo}, {hi}]")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(key.choices)}")
+    if key.pattern and not re.match(key.pattern, value):
+        raise ConfigError(f"{where}: {value!r} is not a valid name (letters, digits and "
+                          "._:/- ; it starts with a letter or digit)")
 
 
 def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str) -> ConfigError:
@@ -401,10 +498,13 @@ def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str) 
         text, path = str(exc), "$"
     parts = path.rstrip("`").split(".")[1:]
     keys = _keys()
+    if parts and parts[0].startswith("models"):
+        return _explain_entry(text, parts, raw, source)
     if not parts:
         for name in raw:
             if name not in keys:
-                return ConfigError(f"{source}: unknown section [{name}] (known: {', '.join(keys)})")
+                return ConfigError(f"{source}: unknown section [{name}] "
+                                   f"(known: {', '.join(keys)}, [[models]])")
     elif parts[0] in keys and parts[0] in raw:
         name, table = parts[0], raw[parts[0]]
         if not isinstance(table, Mapping):
@@ -425,17 +525,61 @@ def _explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str) 
     return ConfigError(f"{source}: {text}")
 
 
+def _explain_entry(text: str, parts: list[str], raw: Mapping[str, Any],
+                   source: str) -> ConfigError:
+    """An error inside ``[[models]]``: name the entry (number and name) and the key."""
+    entries = raw.get("models")
+    head, _, idx = parts[0].partition("[")
+    if head != "models" or not isinstance(entries, list):
+        return ConfigError(f"{source}: [[models]] must be an array of tables "
+                           "([[models]] entries)")
+    if not idx:
+        return ConfigError(f"{source}: [[models]]: {text}")
+    i = int(idx.rstrip("]"))
+    entry = entries[i] if i < len(entries) else None
+    if not isinstance(entry, Mapping):
+        return ConfigError(f"{source}: [[models]] entry {i + 1} must be a table")
+    name = entry.get("name")
+    where = f"{source}: [[models]] entry {i + 1}" + (f" ({name!r})" if isinstance(name, str)
+                                                     else "")
+    known = _entry_keys()
+    for key in entry:
+        if key not in known:
+            return ConfigError(f"{where}: unknown key {key} (known: {', '.join(known)})")
+    if len(parts) == 1:
+        missing = [k for k in ("name", "path") if k not in entry]
+        if missing:
+            return ConfigError(f"{where}: {missing[0]} is required")
+        return ConfigError(f"{where}: {text}")
+    key = parts[1]
+    if key in known and key in entry:
+        try:
+            _check_value(f"{where} {key}", known[key], entry[key])
+        except ConfigError as err:
+            return err
+    return ConfigError(f"{where} {key}: {text}")
+
+
 def _build(raw: Mapping[str, Any], source: str, base: Path | None) -> Config:
     """The one place a tree is decoded: msgspec validates, then the cross checks."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a table at the top level")
     if "source" in raw:                                 # a field of Config, not a section
-        raise ConfigError(f"{source}: unknown section [source] (known: {', '.join(_keys())})")
+        raise ConfigError(f"{source}: unknown section [source] "
+                          f"(known: {', '.join(_keys())}, [[models]])")
     try:
         cfg = msgspec.convert({**raw, "source": source}, Config)
     except msgspec.ValidationError as exc:
         raise _explain(exc, raw, source) from None
     _cross_checks(cfg)
+    if cfg.models and base is not None:     # a file: [model]/[workers] may not say it too
+        for section, names in PER_MODEL_KEYS.items():
+            table = raw.get(section)
+            for key in names if isinstance(table, Mapping) else ():
+                if key in table:
+                    raise ConfigError(
+                        f"{source}: [{section}] {key} is set per model when [[models]] is "
+                        f"given: set it in each [[models]] entry instead")
     if base is not None:
         cfg = _resolve_paths(cfg, base)
     return cfg
@@ -454,6 +598,12 @@ def _cross_checks(cfg: Config) -> None:
             and cfg.http.host == cfg.gateway.host:
         raise ConfigError(f"{src}: [http] port {cfg.http.port} is also [gateway] port")
     _check_cluster(cfg)
+    seen: dict[str, int] = {}
+    for i, e in enumerate(cfg.models, 1):
+        if e.name in seen:
+            raise ConfigError(f"{src}: [[models]] entry {i} ({e.name!r}): duplicate name "
+                              f"(entry {seen[e.name]} has it too)")
+        seen[e.name] = i
 
 
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
@@ -512,6 +662,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
     c, n = cfg.cluster, cfg.node
     return replace(cfg, model=replace(cfg.model, path=absolute(cfg.model.path)),
+                   models=tuple(replace(e, path=absolute(e.path)) for e in cfg.models),
                    control=replace(cfg.control, run_dir=absolute(cfg.control.run_dir)),
                    cluster=replace(c, secret_key=maybe(c.secret_key),
                                    authorized_keys=maybe(c.authorized_keys)),
@@ -537,6 +688,10 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def reference() -> list[tuple[str, str, Any, str]]:
-    """(section, key, default, doc) for every key: the README's config reference."""
-    return [(name, key, k.default, k.doc)
-            for name, keys in _keys().items() for key, k in keys.items()]
+    """(section, key, default, doc) for every key: the README's config reference
+    (``[[models]]`` for the keys of a models entry; a required key's default is None)."""
+    out = [(name, key, k.default, k.doc)
+           for name, keys in _keys().items() for key, k in keys.items()]
+    out += [("[models]", key, None if k.default is msgspec.NODEFAULT else k.default, k.doc)
+            for key, k in _entry_keys().items()]
+    return out

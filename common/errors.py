@@ -68,6 +68,7 @@ class LlmctlError(Exception):
 
     code: Code = Code.INTERNAL
     status: int | None = None       # an HTTP status other than the code's own
+    openai_code: str | None = None  # the OpenAI front's error code, if not ``code``
 
     def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
@@ -104,6 +105,13 @@ class BadRequest(LlmctlError):
 class BodyTimeout(BadRequest):
     """An HTTP request body that did not arrive within the read timeout: 408."""
     status = 408
+
+
+class ModelNotFound(BadRequest):
+    """A request names a model that is not served: ``bad_request`` on the wire, OpenAI's
+    404 ``model_not_found`` on the HTTP front."""
+    status = 404
+    openai_code = "model_not_found"
 
 
 class TooManyStreams(LlmctlError):

@@ -196,6 +196,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     n_ctx: int = 0
     device: str = "cpu"
     node: str = ""           # the machine it runs on ([node] name)
+    served: str = ""        # the configured model it serves ([[models]] name); "" = default
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):

@@ -223,6 +223,7 @@ class GenerateRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     embed: tuple[str, ...] | None = None   # POST /v1/embeddings' inputs (the HTTP front)
+    model: str | None = None        # the served model; None = the default (first) one
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def work(self, window: int = 0) -> WorkRequest:
@@ -303,6 +304,9 @@ def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
         raise BadRequest("exactly one of prompt and messages is required")
     prompt = text_field(obj["prompt"], "prompt") if has_prompt else None
     messages = _messages(obj["messages"]) if has_messages else None
+    model = obj.get("model")
+    if model is not None:
+        model = text_field(model, "model")
     seed = obj.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed <= 0xFFFFFFFF):
@@ -320,6 +324,7 @@ def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
         stop=_stop(obj.get("stop")),
         deadline_ms=_int(obj, "deadline_ms", d.deadline_ms, 1, d.max_deadline_ms),
         grammar=grammar, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs,
+        model=model or None,
     )
 
 
@@ -329,9 +334,13 @@ def parse_generate(payload: bytes, d: Defaults) -> GenerateRequest:
 
 # ---- server frames -------------------------------------------------------------------
 
-def welcome(server: str, model: str, max_frame: int, max_streams: int) -> bytes:
+def welcome(server: str, model: str, max_frame: int, max_streams: int,
+            models: list[str] | None = None) -> bytes:
+    """WELCOME: ``model`` is the default model, ``models`` every served one (first =
+    the default)."""
     return encode_frame(FrameType.WELCOME, 0, json_payload({
         "version": VERSION, "server": server, "model": model,
+        "models": models if models is not None else [model],
         "max_frame": max_frame, "max_streams": max_streams}))
 
 

@@ -16,7 +16,8 @@ import zmq
 
 from llmctl.common import admin, keys
 from llmctl.common import config as config_mod
-from llmctl.control import gpu
+from llmctl.control import cli_models, gpu
+from llmctl.control.models import check_plan, memory_plan, plan_budget
 from llmctl.common.config import Config, ConfigError
 from llmctl.common.procs import CONFIG_JSON_ENV, make_private, pid_alive
 
@@ -45,6 +46,10 @@ class ControlClient:
             return None
         finally:
             sock.close(linger=0)
+
+
+def _supervisor_call(cfg: Config, cmd: admin.Command) -> dict[str, Any] | None:
+    return ControlClient(cfg).call(cmd) if _read_pid(cfg) else None
 
 
 def _read_pid(cfg: Config) -> int | None:
@@ -80,15 +85,28 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     _clean_run_dir(cfg)
     synthetic = cfg.model.engine == "synthetic"       # no model file, no memory plan
-    if not synthetic and not cfg.model_path.is_file():
-        print(f"error: model file not found: {cfg.model_path}\n"
+    missing = [] if synthetic else [e for e in cfg.served if not Path(e.path).is_file()]
+    if missing:
+        what = f"model file not found: {missing[0].path}" if not cfg.models else \
+            f"model {missing[0].name}: file not found: {missing[0].path}"
+        print(f"error: {what}\n"
               f"  run `make setup` (or python -m llmctl.tools.fetch_model) to fetch the default model",
               file=sys.stderr)
         return 2
     try:
-        plan = None if synthetic else gpu.startup_plan(cfg)
+        # [[models]]: the served models' plan (control/models.py); one [model]: as before.
+        plan = None if synthetic or cfg.models else gpu.startup_plan(cfg)
+        # The served models' plan, when a budget is enforced (reading GGUFs takes seconds).
+        if not synthetic and plan_budget(cfg)[0]:
+            make_private(cfg.run_dir, cfg.log_dir)      # the plan's figures are kept there
+            refused = check_plan(cfg, *memory_plan(cfg))
+        else:
+            refused = None
     except (gpu.VramBudgetError, gpu.ModelInfoError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     if plan is not None and plan.changes:
         print("the configuration does not fit [gpu] vram_budget_mb; with [gpu] fit = true it "
@@ -146,7 +164,9 @@ def cmd_start(cfg: Config, args: argparse.Namespace) -> int:
             gw = status["gateway"]
             ready = [w for w in status["workers"] if w["state"] in ("ready", "busy")]
             http_up = gw.get("http_listening") or not cfg.http.enabled
-            if gw.get("listening") and http_up and ready:
+            # Only on-demand models: nothing loads before a request for it.
+            lazy = all(m["load"] == "on_demand" for m in status.get("models") or [{}])
+            if gw.get("listening") and http_up and (ready or lazy and not status["workers"]):
                 print(f"llmctl started: supervisor pid {proc.pid}, gateway "
                       f"{_addresses(gw)}, {len(ready)}/{len(status['workers'])} "
                       f"worker(s) ready")
@@ -299,17 +319,28 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
                       f"budget{' [red]OVER BUDGET[/]' if g['breach'] else ''}")
     else:
         console.print("device cpu (no NVIDIA GPU: VRAM budget not enforced)")
+    rows = st.get("models") or []
+    if rows and rows[0].get("budget_mib"):
+        used = sum(m["need_mib"] or 0 for m in rows if m["state"] != "unloaded")
+        console.print(f"memory plan ({rows[0]['plan']}): {used:.0f} of {rows[0]['budget_mib']:.0f}"
+                      " MiB budget (models loading, loaded or unloading)", highlight=False)
     # Fits 80 columns: busy = in flight / slots.
-    t = Table("worker", "node", "pid", "state", "up", "busy", "served", "rst", "RSS", "VRAM",
-              "last exit", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    several = len(st.get("models") or []) > 1
+    t = Table("worker", *(["model"] if several else []), "node", "pid", "state", "up", "busy",
+              "served", "rst", "RSS", "VRAM", "last exit", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True)
     for w in st["workers"]:
         rss = f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-"
         vram = f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-"
         up = "-" if w.get("remote") else _fmt_uptime(w["uptime_s"])
-        t.add_row(w["id"], w.get("node", "-"), str(w["pid"] or "-"), state_label(w), up,
+        t.add_row(w["id"], *([w.get("model", "-")] if several else []), w.get("node", "-"),
+                  str(w["pid"] or "-"), state_label(w), up,
                   f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
                   str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
+    if several:
+        console.print("models: " + ", ".join(f"{m['name']} {m['state']}" for m in st["models"]),
+                      highlight=False)
     mt = st.get("metrics") or {}
     if mt:
         w = mt["window_s"]
@@ -354,6 +385,8 @@ def cmd_top(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
+    if cfg.models:
+        return cli_models.check_models(cfg)
     try:
         print(gpu.check_main(cfg))
     except gpu.VramBudgetError as exc:
@@ -483,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", parents=[common],
                        help="re-read the config and roll the workers one at a time")
     p.set_defaults(func=cmd_reload)
+    cli_models.add_parsers(sub, common, _supervisor_call)
     p = sub.add_parser("logs", parents=[common], help="show a process's log")
     p.add_argument("name", nargs="?", default="supervisor",
                    help="supervisor, gateway, w0, w1, ... (default supervisor)")

@@ -61,6 +61,15 @@ class Rollout:
         self.in_place.clear()
         self.failed = None
 
+    def want_workers(self, desired: dict[str, Config]) -> None:
+        """Exactly these workers (the models loaded or loading), each on its config: the
+        names new here start, the ones gone are drained and stopped, a changed config is
+        replaced with a surge (a reload)."""
+        keep_in_place = {n for n in self.in_place if n in desired and self.desired.get(n) ==
+                         desired[n]}
+        self.desired = dict(desired)
+        self.in_place = keep_in_place
+
     def want_one(self, name: str, cfg: Config) -> None:
         """One worker on ``cfg``, replaced in place (the governor)."""
         if name in self.desired:

@@ -39,6 +39,7 @@ from llmctl.common.procs import bind_private, describe_exit, make_private
 from llmctl.control import gpu, node
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
+from llmctl.control.models import ModelManager, memory_plan, plan_budget
 from llmctl.control.rollout import Rollout
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 PROCS_EVERY_S = 0.5          # process figures pushed to the gateway (/metrics)
 # Sections a rolling reload applies; the rest needs a restart of the gateway.
-ROLLING = ("model", "workers", "generation", "synthetic")
+ROLLING = ("model", "workers", "generation", "synthetic", "models")
 GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
@@ -56,7 +57,11 @@ class Supervisor:
         self.gateway = ChildProcess("gateway", cfg)
         self.gateway_up: admin.GatewayUp | None = None     # its addresses, once it listens
         self.rollout = Rollout(cfg, drain=self._drain_worker, forget=self._forget)
-        self.rollout.want(cfg)
+        # The served models: which are loaded (the plan is computed in run()).
+        self.models = ModelManager(cfg, {}, 0.0)
+        self.models.planned = False
+        self.rollout.want_workers(self.models.desired_workers())
+        self._usage: dict[str, Any] = {}          # the gateway's last per-model figures
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.stopping = False
@@ -90,6 +95,14 @@ class Supervisor:
             self.link.bind()
             tasks = [asyncio.create_task(c) for c in (self._serve_control(control),
                                                       self.link.run(), self._watch_vram())]
+            # The plan's figures take seconds (GGUF reads): off the loop, beside the start;
+            # no on-demand load is decided under a budget before they are known.
+            self.models.budget_mib, self.models.kind = await asyncio.to_thread(
+                plan_budget, self.cfg)
+            if self.models.budget_mib:      # figures only where a budget is enforced:
+                tasks.append(asyncio.create_task(self._plan(self.cfg)))   # see _plan
+            else:
+                self.models.planned = True
             if self.cfg.is_node:          # no gateway here: the workers join the head
                 bind_private(reports, self.cfg.node_endpoint)
                 tasks.append(asyncio.create_task(node.serve_reports(reports, self._by_routing_id)))
@@ -133,11 +146,48 @@ class Supervisor:
                           self.cfg.workers.ready_timeout_s)
                 _kill(w)
         self._check_gateway(now)
+        await self._step_models(now)
         await self.rollout.step()
         self._track_reload()
         if now - self._last_procs >= PROCS_EVERY_S:
             self._last_procs = now
             self.link.tell(admin.Procs(procs=self._procs()))
+
+    async def _plan(self, cfg: Config | None = None) -> None:
+        """The plan's figures: from run_dir's cache (``llmctl start`` computed them), else
+        from the GGUFs.  Not without a budget: GGUFReader maps the file, and a GGUF
+        truncated while it is read (replaced, or a test breaking it) is a SIGBUS that
+        would take the supervisor down."""
+        cfg = cfg or self.cfg
+        needs, budget, kind = await asyncio.to_thread(memory_plan, cfg)
+        self.models.configure(cfg, needs)
+        self.models.planned = True
+        if budget:
+            log.info("memory plan (%s): budget %.0f MiB; %s", kind, budget, ", ".join(
+                f"{n} {v:.0f} MiB" if v is not None else f"{n} unknown"
+                for n, v in needs.items()))
+
+    async def _step_models(self, now: float) -> None:
+        """The served models' desired state: loads asked for, evictions, keep_alive_s."""
+        assert self.link is not None
+        usage = None
+        if self.gateway_up is not None:
+            reply = await self.link.call(admin.Models(), timeout=0.5)
+            if reply is not None:
+                usage = self._usage = reply.data
+        ro = self.rollout
+        ready = {n: w.was_ready and w.pid is not None and w.state == "running"
+                 for n, w in ro.workers.items()}
+        running = {w.name: True for w in ro.all()}
+        fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
+                 for n, w in ro.workers.items() if w.state == "fatal"}
+        for r in self.models.step(now, ready, running, fatal, usage):
+            self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
+                                                  retry_after_ms=r.retry_after_ms))
+        desired = self.models.desired_workers()
+        if set(desired) != set(ro.desired):     # a model loads or unloads (the configs of
+            ro.want_workers({n: ro.desired.get(n, c)    # the others stay as they are:
+                             for n, c in desired.items()})   # a reload, the governor)
 
     def _check_gateway(self, now: float) -> None:
         """Ping the gateway; kill one that was ready and stopped answering (hung)."""
@@ -179,6 +229,8 @@ class Supervisor:
                 w = self._by_routing_id(wid)
                 if w is not None:
                     w.drained = True
+            case admin.ModelWanted(model=name):
+                self.models.want(name)
 
     def _by_routing_id(self, wid: str) -> WorkerProcess | None:
         return next((w for w in self.workers if w.routing_id == wid), None)
@@ -244,9 +296,17 @@ class Supervisor:
             self.link.tell(admin.SetDefaults(
                 max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
                 top_k=g.top_k, deadline_ms=g.deadline_ms, max_deadline_ms=g.max_deadline_ms))
+        if [e.name for e in target.served] != [e.name for e in self.cfg.served]:
+            return {"ok": False, "error": "adding, removing, renaming or reordering served "
+                                          "models needs `llmctl stop` + `llmctl start`"}
         self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
                              "step": "", "error": None, "target": target}
-        self.rollout.want(target)
+        # The old figures until the new ones are read (off the loop).
+        self.models.configure(target, {n: m.need_mib for n, m in self.models.models.items()})
+        if self.models.budget_mib:
+            asyncio.create_task(self._plan(target))
+        self.rollout.want_workers(self.models.desired_workers())
+        self.rollout.failed = None
         return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}
 
     def _track_reload(self) -> None:
@@ -312,6 +372,14 @@ class Supervisor:
                 return {"ok": True, "restarted": names}
             case admin.Reload():
                 return self.start_reload()
+            case admin.Models():
+                return {"ok": True, "models": self.model_rows()}
+            case admin.Load(model=name):
+                err = self.models.want(name)
+                return {"ok": err is None, "error": err, "models": self.model_rows()}
+            case admin.Unload(model=name):
+                err = self.models.unload(name)
+                return {"ok": err is None, "error": err, "models": self.model_rows()}
         return {"ok": False, "error": f"{type(cmd).__name__} is not a command of the CLI"}
 
     def status(self, gw: dict[str, Any]) -> dict[str, Any]:
@@ -331,6 +399,7 @@ class Supervisor:
             snap["vram_mib"] = self._vram_of(w)
             snap["cpu"] = self._cpu.get(w.name)
             snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
+            snap["model"] = w.cfg.default_model.name
             snap["node"] = self.cfg.node_name
             if self.cfg.is_node:
                 node.node_view(w, snap)
@@ -356,7 +425,22 @@ class Supervisor:
                                                      "connections")},
                         "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
             "workers": workers,
+            "models": self.model_rows(gw.get("models")),
         }
+
+    def model_rows(self, usage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """`llmctl models`: each served model's state, plan and measured memory."""
+        measured: dict[str, float | None] = {}
+        for m in self.models.models.values():
+            procs = [w for w in self.workers if w.name in m.names and w.pid]
+            if self.models.kind == "vram":
+                vals = [self._vram_of(w) for w in procs]
+                measured[m.name] = round(sum(v for v in vals if v), 1) if procs else None
+            else:
+                rss = [w.rss() for w in procs]
+                measured[m.name] = round(sum(r for r in rss if r) / 2 ** 20, 1) if procs else None
+        return self.models.rows(time.monotonic(), measured,
+                                usage if usage is not None else self._usage)
 
     def _state_of(self, w: WorkerProcess, info: dict[str, Any] | None) -> str:
         if w in self.rollout.retiring:
@@ -380,7 +464,11 @@ class Supervisor:
                          "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
                          "vram_mib": self._vram_of(w)} for w in self.rollout.workers.values()],
             "gpu": self.gpu.last if self.gpu else None,
+            "models": {m.name: {"state": m.state, "workers": m.names}
+                       for m in self.models.models.values()},
         }
+        for w in procs["workers"]:
+            w["model"] = self.rollout.workers[w["name"]].cfg.default_model.name
         self._cpu = {"supervisor": procs["supervisor"]["cpu"], "gateway": procs["gateway"]["cpu"],
                      **{w["name"]: w["cpu"] for w in procs["workers"]}}
         return procs
@@ -397,8 +485,10 @@ def _kill(w: ChildProcess) -> None:
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
+    if old.models != new.models:
+        changed.append("models")
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic", "cluster", "node"):
+                    "synthetic", "cluster", "node", "host"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):

@@ -60,9 +60,13 @@ def render(st: dict[str, Any]) -> RenderableType:
     mt = st.get("metrics", {})
     gw = st["gateway"]
     g = st.get("gpu") or {}
+    models = st.get("models") or []
+    several = len(models) > 1
+    what = ", ".join(f"{m['name']} {m['state']}" for m in models) if several \
+        else os.path.basename(st["model"]).removesuffix(".gguf")
     head = Text.assemble(
         ("llmctl ", "bold"), f"up {_uptime(st['uptime_s'])}  ",
-        ("model ", "dim"), os.path.basename(st["model"]).removesuffix(".gguf"), "\n")
+        ("models " if several else "model ", "dim"), what, "\n")
     if g.get("enforced"):
         head += Text.assemble(("GPU ", "dim"), f"{g['device']}  VRAM ", _bar(g["total_mib"],
                               g["budget_mib"]), f" {g['total_mib']:.0f}/{g['budget_mib']:.0f} MiB")
@@ -70,14 +74,16 @@ def render(st: dict[str, Any]) -> RenderableType:
         head += Text.assemble(("device ", "dim"), "CPU", ("  (no NVIDIA GPU: VRAM budget not "
                                                           "enforced)", "dim"))
     workers = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True)
-    for col in ("worker", "node", "pid", "state", "slots", "tok/s", "RSS", "VRAM", "rst"):
-        workers.add_column(col, justify="right" if col not in ("worker", "node", "state")
+    for col in ("worker", *(["model"] if several else []), "node", "pid", "state", "slots",
+                "tok/s", "RSS", "VRAM", "rst"):
+        workers.add_column(col, justify="right" if col not in ("worker", "model", "node", "state")
                            else "left")
     colors = {"ready": "green", "busy": "yellow", "fatal": "bold red", "backoff": "red",
               "starting": "cyan", "draining": "magenta"}
     for w in st["workers"]:
         workers.add_row(
-            w["id"], w.get("node", "-"), str(w["pid"] or "-"),
+            w["id"], *([w.get("model", "-")] if several else []), w.get("node", "-"),
+            str(w["pid"] or "-"),
             Text(state_label(w), style=colors.get(w["state"], "")),
             f"{w['inflight']}/{w.get('slots', '-')}", f"{w.get('tokens_per_s', 0):.1f}",
             f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-",

@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from llmctl.common import admin
+from llmctl.common.errors import from_code
 from llmctl.common.protocol import Defaults
 from llmctl.dataplane.gateway import Gateway
 
@@ -38,6 +39,7 @@ def status(gw: Gateway) -> dict[str, Any]:
         "workers": [w.snapshot(now) for w in s.workers.values()],
         "metrics": gw.metrics.snapshot(now),
         "free_credits": sum(w.available for w in s.workers.values()),
+        "models": gw.models(),
     }
 
 
@@ -100,6 +102,12 @@ class SupervisorLink:
             case admin.Procs(procs=procs):
                 gw.procs = procs
                 return admin.Reply(id=cmd.id)
+            case admin.Models():
+                return admin.Reply(id=cmd.id, data=gw.models())
+            case admin.ModelUnavailable():
+                n = gw.model_unavailable(cmd.model, from_code(cmd.code, cmd.message,
+                                                              cmd.retry_after_ms))
+                return admin.Reply(id=cmd.id, data={"failed": n})
             case admin.SetDefaults():
                 gw.defaults = Defaults(cmd.max_tokens, cmd.temperature, cmd.top_p, cmd.top_k,
                                        cmd.deadline_ms, cmd.max_deadline_ms)

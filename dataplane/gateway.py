@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from typing import Any
@@ -22,25 +21,31 @@ import msgspec
 
 from llmctl.common import admin, messages as m
 from llmctl.common.config import Config
-from llmctl.common.errors import (DeadlineExceeded, LlmctlError, SlowClient, WorkerFailed,
-                                  from_code)
+from llmctl.common.errors import (DeadlineExceeded, LlmctlError, ModelNotFound, SlowClient,
+                                  WorkerFailed, from_code)
 from llmctl.common.protocol import Defaults, GenerateRequest
 from llmctl.dataplane.metrics import Counters, GatewayMetrics
-from llmctl.dataplane.scheduler import MAX_DISPATCHES, Request, Scheduler, Sink, WorkerState
+from llmctl.dataplane.scheduler import (MAX_DISPATCHES, Request, Scheduler, Schedulers, Sink,
+                                        WorkerState)
 
 log = logging.getLogger(__name__)
 
+WANT_EVERY_S = 0.5       # a model that is not loaded is asked for at most this often
 PARKED_PER_SLOT = 8      # a worker keeps at most slots x this many parked requests
 
 
 class Gateway:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.sched = Scheduler(cfg.gateway.max_queue)
+        # One Scheduler per served model: its own queue bound, credits and prefix routing.
+        self.sched = Schedulers([(e.name, e.load == "on_demand") for e in cfg.served],
+                                cfg.gateway.max_queue)
+        self.strict_models = bool(cfg.models)   # [[models]]: an unknown name is an error
+        self._of: dict[str, Scheduler] = {}      # worker routing id -> its model's Scheduler
         g = cfg.generation
         self.defaults = Defaults(g.max_tokens, g.temperature, g.top_p, g.top_k, g.deadline_ms,
                                  g.max_deadline_ms)
-        self.model_name = os.path.basename(cfg.model.path).removesuffix(".gguf")
+        self.model_name = cfg.default_model.name     # the default model
         self.window = cfg.gateway.token_window
         self.interval = cfg.workers.heartbeat_interval_s
         self._probe_params = GenerateRequest(
@@ -61,17 +66,68 @@ class Gateway:
         self._tokens = 0                      # client tokens of the message being handled            # sinks holding output to write (``flush``)
 
     # ---- the fronts' interface ------------------------------------------------------
-    def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0) -> Request:
-        """Admit a request or raise NotReady / Overloaded / ShuttingDown."""
+    def route(self, model: str | None, lenient: bool = False) -> Scheduler:
+        """The Scheduler of ``model`` (None/"" = the default model), or ModelNotFound.
+        ``lenient`` (the OpenAI front of a one-[model] config, as before [[models]]):
+        any name is the one model."""
+        if not model:
+            return self.sched.default
+        sched = self.sched.get(model)
+        if sched is None:
+            if lenient and not self.strict_models:
+                return self.sched.default
+            known = ", ".join(s.model for s in self.sched)
+            raise ModelNotFound(f"the model {model!r} does not exist (served: {known})")
+        return sched
+
+    def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0,
+               sched: Scheduler | None = None) -> Request:
+        """Admit a request to its model or raise ModelNotFound / NotReady / Overloaded /
+        ShuttingDown.  A request for an on-demand model that is not loaded waits in that
+        model's queue (its deadline counts) and the supervisor is asked to load it."""
         req = Request(params=params, sink=sink, stream=stream)
         try:
-            self.sched.admit(req)
+            sched = sched or self.route(params.model)
+            sched.admit(req)
         except LlmctlError as err:
             self.note_error(err)
             raise
         self.counters.admitted += 1
+        if not sched.ready:
+            self._want(sched)
         self.wake.set()
         return req
+
+    def _want(self, sched: Scheduler) -> None:
+        """Ask the supervisor to load ``sched``'s model (at most every WANT_EVERY_S)."""
+        now = time.monotonic()
+        if now - sched.wanted_at >= WANT_EVERY_S:
+            sched.wanted_at = now
+            self.events.put_nowait(admin.ModelWanted(model=sched.model))
+
+    def model_unavailable(self, model: str, err: LlmctlError) -> int:
+        """The supervisor cannot load ``model`` now: its queued requests get ``err``."""
+        sched = self.sched.get(model)
+        if sched is None or sched.ready:
+            return 0
+        failed = list(sched.queue)
+        sched.queue.clear()
+        for req in failed:
+            self._finish(req, err=err)
+        if failed:
+            log.warning("model %s cannot be loaded (%s): %d queued request(s) answered %s",
+                        model, err.message, len(failed), err.code.value)
+        return len(failed)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Per model: what the supervisor's eviction and ``llmctl models`` need."""
+        now = time.monotonic()
+        return {s.model: {"queue": len(s.queue), "inflight": s.inflight_count(),
+                          "parked": s.parked_count(), "open": s.open_count(),
+                          "workers_ready": sum(1 for w in s.workers.values() if not w.draining),
+                          "idle_s": round(now - s.last_used, 3) if s.last_used else None,
+                          "served": sum(w.served for w in s.workers.values())}
+                for s in self.sched}
 
     def note_error(self, err: LlmctlError) -> None:
         """Count an error answered to a client (by code), whichever front sent it."""
@@ -95,8 +151,8 @@ class Gateway:
             req.granted += n
             req.stalled_since = None
             req.park_sent = False
-            if req.parked:
-                self.sched.want_resume(req)
+            if req.parked and req.worker in self._of:
+                self._of[req.worker].want_resume(req)
             self.wake.set()
 
     def drain(self) -> None:
@@ -118,20 +174,26 @@ class Gateway:
         """Everything to send to workers now, in order: resumes, control messages, the
         token credit owed (one CREDIT per worker), then new work for free credits."""
         out = []
-        for w, req in self.sched.take_resumes():
-            self.counters.resumed += 1
-            out.append((w.id, m.encode(m.Kind.RESUME, req.rid)))
+        for sched in self.sched:
+            for w, req in sched.take_resumes():
+                self.counters.resumed += 1
+                out.append((w.id, m.encode(m.Kind.RESUME, req.rid)))
         while self._outbox:
             out.append(self._outbox.popleft())
         if self._credit:
             credit, self._credit = self._credit, {}
             out += [(wid, m.encode_credit(grants)) for wid, grants in credit.items()
-                    if wid in self.sched.workers]
-        for w, req in self.sched.take():
-            self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
-            self.counters.dispatched += 1
-            out.append((w.id, m.generate(req.rid, req.params.work(self.window))))
+                    if wid in self._of]
+        for sched in self.sched:
+            for w, req in sched.take():
+                self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
+                self.counters.dispatched += 1
+                out.append((w.id, m.generate(req.rid, req.params.work(self.window))))
         return out
+
+    def _worker(self, wid: str) -> WorkerState | None:
+        sched = self._of.get(wid)
+        return sched.workers.get(wid) if sched is not None else None
 
     def send(self, wid: str, frames: list[bytes]) -> None:
         self._outbox.append((wid, frames))
@@ -139,7 +201,7 @@ class Gateway:
 
     def on_worker(self, wid: str, msg: m.FromWorker) -> None:
         """One typed message from a worker (decoded and validated at the socket)."""
-        w = self.sched.workers.get(wid)
+        w = self._worker(wid)
         if w is not None:
             w.last_seen = time.monotonic()
         if isinstance(msg, m.Ready):
@@ -167,12 +229,21 @@ class Gateway:
             self.drain_worker(wid, tell=False)
 
     def _on_ready(self, wid: str, info: m.ReadyInfo) -> None:
-        requeued, failed = self.sched.add_worker(WorkerState(
+        sched = self.sched.get(info.served) if info.served else self.sched.default
+        if sched is None:
+            log.error("worker %s serves model %r, which this gateway does not know (a "
+                      "[[models]] change needs a restart): ignored", wid, info.served)
+            return
+        old = self._of.get(wid)
+        if old is not None and old is not sched:
+            self.worker_lost(wid, "it restarted on another model", tell=False)
+        self._of[wid] = sched
+        requeued, failed = sched.add_worker(WorkerState(
             id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
             device=info.device, n_ctx=info.n_ctx, node=info.node))
         self._fail_orphans(wid, "it restarted", requeued, failed)
-        log.info("worker %s ready (node %s, pid %d, %d slot(s))", wid, info.node or "-",
-                 info.pid, info.slots)
+        log.info("worker %s ready (model %s, node %s, pid %d, %d slot(s))", wid, sched.model,
+                 info.node or "-", info.pid, info.slots)
         self.events.put_nowait(admin.WorkerReady(worker=wid, pid=info.pid, slots=info.slots))
         self.wake.set()
 
@@ -192,11 +263,11 @@ class Gateway:
                 self._on_end(w, m.Error(msg.rid, m.ErrorBody(
                     "internal", f"the worker's answer was malformed: {msg.why}")))
         elif isinstance(msg, m.Parked):
-            req = self.sched.park(w.id, msg.rid)
+            req = self._of[w.id].park(w.id, msg.rid)
             if req is not None:
                 self.counters.parked += 1
                 if req.stalled_since is None:   # credit came meanwhile: run it again
-                    self.sched.want_resume(req)
+                    self._of[w.id].want_resume(req)
         else:
             self._on_end(w, msg)
 
@@ -218,7 +289,7 @@ class Gateway:
         req.sink.on_token(req, msg.text)
 
     def _on_end(self, w: WorkerState, msg: m.Done | m.Error) -> None:
-        req = self.sched.complete(w.id, msg.rid)
+        req = self._of[w.id].complete(w.id, msg.rid)
         if isinstance(msg, m.Done):
             st = msg.stats
             if st.prefix_hashes is not None:      # what the worker's prompt cache holds
@@ -252,12 +323,17 @@ class Gateway:
     def worker_lost(self, wid: str, why: str, tell: bool = True) -> None:
         """A worker is gone or declared dead: re-queue what it had not started to answer,
         fail the rest; ``tell``: the supervisor learns it (kills it if it still runs)."""
-        w = self.sched.workers.get(wid)
+        w = self._worker(wid)
         if w is not None:
             log.warning("worker %s (pid %d) lost: %s", wid, w.pid, why)
             if tell:
                 self.events.put_nowait(admin.WorkerLost(worker=wid, pid=w.pid, why=why))
-        requeued, failed = self.sched.remove_worker(wid)
+        sched = self._of.pop(wid, None)
+        if sched is None:
+            return
+        requeued, failed = sched.remove_worker(wid)
+        if requeued and not sched.ready:
+            self._want(sched)
         self._fail_orphans(wid, why, requeued, failed)
 
     def _fail_orphans(self, wid: str, why: str, requeued: list[Request],
@@ -280,7 +356,7 @@ class Gateway:
     def drain_worker(self, wid: str, tell: bool = True) -> bool:
         """Give ``wid`` nothing new; a WorkerDrained event follows once it is idle.
         ``tell``: send it DRAIN (not when the worker said it drains)."""
-        w = self.sched.workers.get(wid)
+        w = self._worker(wid)
         if w is None:
             return False
         w.draining = True
@@ -293,18 +369,23 @@ class Gateway:
     # ---- time -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Deadlines, stalled streams, liveness of workers, deep probes."""
-        for req in self.sched.expire_queued(now):
-            self.counters.expired_queued += 1
-            self._finish(req, err=DeadlineExceeded("deadline passed while queued"))
-        for req in self.sched.expired_running(now):
-            if not req.internal:
-                self.counters.expired_running += 1
-            self._stop_work(req)
-            self._finish(req, err=DeadlineExceeded("deadline passed while running"))
+        for sched in self.sched:
+            for req in sched.expire_queued(now):
+                self.counters.expired_queued += 1
+                self._finish(req, err=DeadlineExceeded(
+                    "deadline passed while queued" if sched.ready else
+                    f"deadline passed while queued: model {sched.model!r} was not loaded in time"))
+            for req in sched.expired_running(now):
+                if not req.internal:
+                    self.counters.expired_running += 1
+                self._stop_work(req)
+                self._finish(req, err=DeadlineExceeded("deadline passed while running"))
         self._check_stalled(now)
         liveness = self.interval * self.cfg.workers.liveness
         probe_every = self.cfg.workers.probe_interval_s
         for w in list(self.sched.workers.values()):
+            if w.id not in self._of:
+                continue                        # lost meanwhile
             if now - w.last_seen > liveness:
                 self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
             elif probe_every and not w.inflight and not w.draining \
@@ -338,14 +419,15 @@ class Gateway:
     def _probe(self, w: WorkerState) -> None:
         """Deep probe of an idle worker: a real 1-token generation with a deadline."""
         req = Request(params=self._probe_params, sink=_ProbeSink(self, w.id), internal=True)
-        self.sched.assign(w, req)
+        self._of[w.id].assign(w, req)
         self.counters.probes += 1
         self.send(w.id, m.generate(req.rid, req.params.work()))
 
     # ---- endings ----------------------------------------------------------------------
     def _stop_work(self, req: Request) -> bool:
         """Take the request back from the queue or its worker; True if a worker had it."""
-        if self.sched.dequeue(req):
+        sched = self.sched.get(req.model)
+        if sched is not None and sched.dequeue(req):
             return False
         if req.worker is not None:
             self.send(req.worker, m.encode(m.Kind.CANCEL, req.rid))

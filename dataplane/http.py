@@ -28,8 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
-from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError, LlmctlError,
-                              NotReady, ShuttingDown, Unauthorized, openai_type)
+from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError,
+                                  LlmctlError, ModelNotFound, NotReady, ShuttingDown,
+                                  Unauthorized, openai_type)
 from llmctl.common.protocol import Defaults, GenerateRequest, parse_json, validate_generate
 from llmctl.dataplane import embeddings as emb
 from llmctl.dataplane.gateway import Gateway
@@ -71,8 +72,11 @@ def _bad(message: str, param: str | None) -> BadRequest:
 
 
 def error_body(err: LlmctlError) -> dict[str, Any]:
+    param = getattr(err, "param", None)
+    if isinstance(err, ModelNotFound):
+        param = "model"
     return {"error": {"message": err.message, "type": openai_type(err.code),
-                      "param": getattr(err, "param", None), "code": err.code.value}}
+                      "param": param, "code": err.openai_code or err.code.value}}
 
 
 def error_response(err: LlmctlError) -> web.Response:
@@ -125,7 +129,9 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
     # Server defaults ([generation]) apply to what is left out, as on the TCP front;
     # top_k and deadline_ms are extensions to OpenAI's fields.
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                    "deadline_ms", "response_format", "grammar")}
+                                    "deadline_ms", "response_format", "grammar", "model")}
+    if obj["model"] is not None and not isinstance(obj["model"], str):
+        raise _bad("model must be a string", "model")
     mode = None
     if chat:
         messages = body.get("messages")
@@ -228,7 +234,12 @@ class _Exchange:
 
     async def run(self, params: GenerateRequest, stream: bool,
                   include_usage: bool) -> web.StreamResponse:
-        self.req = self.gw.submit(params, self.sink)   # NotReady / Overloaded / ShuttingDown
+        # The model named in the body (ModelNotFound: 404); with one [model] any name
+        # is that model, as before [[models]] existed.
+        sched = self.gw.route(params.model, lenient=True)
+        self.reply.model = sched.model
+        # NotReady / Overloaded / ShuttingDown
+        self.req = self.gw.submit(params, self.sink, sched=sched)
         try:
             if stream:
                 return await self._stream(include_usage)
@@ -408,22 +419,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=False)
 
 
-def _model_card(gw: Gateway) -> dict[str, Any]:
-    return {"id": gw.model_name, "object": "model", "created": int(gw.started),
-            "owned_by": "llmctl"}
+def _model_card(gw: Gateway, name: str) -> dict[str, Any]:
+    """OpenAI's model object, with llmctl's ``state`` (loaded, loading, unloading,
+    unloaded: the supervisor's view, or the gateway's own before it has one)."""
+    sched = gw.sched.get(name)
+    ready = sched is not None and sched.ready
+    state = gw.procs.get("models", {}).get(name, {}).get("state") \
+        or ("loaded" if ready else "unloaded")
+    return {"id": name, "object": "model", "created": int(gw.started), "owned_by": "llmctl",
+            "state": state}
 
 
 async def models(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    return web.json_response({"object": "list", "data": [_model_card(gw)]}, dumps=_dumps)
+    return web.json_response({"object": "list",
+                              "data": [_model_card(gw, s.model) for s in gw.sched]},
+                             dumps=_dumps)
 
 
 async def model(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    if request.match_info["model"] != gw.model_name:
-        err = _bad(f"the model {request.match_info['model']!r} does not exist", "model")
-        return web.json_response(error_body(err), status=404, dumps=_dumps)
-    return web.json_response(_model_card(gw), dumps=_dumps)
+    name = request.match_info["model"]
+    if gw.sched.get(name) is None:
+        raise ModelNotFound(f"the model {name!r} does not exist")
+    return web.json_response(_model_card(gw, name), dumps=_dumps)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -99,27 +99,28 @@ class GatewayCollector:
         procs: dict[str, Any] = self.gw.procs
         workers = procs.get("workers", [])
         state = GaugeMetricFamily("llmctl_worker_state", "1 for the worker's current state",
-                                  labels=["worker", "state"])
+                                  labels=["worker", "model", "state"])
         restarts = CounterMetricFamily("llmctl_worker_restarts", "Restarts of a worker",
-                                       labels=["worker"])
+                                       labels=["worker", "model"])
         rss = GaugeMetricFamily("llmctl_process_rss_bytes", "Resident memory",
                                 labels=["process"])
         cpu = GaugeMetricFamily("llmctl_process_cpu_percent", "CPU use", labels=["process"])
         vram = GaugeMetricFamily("llmctl_worker_vram_bytes", "GPU memory (NVML)",
-                                 labels=["worker"])
-        busy = GaugeMetricFamily("llmctl_worker_busy_slots", "Slots in use", labels=["worker"])
+                                 labels=["worker", "model"])
+        busy = GaugeMetricFamily("llmctl_worker_busy_slots", "Slots in use",
+                                 labels=["worker", "model"])
         live = {w.name: w for w in self.gw.sched.workers.values()}
         for w in workers:
-            name = w["name"]
+            name, model = w["name"], w.get("model") or self.gw.model_name
             # A running process: the gateway's own view (ready, busy, draining) says more.
             now = live[name].state if name in live and w.get("state") == "running" \
                 else w.get("state")
             for s in WORKER_STATES:
-                state.add_metric([name, s], 1.0 if now == s else 0.0)
-            restarts.add_metric([name], w.get("restarts", 0))
+                state.add_metric([name, model, s], 1.0 if now == s else 0.0)
+            restarts.add_metric([name, model], w.get("restarts", 0))
             if w.get("vram_mib") is not None:
-                vram.add_metric([name], w["vram_mib"] * 2 ** 20)
-            busy.add_metric([name], len(live[name].inflight) if name in live else 0)
+                vram.add_metric([name, model], w["vram_mib"] * 2 ** 20)
+            busy.add_metric([name, model], len(live[name].inflight) if name in live else 0)
         for name, p in [("supervisor", procs.get("supervisor")), ("gateway", procs.get("gateway")),
                         *((w["name"], w) for w in workers)]:
             if p and p.get("rss") is not None:
@@ -127,11 +128,33 @@ class GatewayCollector:
             if p and p.get("cpu") is not None:
                 cpu.add_metric([name], p["cpu"])
         yield from (state, restarts, rss, cpu, vram, busy)
+        yield from self._models(procs.get("models") or {})
         g = procs.get("gpu") or {}
         yield GaugeMetricFamily("llmctl_vram_budget_bytes", "The VRAM budget",
                                 value=float(g.get("budget_mib", 0.0)) * 2 ** 20)
         yield GaugeMetricFamily("llmctl_vram_used_bytes", "VRAM used by the workers (NVML)",
                                 value=float(g.get("total_mib", 0.0)) * 2 ** 20)
+
+
+    def _models(self, states: dict[str, Any]) -> Iterator[Metric]:
+        """Per served model: its state (the supervisor's), queue and requests held."""
+        st = GaugeMetricFamily("llmctl_model_state", "1 for the model's current state",
+                               labels=["model", "state"])
+        queue = GaugeMetricFamily("llmctl_model_queue_depth", "Requests waiting for the "
+                                  "model's credit (or for it to load)", labels=["model"])
+        held = GaugeMetricFamily("llmctl_model_inflight", "Requests held by the model's "
+                                 "workers", labels=["model"])
+        for sched in self.gw.sched:
+            now = (states.get(sched.model) or {}).get("state") \
+                or ("loaded" if sched.ready else "unloaded")
+            for s in MODEL_STATES:
+                st.add_metric([sched.model, s], 1.0 if now == s else 0.0)
+            queue.add_metric([sched.model], len(sched.queue))
+            held.add_metric([sched.model], sched.inflight_count())
+        yield from (st, queue, held)
+
+
+MODEL_STATES = ("unloaded", "loading", "loaded", "unloading")
 
 
 def registry_for(gw: Gateway) -> CollectorRegistry:

@@ -68,6 +68,7 @@ class Request:
     park_sent: bool = False         # PARK sent, no credit granted since
     internal: bool = False          # a deep probe, not a client's request
     prefix: tuple[int, ...] = ()    # prefix hashes of its prompt (dataplane.prefix)
+    model: str = ""                 # the served model (its Scheduler) it was admitted to
 
     def __post_init__(self) -> None:
         if not self.deadline:
@@ -118,8 +119,17 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, max_queue: int) -> None:
+    """One model's admission: its queue bound, its workers' credits, its prefix routing.
+
+    ``waits``: an on-demand model, whose requests may queue while no worker is ready
+    (the supervisor loads it meanwhile); otherwise such a request is ``not_ready``."""
+
+    def __init__(self, max_queue: int, model: str = "", waits: bool = False) -> None:
         self.max_queue = max_queue
+        self.model = model
+        self.waits = waits
+        self.last_used = 0.0            # monotonic time of the last admission (0 = never)
+        self.wanted_at = 0.0            # when the supervisor was last asked to load it
         self.queue: deque[Request] = deque()
         self.workers: dict[str, WorkerState] = {}
         self.draining = False
@@ -161,13 +171,18 @@ class Scheduler:
     def admit(self, req: Request) -> None:
         if self.draining:
             raise ShuttingDown("the server is draining for a stop")
-        if not self.ready:
-            raise NotReady("no worker is ready")
+        if not self.ready and not self.waits:
+            raise NotReady(f"no worker of model {self.model!r} is ready" if self.model
+                           else "no worker is ready")
         # Queued requests up to the free credits are about to be dispatched: they
         # do not count against max_queue.
         free = sum(w.available for w in self.workers.values())
         if len(self.queue) >= self.max_queue + free:
-            raise Overloaded("the admission queue is full", retry_after_ms=self.retry_after_ms())
+            what = f"the admission queue of model {self.model!r}" if self.model \
+                else "the admission queue"
+            raise Overloaded(f"{what} is full", retry_after_ms=self.retry_after_ms())
+        req.model = self.model
+        self.last_used = time.monotonic()
         self.queue.append(req)
 
     def retry_after_ms(self) -> int:
@@ -279,3 +294,48 @@ class Scheduler:
 
     def open_count(self) -> int:
         return len(self.queue) + len(self.held())
+
+
+class Schedulers:
+    """Every model's Scheduler, and the sums the status, /health and /metrics read."""
+
+    def __init__(self, models: list[tuple[str, bool]], max_queue: int) -> None:
+        self.by_model = {name: Scheduler(max_queue, name, waits) for name, waits in models}
+        self.default = next(iter(self.by_model.values()))
+        self.max_queue = max_queue * len(self.by_model)
+
+    def get(self, model: str) -> Scheduler | None:
+        return self.by_model.get(model)
+
+    def __iter__(self):
+        return iter(self.by_model.values())
+
+    @property
+    def workers(self) -> dict[str, WorkerState]:
+        return {wid: w for s in self.by_model.values() for wid, w in s.workers.items()}
+
+    @property
+    def queue(self) -> list[Request]:
+        return [r for s in self.by_model.values() for r in s.queue]
+
+    @property
+    def draining(self) -> bool:
+        return self.default.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        for s in self.by_model.values():
+            s.draining = value
+
+    @property
+    def ready(self) -> bool:
+        return any(s.ready for s in self.by_model.values())
+
+    def inflight_count(self) -> int:
+        return sum(s.inflight_count() for s in self.by_model.values())
+
+    def parked_count(self) -> int:
+        return sum(s.parked_count() for s in self.by_model.values())
+
+    def open_count(self) -> int:
+        return sum(s.open_count() for s in self.by_model.values())

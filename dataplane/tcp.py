@@ -196,7 +196,8 @@ class Connection:
                 hello.get("token", "").encode(), self.cfg.token.encode()):
             raise Unauthorized("missing or wrong token")
         self._write(p.welcome(f"llmctl/{_version()}", self.gw.model_name,
-                              self.cfg.max_frame, self.cfg.max_streams))
+                              self.cfg.max_frame, self.cfg.max_streams,
+                              [sched.model for sched in self.gw.sched]))
 
     def _on_frame(self, frame: Frame) -> None:
         t = frame.type

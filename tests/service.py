@@ -17,6 +17,7 @@ from llmctl.common.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_B = ROOT / "models" / "SmolLM2-135M-Instruct.Q8_0.gguf"   # tools/requantize.py
 
 
 def wait_until(cond, timeout: float, what: str) -> None:
@@ -86,12 +87,20 @@ class Service:
             "control": {"run_dir": str(self.dir / "run"), "start_timeout_s": 120.0,
                         "drain_timeout_s": 10.0, "stop_timeout_s": 3.0},
         }
+        models: list[dict[str, Any]] = sections.pop("models", [])   # [[models]] entries
+        if models:           # the per-model keys move into the entries
+            for key in ("path", "n_ctx", "threads"):
+                base["model"].pop(key)
+            for key in ("count", "slots"):
+                base["workers"].pop(key)
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)
         self.config = self.dir / "config.toml"
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
-            for name, values in base.items()))
+            for name, values in base.items()) + "".join(
+            "[[models]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in e.items()) + "\n"
+            for e in models))
         self.pids: set[int] = set()
 
     def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -172,7 +172,7 @@ class HttpTarget(Target):
     def body(self, spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         body = {k: v for k, v in spec.items() if v is not None}
         body.update(stream=True, stream_options={"include_usage": True})
-        if self.model is not None:
+        if self.model is not None and "model" not in body:   # a prompts file's model wins
             body["model"] = self.model
         return ("/chat/completions" if "messages" in body else "/completions"), body
 

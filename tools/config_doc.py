@@ -21,7 +21,8 @@ def render() -> str:
             out += ["", f"**[{sec}]**", "", "| key | default | meaning |", "|---|---|---|"]
             section = sec
         value = str(default).lower() if isinstance(default, bool) else repr(default).replace("'", '"')
-        out.append(f"| `{key}` | `{value}` | {doc} |")
+        value = "required" if default is None else f"`{value}`"
+        out.append(f"| `{key}` | {value} | {doc} |")
     return "\n".join(out) + "\n"
 
 

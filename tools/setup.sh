@@ -39,4 +39,6 @@ fi
 
 "$VPY" -m pip install -q -e '.[test]'
 "$VPY" -m llmctl.tools.fetch_model
-echo "set-up done: .venv ready, model in models/"
+# The second real model of the multi-model tests: made here from the first (no download).
+"$VPY" -m llmctl.tools.requantize
+echo "set-up done: .venv ready, models in models/"

@@ -120,7 +120,8 @@ class Worker:
         e = self.engine
         return m.ready(m.ReadyInfo(worker=self.id, name=self.id.split(".")[0], pid=os.getpid(),
                                    slots=e.capacity, model=e.model_name, n_ctx=e.n_ctx,
-                                   device=e.device, node=self.cfg.node_name))
+                                   device=e.device, node=self.cfg.node_name,
+                                   served=self.cfg.default_model.name))
 
     def run(self) -> int:
         ctx = zmq.Context()

@@ -1,0 +1,155 @@
+"""`llmctl models | load NAME | unload NAME`: the served models and their memory plan."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+from llmctl.common import admin
+from llmctl.common.config import Config
+
+EXIT_NOT_RUNNING = 3
+
+
+Call = Callable[[Config, admin.Command], "dict[str, Any] | None"]
+
+
+def _mib(v: float | None) -> str:
+    return f"{v:.0f}M" if v is not None else "-"
+
+
+def _ago(v: float | None) -> str:
+    return "never" if v is None else f"{v:.0f}s ago"
+
+
+def print_models(rows: list[dict[str, Any]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    t = Table("model", "file", "load", "state", "workers", "plan", "measured", "last used",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for m in rows:
+        name = m["name"] + (" *" if m.get("default") else "")
+        t.add_row(name, m["path"].rsplit("/", 1)[-1], m["load"], m["state"],
+                  f"{m['workers_ready']}/{len(m['workers'])}", _mib(m["need_mib"]),
+                  _mib(m["measured_mib"]), _ago(m["last_used_s"]))
+    console = Console()
+    console.print(t)
+    if rows:
+        r = rows[0]
+        budget = f"{r['budget_mib']:.0f} MiB" if r.get("budget_mib") else "none"
+        console.print(f"* default model; plan: {r['plan']} estimate, budget {budget}; measured: "
+                      f"{'NVML' if r['plan'] == 'vram' else 'RSS'}", highlight=False)
+    for m in rows:
+        if m.get("error"):
+            console.print(f"{m['name']}: {m['error']}", markup=False, highlight=False)
+
+
+def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
+    st = args.call(cfg, admin.Models())
+    if not st:
+        print(json.dumps({"running": False}) if args.json else "llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if args.json:
+        print(json.dumps(st["models"], indent=2))
+    else:
+        print_models(st["models"])
+    return 0
+
+
+def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
+          timeout: float) -> dict | None:
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        st = call(cfg, admin.Models())
+        if st is None:
+            return None
+        row = next((m for m in st["models"] if m["name"] == name), None)
+        if row is None or row["state"] in states:
+            return row
+        if row["state"] == "unloaded" and row.get("error"):
+            return row
+        time.sleep(0.2)
+    return row
+
+
+def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    st = args.call(cfg, admin.Load(model=args.name))
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if not st.get("ok"):
+        print(f"error: {st.get('error')}", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    row = _wait(args.call, cfg, args.name, ("loaded",),
+                cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
+    if row is None or row["state"] != "loaded":
+        why = (row or {}).get("error") or f"state {(row or {}).get('state')}"
+        print(f"error: model {args.name} did not load: {why}", file=sys.stderr)
+        return 1
+    print(f"model {args.name} loaded in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
+    st = args.call(cfg, admin.Unload(model=args.name))
+    if not st:
+        print("llmctl is not running.")
+        return EXIT_NOT_RUNNING
+    if not st.get("ok"):
+        print(f"error: {st.get('error')}", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    row = _wait(args.call, cfg, args.name, ("unloaded",),
+                cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
+    if row is None or row["state"] != "unloaded":
+        print(f"error: model {args.name} did not unload: state {(row or {}).get('state')}",
+              file=sys.stderr)
+        return 1
+    print(f"model {args.name} unloaded in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def check_models(cfg: Config) -> int:
+    """`llmctl check` of [[models]]: each model's plan figure against the budget."""
+    from llmctl.control.gpu import ModelInfoError
+    from llmctl.control.models import check_plan, memory_plan
+    try:
+        needs, budget, kind = memory_plan(cfg)
+    except ModelInfoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    where = "[gpu] vram_budget_mb" if kind == "vram" else "[host] ram_budget_mb"
+    print(f"memory plan ({kind}, the GGUF estimate per worker x workers) against {where} = "
+          + (f"{budget:.0f} MiB" if budget else "0 (no budget)"))
+    for e in cfg.served:
+        n = needs.get(e.name)
+        print(f"  {e.name:<24} {e.load:<9} {e.workers} worker(s) x {e.slots} slot(s), n_ctx "
+              f"{e.n_ctx}: " + (f"{n:,.1f} MiB" if n is not None else "unknown"))
+    refused = check_plan(cfg, needs, budget, kind)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 1
+    print("fits: the always models together and every model alone are within the budget"
+          if budget else "nothing is enforced")
+    return 0
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, call: Call) -> None:
+    """The subcommands; ``call(cfg, command)`` asks the running supervisor (None: not
+    running)."""
+    p = sub.add_parser("models", parents=[common],
+                       help="the served models: state, workers, memory plan and measured")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models, call=call)
+    p = sub.add_parser("load", parents=[common],
+                       help="load a model now (evicting the least recently used idle one)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_load, call=call)
+    p = sub.add_parser("unload", parents=[common], help="drain and unload a model")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_unload, call=call)
