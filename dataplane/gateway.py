@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 WANT_EVERY_S = 0.5       # a model that is not loaded is asked for at most this often
 PARKED_PER_SLOT = 8      # a worker keeps at most slots x this many parked requests
+# Worker messages that only carry output: nothing for the worker link to send follows from
+# them (the credit they earn is sent when the client takes them), so they do not wake it.
+_OUTPUT_ONLY = (m.Token, m.Logprobs)
 
 
 class Gateway:
@@ -215,13 +218,15 @@ class Gateway:
                 self._on_item(w, item)
             if self._tokens:
                 self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
-            self.wake.set()
+            if not all(type(item) in _OUTPUT_ONLY for item in msg.items):
+                self.wake.set()     # a request ended or parked: its credit may dispatch
         elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Logprobs, m.Invalid)):
             self._tokens = 0
             self._on_item(w, msg)
             if self._tokens:
                 self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
-            self.wake.set()
+            if type(msg) not in _OUTPUT_ONLY:
+                self.wake.set()
         elif isinstance(msg, m.Bye):
             self.worker_lost(wid, "worker left")
         elif isinstance(msg, m.Draining):
