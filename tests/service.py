@@ -1,6 +1,7 @@
 """Start and stop a real llmctl (supervisor, gateway, workers, real model) for tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmctl.common.client import Client
 
@@ -186,3 +187,29 @@ class NodeService(Service):
 
     def worker(self) -> dict[str, Any]:
         return self.status()["workers"][0]
+
+
+@contextlib.contextmanager
+def running(s: Service) -> Iterator[Service]:
+    """``s`` started (or the test fails with its output), with ``s.base`` the URL of its
+    HTTP front; stopped afterwards."""
+    try:
+        r = s.start()
+        assert r.returncode == 0, r.stdout + r.stderr
+        [addr] = s.status()["gateway"]["http_listening"]
+        s.base = f"http://{addr}"
+        yield s
+    finally:
+        s.stop()
+
+
+def openai_client(svc: Service, timeout: float) -> Iterator[Any]:
+    """An ``openai.OpenAI`` client of ``svc`` (a fixture's body: ``yield from``); when the
+    test is done, every request it made has ended."""
+    import openai
+    c = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", max_retries=0, timeout=timeout)
+    try:
+        yield c
+    finally:
+        c.close()
+    wait_until(svc.idle, 30, "every request ended")

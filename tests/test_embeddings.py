@@ -8,12 +8,13 @@ import json
 import struct
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import openai
 import pytest
 
-from tests.service import Service, free_port, wait_until
+from tests.service import Service, free_port, openai_client, running, wait_until
 
 integration = pytest.mark.integration
 RELATED = [("The cat sat on the mat.", "A kitten was sitting on the rug."),
@@ -27,22 +28,13 @@ def svc():
     s = Service(model={"n_ctx": 1024}, workers={"slots": 1, "probe_interval_s": 0.0,
                                                 "embeddings": True},
                 gateway={"max_queue": 0}, http={"enabled": True, "port": free_port()})
-    try:
-        r = s.start()
-        assert r.returncode == 0, r.stdout + r.stderr
-        [addr] = s.status()["gateway"]["http_listening"]
-        s.base = f"http://{addr}"
+    with running(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
-def client(svc) -> openai.OpenAI:
-    c = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", max_retries=0, timeout=120)
-    yield c
-    c.close()
-    wait_until(svc.idle, 30, "every request ended")
+def client(svc) -> Iterator[openai.OpenAI]:
+    yield from openai_client(svc, 120)
 
 
 def post(base: str, body: dict) -> tuple[int, dict]:

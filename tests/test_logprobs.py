@@ -7,11 +7,12 @@ its own first alternative, with the same logprob; the tokens' bytes must spell t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.service import Service, free_port, wait_until
+from tests.service import Service, free_port, openai_client, running
 
 integration = pytest.mark.integration
 MSGS = [{"role": "user", "content": "Name three rivers."}]
@@ -21,22 +22,13 @@ MSGS = [{"role": "user", "content": "Name three rivers."}]
 def svc():
     s = Service(model={"n_ctx": 1024}, workers={"slots": 2, "probe_interval_s": 0.0},
                 http={"enabled": True, "port": free_port()})
-    try:
-        r = s.start()
-        assert r.returncode == 0, r.stdout + r.stderr
-        [addr] = s.status()["gateway"]["http_listening"]
-        s.base = f"http://{addr}"
+    with running(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
-def client(svc) -> openai.OpenAI:
-    c = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", max_retries=0, timeout=120)
-    yield c
-    c.close()
-    wait_until(svc.idle, 30, "every request ended")
+def client(svc) -> Iterator[openai.OpenAI]:
+    yield from openai_client(svc, 120)
 
 
 def check_greedy(entries, top: int) -> None:

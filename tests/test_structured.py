@@ -12,6 +12,7 @@ is a failure, not skipped.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.service import Service, free_port, wait_until
+from tests.service import Service, free_port, openai_client, running, wait_until
 
 integration = pytest.mark.integration
 MAX_TOKENS = 400
@@ -91,22 +92,13 @@ assert len({json.dumps(s, sort_keys=True) for _, s in SCHEMAS}) == len(SCHEMAS) 
 def svc():
     s = Service(model={"n_ctx": 2048}, workers={"slots": 4, "probe_interval_s": 0.0},
                 gateway={"max_queue": 64}, http={"enabled": True, "port": free_port()})
-    try:
-        r = s.start()
-        assert r.returncode == 0, r.stdout + r.stderr
-        [addr] = s.status()["gateway"]["http_listening"]
-        s.base = f"http://{addr}"
+    with running(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
-def client(svc) -> openai.OpenAI:
-    c = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", max_retries=0, timeout=240)
-    yield c
-    c.close()
-    wait_until(svc.idle, 30, "every request ended")
+def client(svc) -> Iterator[openai.OpenAI]:
+    yield from openai_client(svc, 240)
 
 
 def ask(what: str) -> list[dict[str, str]]:

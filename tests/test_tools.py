@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import jsonschema
 import openai
 import pytest
-
 from llmctl.common.errors import BadRequest
 from llmctl.dataplane.tools import parse_call, render_messages, tool_mode
-from tests.service import Service, free_port, wait_until
+
+from tests.service import Service, free_port, openai_client, running
 
 integration = pytest.mark.integration
 WEATHER = {"type": "object", "properties": {
@@ -32,22 +33,13 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def svc():
     s = Service(model={"n_ctx": 2048}, workers={"slots": 2, "probe_interval_s": 0.0},
                 http={"enabled": True, "port": free_port()})
-    try:
-        r = s.start()
-        assert r.returncode == 0, r.stdout + r.stderr
-        [addr] = s.status()["gateway"]["http_listening"]
-        s.base = f"http://{addr}"
+    with running(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture
-def client(svc) -> openai.OpenAI:
-    c = openai.OpenAI(base_url=f"{svc.base}/v1", api_key="none", max_retries=0, timeout=120)
-    yield c
-    c.close()
-    wait_until(svc.idle, 30, "every request ended")
+def client(svc) -> Iterator[openai.OpenAI]:
+    yield from openai_client(svc, 120)
 
 
 def check_call(call, names=("get_weather", "add")) -> dict:
