@@ -76,8 +76,10 @@ def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
     return row
 
 
-def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
-    st = args.call(cfg, admin.Load(model=args.name))
+def _change(cfg: Config, args: argparse.Namespace, msg: Any, want: str, verb: str,
+            timeout: float) -> int:
+    """Ask the supervisor to load or unload ``args.name`` and wait for state ``want``."""
+    st = args.call(cfg, msg)
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
@@ -85,33 +87,23 @@ def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
         print(f"error: {st.get('error')}", file=sys.stderr)
         return 1
     t0 = time.monotonic()
-    row = _wait(args.call, cfg, args.name, ("loaded",),
-                cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
-    if row is None or row["state"] != "loaded":
+    row = _wait(args.call, cfg, args.name, (want,), timeout)
+    if row is None or row["state"] != want:
         why = (row or {}).get("error") or f"state {(row or {}).get('state')}"
-        print(f"error: model {args.name} did not load: {why}", file=sys.stderr)
+        print(f"error: model {args.name} did not {verb}: {why}", file=sys.stderr)
         return 1
-    print(f"model {args.name} loaded in {time.monotonic() - t0:.1f}s")
+    print(f"model {args.name} {want} in {time.monotonic() - t0:.1f}s")
     return 0
+
+
+def cmd_load(cfg: Config, args: argparse.Namespace) -> int:
+    return _change(cfg, args, admin.Load(model=args.name), "loaded", "load",
+                   cfg.workers.ready_timeout_s + 2 * cfg.control.drain_timeout_s)
 
 
 def cmd_unload(cfg: Config, args: argparse.Namespace) -> int:
-    st = args.call(cfg, admin.Unload(model=args.name))
-    if not st:
-        print("llmctl is not running.")
-        return EXIT_NOT_RUNNING
-    if not st.get("ok"):
-        print(f"error: {st.get('error')}", file=sys.stderr)
-        return 1
-    t0 = time.monotonic()
-    row = _wait(args.call, cfg, args.name, ("unloaded",),
-                cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
-    if row is None or row["state"] != "unloaded":
-        print(f"error: model {args.name} did not unload: state {(row or {}).get('state')}",
-              file=sys.stderr)
-        return 1
-    print(f"model {args.name} unloaded in {time.monotonic() - t0:.1f}s")
-    return 0
+    return _change(cfg, args, admin.Unload(model=args.name), "unloaded", "unload",
+                   cfg.control.drain_timeout_s + 2 * cfg.control.stop_timeout_s + 5)
 
 
 def check_models(cfg: Config) -> int:
