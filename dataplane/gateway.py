@@ -65,8 +65,7 @@ class Gateway:
         self.events: asyncio.Queue[admin.FromGateway] = asyncio.Queue()   # for the supervisor
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
-        self.dirty: list[Any] = []
-        self._tokens = 0                      # client tokens of the message being handled            # sinks holding output to write (``flush``)
+        self.dirty: list[Any] = []            # sinks holding output to write (``flush``)
 
     # ---- the fronts' interface ------------------------------------------------------
     def route(self, model: str | None, lenient: bool = False) -> Scheduler:
@@ -205,28 +204,26 @@ class Gateway:
     def on_worker(self, wid: str, msg: m.FromWorker) -> None:
         """One typed message from a worker (decoded and validated at the socket)."""
         w = self._worker(wid)
+        now = time.monotonic()          # one clock read for the message and its tokens
         if w is not None:
-            w.last_seen = time.monotonic()
+            w.last_seen = now
         if isinstance(msg, m.Ready):
             self._on_ready(wid, msg.info)
         elif w is None:
             if not isinstance(msg, m.Bye):   # we restarted: it must say READY again
                 log.info("message from unknown worker %s: ignored until its READY", wid)
-        elif isinstance(msg, m.Batch):
-            self._tokens = 0
-            for item in msg.items:
-                self._on_item(w, item)
-            if self._tokens:
-                self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
-            if not all(type(item) in _OUTPUT_ONLY for item in msg.items):
+        elif isinstance(msg, (m.Batch, m.Token, m.Done, m.Error, m.Parked, m.Logprobs, m.Invalid)):
+            items = msg.items if isinstance(msg, m.Batch) else (msg,)
+            tokens = 0
+            for item in items:
+                if type(item) is m.Token:
+                    tokens += self._on_token(w, item, now)
+                else:
+                    self._on_item(w, item)
+            if tokens:
+                self.metrics.on_tokens(w.name, tokens, now)
+            if not all(type(item) in _OUTPUT_ONLY for item in items):
                 self.wake.set()     # a request ended or parked: its credit may dispatch
-        elif isinstance(msg, (m.Token, m.Done, m.Error, m.Parked, m.Logprobs, m.Invalid)):
-            self._tokens = 0
-            self._on_item(w, msg)
-            if self._tokens:
-                self.metrics.on_tokens(w.name, self._tokens, time.monotonic())
-            if type(msg) not in _OUTPUT_ONLY:
-                self.wake.set()
         elif isinstance(msg, m.Bye):
             self.worker_lost(wid, "worker left")
         elif isinstance(msg, m.Draining):
@@ -253,10 +250,8 @@ class Gateway:
         self.wake.set()
 
     def _on_item(self, w: WorkerState,
-                 msg: m.Token | m.Done | m.Error | m.Parked | m.Logprobs | m.Invalid) -> None:
-        if isinstance(msg, m.Token):
-            self._on_token(w, msg)
-        elif isinstance(msg, m.Logprobs):
+                 msg: m.Done | m.Error | m.Parked | m.Logprobs | m.Invalid) -> None:
+        if isinstance(msg, m.Logprobs):
             req = w.inflight.get(msg.rid)
             if req is not None and not req.finished:
                 req.sink.on_logprobs(req, msgspec.to_builtins(msg.content))
@@ -276,22 +271,21 @@ class Gateway:
         else:
             self._on_end(w, msg)
 
-    def _on_token(self, w: WorkerState, msg: m.Token) -> None:
+    def _on_token(self, w: WorkerState, msg: m.Token, now: float) -> int:
+        """A token to its client; 1 when it counts as a client's token (not a probe's)."""
         req = w.inflight.get(msg.rid)
         if req is None or req.finished:
-            return
-        now = time.monotonic()
+            return 0
         if req.t_first is None:
             req.t_first = now
         elif not req.internal:
             self.metrics.itl.observe((now - req.t_last) * 1000, now)
         req.t_last = now
-        if not req.internal:
-            self._tokens += 1
         req.pieces += 1
         if req.pieces - req.granted >= self.window and req.stalled_since is None:
             req.stalled_since = now     # the worker may send no more: paused
         req.sink.on_token(req, msg.text)
+        return 0 if req.internal else 1
 
     def _on_end(self, w: WorkerState, msg: m.Done | m.Error) -> None:
         req = self._of[w.id].complete(w.id, msg.rid)
