@@ -296,14 +296,9 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
     store ``prompt_cache_mib``) against ``[host] ram_budget_mb``.  An unreadable GGUF (or
     the synthetic engine) has no figure: None, counted as 0 and said in the log.
     """
-    from llmctl.control.gpu import NvmlReader
     from llmctl.control.gpu_estimate import MiB, ModelInfoError, estimate, read_model
-    rd = reader if reader is not None else NvmlReader()
-    try:
-        on_gpu = rd.available()
-    finally:
-        if reader is None:
-            rd.close()
+    budget, kind = plan_budget(cfg, reader)
+    on_gpu = kind == "vram"
     g = cfg.gpu
     needs: dict[str, float | None] = {}
     # GGUFReader takes seconds per model (it parses the whole vocabulary): the figures that
@@ -348,9 +343,7 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
             cache_path.write_text(json.dumps(fresh))
         except OSError as exc:
             log.debug("plan cache not written: %s", exc)
-    if on_gpu:
-        return needs, float(g.vram_budget_mb), "vram"
-    return needs, float(cfg.host.ram_budget_mb), "ram"
+    return needs, budget, kind
 
 
 def check_plan(cfg: Config, needs: Mapping[str, float | None], budget: float,
