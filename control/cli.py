@@ -401,12 +401,8 @@ def cmd_check(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
     client = ControlClient(cfg)
     st = client.call(admin.Reload()) if _read_pid(cfg) else None
-    if not st:
-        print("llmctl is not running.")
-        return EXIT_NOT_RUNNING
-    if not st.get("ok"):
-        print(f"error: {st.get('error')}", file=sys.stderr)
-        return 1
+    if (code := cli_models.refused(st)) is not None:
+        return code
     print("changed: " + (", ".join(st["changed"]) or "nothing"))
     if st["not_applied"]:
         print("NOT applied (needs `llmctl stop` and `llmctl start`): "

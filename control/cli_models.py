@@ -76,16 +76,24 @@ def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
     return row
 
 
-def _change(cfg: Config, args: argparse.Namespace, msg: Any, want: str, verb: str,
-            timeout: float) -> int:
-    """Ask the supervisor to load or unload ``args.name`` and wait for state ``want``."""
-    st = args.call(cfg, msg)
+def refused(st: dict[str, Any] | None) -> int | None:
+    """The supervisor's answer to a command: None when it took it, else the exit code,
+    the reason said (not running, or its error)."""
     if not st:
         print("llmctl is not running.")
         return EXIT_NOT_RUNNING
     if not st.get("ok"):
         print(f"error: {st.get('error')}", file=sys.stderr)
         return 1
+    return None
+
+
+def _change(cfg: Config, args: argparse.Namespace, msg: Any, want: str, verb: str,
+            timeout: float) -> int:
+    """Ask the supervisor to load or unload ``args.name`` and wait for state ``want``."""
+    st = args.call(cfg, msg)
+    if (code := refused(st)) is not None:
+        return code
     t0 = time.monotonic()
     row = _wait(args.call, cfg, args.name, (want,), timeout)
     if row is None or row["state"] != want:
