@@ -55,7 +55,6 @@ class Result:
     """One stream: its TOKEN pieces with their arrival times, then its DONE or ERROR."""
 
     stream: int
-    text: str = ""
     pieces: list[str] = field(default_factory=list)
     piece_times: list[float] = field(default_factory=list)
     done: dict[str, Any] | None = None
@@ -66,6 +65,11 @@ class Result:
     cut: bool = False                   # ended by the connection's end, not by its own frame
 
     @property
+    def text(self) -> str:
+        """The output so far (joined when asked: no copy of it per token)."""
+        return "".join(self.pieces)
+
+    @property
     def ended(self) -> bool:
         return self.done is not None or self.error is not None
 
@@ -74,7 +78,6 @@ class Result:
             piece = f.payload.decode("utf-8")    # strict: the server never splits a code point
             self.pieces.append(piece)
             self.piece_times.append(t)
-            self.text += piece
         elif f.type is FrameType.LOGPROBS:
             self.logprobs.extend(p.parse_json(f.payload).get("content", []))
         elif f.type is FrameType.DONE:

@@ -90,13 +90,19 @@ class Workload:
 
 async def closed_loop(target: Target, work: Workload, clients: int, requests: int | None,
                       duration: float | None, on_done: Callable[[RequestRecord], None],
-                      first_index: int = 0) -> list[RequestRecord]:
-    """``clients`` concurrent senders, back to back, until ``requests`` or ``duration``."""
+                      first_index: int = 0, ramp_s: float = 0.0) -> list[RequestRecord]:
+    """``clients`` concurrent senders, back to back, until ``requests`` or ``duration``.
+    ``ramp_s``: client k sends its first request k/clients of it after the first one, so
+    that clients whose requests take alike long do not start, end and start again in
+    step (a herd of arrivals every request's length) but spread over it, as independent
+    users do; 0 starts them all at once."""
     counter = itertools.count()
     records: list[RequestRecord] = []
     deadline = now() + duration if duration else None
 
-    async def client() -> None:
+    async def client(k: int) -> None:
+        if ramp_s > 0 and k:
+            await asyncio.sleep(ramp_s * k / clients)
         while True:
             if deadline is not None and now() >= deadline:
                 return
@@ -111,7 +117,7 @@ async def closed_loop(target: Target, work: Workload, clients: int, requests: in
             elif rec.error in ("connect_failed", "not_ready"):
                 await asyncio.sleep(0.1 if rec.error == "connect_failed" else 0.25)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(k) for k in range(clients)))
     return sorted(records, key=lambda r: r.index)
 
 

@@ -60,16 +60,19 @@ class RequestRecord:
     error: str | None = None                                  # error code; None when ok
     message: str | None = None
     retry_after_ms: int | None = None
-    # --stamped: for each piece, arrival minus the worker's stamp (seconds): what the data
-    # plane added between the worker making a token and the client receiving it
-    lags: list[float] = field(default_factory=list)
+    # --stamped: each piece's text, as the synthetic workers stamped it; parsed into
+    # ``lags`` after the point, not while the load generator is timing arrivals
+    stamped: list[str] | None = None
 
-    def add_stamps(self, piece: str, t: float) -> None:
-        """A synthetic worker's stamped piece (``[synthetic] stamp``): the monotonic
-        nanoseconds it was made at (perf_counter and monotonic are one clock on Linux)."""
-        for word in piece.split():
-            if word.isdigit():
-                self.lags.append(t - int(word) / 1e9)
+    @property
+    def lags(self) -> list[float]:
+        """For each stamp a synthetic worker put in the output (``[synthetic] stamp``: the
+        monotonic nanoseconds the token was made at), its piece's arrival minus it
+        (seconds): what the data plane added. perf_counter and monotonic are one clock
+        on Linux."""
+        return [t - int(word) / 1e9
+                for piece, t in zip(self.stamped or (), self.piece_times)
+                for word in piece.split() if word.isdigit()]
 
     @property
     def ok(self) -> bool:
@@ -104,6 +107,8 @@ class RequestRecord:
 
     def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         d = asdict(self)
+        del d["stamped"]
+        d["lags"] = self.lags
         d["t_start"] = self.t_start - t0
         d["t_end"] = None if self.t_end is None else self.t_end - t0
         d["piece_times"] = [t - t0 for t in self.piece_times]

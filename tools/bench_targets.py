@@ -46,8 +46,7 @@ def record_of(index: int, res: Result, stamped: bool = False) -> RequestRecord:
     rec = RequestRecord(index=index, t_start=res.t_start if res.t_start is not None else now(),
                         t_end=res.t_end, piece_times=list(res.piece_times))
     if stamped:
-        for piece, t in zip(res.pieces, res.piece_times):
-            rec.add_stamps(piece, t)
+        rec.stamped = res.pieces
     if res.done is not None:
         rec.completion_tokens = res.done.get("completion_tokens")
         rec.prompt_tokens = res.done.get("prompt_tokens")
@@ -226,7 +225,9 @@ class HttpTarget(Target):
             if text := sse_text(obj):
                 rec.piece_times.append(t)
                 if self.stamped:
-                    rec.add_stamps(text, t)
+                    if rec.stamped is None:
+                        rec.stamped = []
+                    rec.stamped.append(text)
             for ch in obj.get("choices") or ():
                 if ch.get("finish_reason"):
                     rec.finish_reason = ch["finish_reason"]
