@@ -65,6 +65,7 @@ class Gateway:
         self.events: asyncio.Queue[admin.FromGateway] = asyncio.Queue()   # for the supervisor
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
+        self._refill_at = max(1, cfg.gateway.token_window // 2)    # see ``grant``
         self.dirty: list[Any] = []            # sinks holding output to write (``flush``)
 
     # ---- the fronts' interface ------------------------------------------------------
@@ -149,13 +150,20 @@ class Gateway:
         """The client's connection took ``n`` of this stream's tokens: more may come."""
         if n > 0 and req.worker is not None and not req.finished:
             owed = self._credit.setdefault(req.worker, {})
-            owed[req.rid] = owed.get(req.rid, 0) + n
+            unsent = owed[req.rid] = owed.get(req.rid, 0) + n
             req.granted += n
             req.stalled_since = None
             req.park_sent = False
             if req.parked and req.worker in self._of:
                 self._of[req.worker].want_resume(req)
-            self.wake.set()
+                self.wake.set()
+            elif req.pieces - (req.granted - unsent) >= self._refill_at:
+                # Half the worker's window is used: refill it. Below that the credit
+                # waits for the next message to the workers (every stream's owed goes
+                # in one CREDIT then), so streams share sends instead of each round
+                # sending one: fewer messages for both processes, and the worker
+                # still never runs dry while its client keeps up.
+                self.wake.set()
 
     def drain(self) -> None:
         """A stop: admit nothing new; what runs finishes."""
