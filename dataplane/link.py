@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import zmq
 import zmq.asyncio
@@ -32,6 +33,7 @@ TICK_S = 0.1
 # is already waiting is taken at once (its output leaves in one write per connection),
 # bounded so that the loop still serves the clients between rounds.
 ROUND_MAX = 64
+SEND_RETRY_S = 0.001     # a send to a worker whose pipe is full is tried again this often
 
 
 class WorkerLink:
@@ -41,6 +43,8 @@ class WorkerLink:
         self.router: zmq.asyncio.Socket | None = None
         self.cluster: ClusterBind | None = None
         self._remote: set[str] = set()       # workers that spoke on the cluster socket
+        self._plain_of: dict[int, zmq.Socket] = {}        # see ``_plain``
+        self._look: dict[zmq.Socket, Callable[[], None]] = {}   # see ``_receiver``
 
     def bind(self) -> None:
         self.router = self._router()
@@ -74,21 +78,57 @@ class WorkerLink:
         return tasks
 
     async def _receiver(self, router: zmq.asyncio.Socket, remote: bool) -> None:
-        # The same socket without the asyncio layer: takes what is already queued, or
-        # raises zmq.Again at once.
-        waiting = zmq.Socket.shadow(router.underlying)
-        try:
-            while True:
-                self._handle(await router.recv_multipart(), remote)
-                for _ in range(ROUND_MAX - 1):
-                    try:
-                        frames = waiting.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(frames, remote)
+        """Rounds of worker messages, run by the loop's reader callback itself (no task
+        woken per message). The socket is read without pyzmq's asyncio layer (a future,
+        a reader added and removed and an exception per empty read: most of the
+        gateway's cost per message at one stream), the event-loop way of the ZeroMQ
+        guide: its FD only says "look at ZMQ_EVENTS", so each call takes what EVENTS
+        says is waiting, and every send on the socket makes it look again (a send can
+        consume the FD's signal). A round is at most ROUND_MAX messages; the next is
+        run after what else the loop has to do. A failure ends this task with it."""
+        sock = self._plain(router)
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[None] = loop.create_future()
+        queued = False
+
+        def round_() -> None:
+            nonlocal queued
+            queued = False
+            try:
+                n = 0
+                while n < ROUND_MAX and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handle(sock.recv_multipart(zmq.NOBLOCK), remote)
+                    n += 1
                 self.gw.flush()
+                if n == ROUND_MAX:
+                    look()
+            except BaseException as exc:     # noqa: BLE001 - handed to the task
+                if not failed.done():
+                    failed.set_exception(exc)
+
+        def look() -> None:
+            nonlocal queued
+            if not queued:
+                queued = True
+                loop.call_soon(round_)
+
+        fd = sock.getsockopt(zmq.FD)
+        self._look[sock] = look
+        loop.add_reader(fd, round_)
+        look()                               # what came before the reader was added
+        try:
+            await failed
         finally:
+            loop.remove_reader(fd)
+            self._look.pop(sock, None)
             self.gw.flush()
+
+    def _plain(self, router: zmq.asyncio.Socket) -> zmq.Socket:
+        """The same socket without the asyncio layer (one per socket, kept)."""
+        sock = self._plain_of.get(id(router))
+        if sock is None:
+            sock = self._plain_of[id(router)] = zmq.Socket.shadow(router.underlying)
+        return sock
 
     def _handle(self, frames: list[bytes], remote: bool) -> None:
         wid = frames[0].decode(errors="replace")
@@ -118,13 +158,27 @@ class WorkerLink:
         assert self.router is not None
         router = self.cluster.router if self.cluster is not None and wid in self._remote \
             else self.router
+        sock = self._plain(router)
+        msg = [wid.encode(), *frames]
         try:
-            await router.send_multipart([wid.encode(), *frames])
+            while True:
+                try:
+                    sock.send_multipart(msg, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    # The worker's pipe is at its high-water mark (it reads nothing):
+                    # the message waits, as a blocking send would, without blocking
+                    # the loop.
+                    await asyncio.sleep(SEND_RETRY_S)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             log.warning("worker %s is unreachable: dropping it", wid)
             self.gw.worker_lost(wid, "unreachable")
+        finally:
+            look = self._look.get(sock)
+            if look is not None:
+                look()          # the send may have taken the FD's signal: look again
 
     async def _ticker(self) -> None:
         gw = self.gw
