@@ -1,6 +1,8 @@
 """The load generator: its statistics, its prompt loader, and short real runs."""
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import subprocess
 import sys
@@ -11,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.service import ROOT
-from llmctl.tools.bench import load_prompts
+from llmctl.common.client import now
+from llmctl.tools.bench import collector_paused, load_prompts
+from llmctl.tools.bench_load import Workload, closed_loop
 from llmctl.tools.bench_stats import RequestRecord, compare, percentile, summarize, wall_time
 
 
@@ -46,6 +50,46 @@ def test_summary_arithmetic_on_synthetic_records():
     assert s["e2e_ms"]["max"] == pytest.approx(800.0)
     r = compare(s, {**s, "tokens_per_s": 4.0})
     assert r["tokens_per_s"] == pytest.approx(2.0) and r["e2e_p99"] == pytest.approx(1.0)
+
+
+def test_stamps_become_the_added_latency_of_each_token():
+    # Pieces stamped by a synthetic worker (monotonic ns, one or two in a piece), each
+    # arriving at its piece time; unstamped text is not a stamp.
+    rec = RequestRecord(0, t_start=0.0, t_end=3.0, piece_times=[1.0, 2.0, 3.0],
+                        stamped=["999000000 ", "1999500000 1999000000 ", "hello "])
+    assert rec.lags == pytest.approx([0.001, 0.0005, 0.001])
+    s = summarize([rec], wall_time([rec]))
+    assert s["added_ms"]["count"] == 3 and s["added_ms"]["max"] == pytest.approx(1.0)
+    assert rec.to_dict()["lags"] == rec.lags and "stamped" not in rec.to_dict()
+
+
+def test_the_collector_is_off_only_while_a_point_runs():
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+class _Slow:
+    """A target that answers after ``s`` seconds and notes when each request was sent."""
+
+    def __init__(self, s: float) -> None:
+        self.s = s
+        self.sent: list[float] = []
+
+    async def request(self, index: int, spec: dict) -> RequestRecord:
+        self.sent.append(now())
+        await asyncio.sleep(self.s)
+        return RequestRecord(index, t_start=self.sent[-1], t_end=now())
+
+
+def test_ramp_spreads_the_clients_first_requests():
+    work = Workload([{"prompt": "x"}], 4, 0.0, None, False)
+    t = _Slow(0.3)                  # longer than the ramp: each client sends one request
+    recs = asyncio.run(closed_loop(t, work, 4, 4, None, lambda r: None, ramp_s=0.2))
+    # Client k sent its first request no sooner than k/4 of 0.2 s after the first one.
+    assert len(recs) == 4 == len(t.sent)
+    assert all(t.sent[k] - t.sent[0] >= 0.05 * k - 1e-3 for k in range(4))
 
 
 def test_prompt_loader(tmp_path):
