@@ -102,7 +102,7 @@ class WorkerLink:
                 self.gw.flush()
                 if n == ROUND_MAX:
                     look()
-            except BaseException as exc:     # noqa: BLE001 - handed to the task
+            except Exception as exc:         # handed to the task: the gateway stops
                 if not failed.done():
                     failed.set_exception(exc)
 
