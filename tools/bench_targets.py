@@ -178,7 +178,7 @@ class HttpTarget(Target):
     async def request(self, index: int, spec: dict[str, Any]) -> RequestRecord:
         import aiohttp
         path, body = self.body(spec)
-        rec = RequestRecord(index=index, t_start=now())
+        rec = RequestRecord(index=index, t_start=now(), stamped=[] if self.stamped else None)
         try:
             async with self.session.post(self.url + path, json=body) as resp:
                 if resp.status != 200:
@@ -224,9 +224,7 @@ class HttpTarget(Target):
                 return
             if text := sse_text(obj):
                 rec.piece_times.append(t)
-                if self.stamped:
-                    if rec.stamped is None:
-                        rec.stamped = []
+                if rec.stamped is not None:
                     rec.stamped.append(text)
             for ch in obj.get("choices") or ():
                 if ch.get("finish_reason"):
