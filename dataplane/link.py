@@ -43,7 +43,7 @@ class WorkerLink:
         self.router: zmq.asyncio.Socket | None = None
         self.cluster: ClusterBind | None = None
         self._remote: set[str] = set()       # workers that spoke on the cluster socket
-        self._plain_of: dict[int, zmq.Socket] = {}        # see ``_plain``
+        self._plain_of: dict[zmq.asyncio.Socket, zmq.Socket] = {}   # see ``_plain``
         self._look: dict[zmq.Socket, Callable[[], None]] = {}   # see ``_receiver``
 
     def bind(self) -> None:
@@ -125,9 +125,9 @@ class WorkerLink:
 
     def _plain(self, router: zmq.asyncio.Socket) -> zmq.Socket:
         """The same socket without the asyncio layer (one per socket, kept)."""
-        sock = self._plain_of.get(id(router))
+        sock = self._plain_of.get(router)
         if sock is None:
-            sock = self._plain_of[id(router)] = zmq.Socket.shadow(router.underlying)
+            sock = self._plain_of[router] = zmq.Socket.shadow(router.underlying)
         return sock
 
     def _handle(self, frames: list[bytes], remote: bool) -> None:
