@@ -176,6 +176,22 @@ def _pair(cl: Cluster, tag: str, max_tokens: int) -> Streams:
     return s
 
 
+def _pair_under(cl: Cluster, tag: str, command: str, wait_s: float) -> Streams:
+    """``_pair`` of 96 tokens; once both stream, ``llmctl COMMAND`` on the node, which must
+    succeed within ``wait_s``; returns when both streams have ended."""
+    s = _pair(cl, tag, 96)
+    try:
+        s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
+        proc = subprocess.Popen([*cl.net.prefix, sys.executable, "-m", "llmctl.control",
+                                 command, "-c", str(cl.node.config)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
+        assert proc.wait(wait_s) == 0, proc.stdout.read() if proc.stdout else ""
+    finally:
+        s.close()
+    return s
+
+
 # ---- the tests ------------------------------------------------------------------------------
 
 def test_remote_node_serves(cluster):
@@ -335,16 +351,7 @@ def test_a_reload_on_the_node_loses_no_stream(cluster):
     before = cluster.head.counters()
     text = cluster.node.config.read_text()
     cluster.node.config.write_text(text.replace("[workers]\n", "[workers]\nprompt_cache_mib = 64\n"))
-    s = _pair(cluster, "reload", 96)
-    try:
-        s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
-        reload = subprocess.Popen([*cluster.net.prefix, sys.executable, "-m", "llmctl.control",
-                                   "reload", "-c", str(cluster.node.config)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
-        assert reload.wait(180) == 0, reload.stdout.read() if reload.stdout else ""
-    finally:
-        s.close()
+    s = _pair_under(cluster, "reload", "reload", 180)
     assert [s.results[i].error for i in (1, 2)] == [None, None]
     assert cluster.head.counters()["worker_failed"] == before["worker_failed"]
     w = cluster.node.worker()
@@ -357,16 +364,7 @@ def test_stopping_a_node_drains_it(cluster):
     it runs (DONE, not worker_failed) and only then stops."""
     wait_until(cluster.remote_ready, 60, "the node ready")
     before = cluster.head.counters()
-    s = _pair(cluster, "drain", 96)
-    try:
-        s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
-        stop = subprocess.Popen([*cluster.net.prefix, sys.executable, "-m", "llmctl.control",
-                                 "stop", "-c", str(cluster.node.config)], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
-        assert stop.wait(120) == 0, stop.stdout.read() if stop.stdout else ""
-    finally:
-        s.close()
+    s = _pair_under(cluster, "drain", "stop", 120)
     assert [s.results[i].error for i in (1, 2)] == [None, None]
     assert {s.results[i].done["worker"] for i in (1, 2)} == {"w0", f"{NODE}/w0"}
     assert cluster.head.counters()["worker_failed"] == before["worker_failed"]
