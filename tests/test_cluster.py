@@ -176,6 +176,16 @@ def _pair(cl: Cluster, tag: str, max_tokens: int) -> Streams:
     return s
 
 
+def _pair_done(cl: Cluster, tag: str) -> Streams:
+    """``_pair`` of 8 tokens, run until both have ended."""
+    s = _pair(cl, tag, 8)
+    try:
+        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
+    finally:
+        s.close()
+    return s
+
+
 def _pair_under(cl: Cluster, tag: str, command: str, wait_s: float) -> Streams:
     """``_pair`` of 96 tokens; once both stream, ``llmctl COMMAND`` on the node, which must
     succeed within ``wait_s``; returns when both streams have ended."""
@@ -198,11 +208,7 @@ def test_remote_node_serves(cluster):
     st = cluster.head.status()
     nodes = {w["id"]: w.get("node") for w in st["workers"]}
     assert nodes == {"w0": "head", f"{NODE}/w0": NODE}, nodes
-    s = _pair(cluster, "serve", 8)
-    try:
-        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
-    finally:
-        s.close()
+    s = _pair_done(cluster, "serve")
     workers = {s.results[i].done["worker"] for i in (1, 2)}
     assert workers == {"w0", f"{NODE}/w0"}, [s.results[i].done or s.results[i].error
                                              for i in (1, 2)]
@@ -281,11 +287,7 @@ def test_link_cut_mid_stream_then_rejoin(cluster):
     t_back = time.monotonic()
     wait_until(cluster.remote_ready, 60, "the node to rejoin")
     print(f"link return -> node ready again: {time.monotonic() - t_back:.2f}s")
-    s = _pair(cluster, "again", 8)
-    try:
-        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
-    finally:
-        s.close()
+    s = _pair_done(cluster, "again")
     assert {s.results[i].done["worker"] for i in (1, 2)} == {"w0", f"{NODE}/w0"}
 
 
@@ -297,11 +299,7 @@ def test_head_restart_is_survived(cluster):
     assert r.returncode == 0, r.stderr
     wait_until(cluster.remote_ready, 60, "the node to rejoin the new head by itself")
     assert cluster.node.worker()["pid"] == node_pid           # the same process: no restart
-    s = _pair(cluster, "restart", 8)
-    try:
-        s.pump_until(lambda: s.ended(1, 2), 120, "both answers")
-    finally:
-        s.close()
+    s = _pair_done(cluster, "restart")
     assert {s.results[i].done["worker"] for i in (1, 2)} == {"w0", f"{NODE}/w0"}
 
 
