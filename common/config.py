@@ -259,7 +259,15 @@ class NodeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     "again (ZeroMQ reconnects by itself); above the link's worst round trip")] = 2.0
 
 
+ThreadsPolicy = Literal["adaptive", "fixed"]
+
+
 class HostConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    threads_policy: Annotated[ThreadsPolicy, Meta(
+        description="adaptive = a worker computes with at most `threads` threads, fewer while "
+                    "they wait for a CPU more than a quarter of the time (other processes "
+                    "share the cores), one more again once a CPU is idle; fixed = always "
+                    "`threads` (a host whose cores are the service's alone)")] = "adaptive"
     ram_budget_mb: Annotated[int, Meta(
         ge=0, le=1 << 24,
         description="host memory the loaded models' workers may use on a CPU host (MiB, by "
@@ -386,7 +394,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def worker_threads(self) -> int:
         if self.model.threads:
             return self.model.threads
-        return max(1, (os.cpu_count() or 1) // self.workers.count)
+        return max(1, len(os.sched_getaffinity(0)) // self.workers.count)
 
     def to_json(self) -> str:
         # indent=0: one line, spaced like json.dumps ('"count": 3').

@@ -186,6 +186,14 @@ class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknow
     top_logprobs: int = 0
 
 
+class ComputeThreads(msgspec.Struct, frozen=True):
+    """A worker's compute threads now, its maximum, its policy (worker/compute_threads.py)."""
+    n: int
+    max: int
+    policy: str = "fixed"
+    changes: int = 0
+
+
 class ReadyInfo(msgspec.Struct, frozen=True):
     """READY: the worker is loaded and warm; ``slots`` is its credit."""
     worker: str
@@ -197,6 +205,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     device: str = "cpu"
     node: str = ""           # the machine it runs on ([node] name)
     served: str = ""        # the configured model it serves ([[models]] name); "" = default
+    threads: ComputeThreads | None = None    # None: an engine without CPU threads
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):
@@ -210,7 +219,8 @@ class KvStoreStats(msgspec.Struct, frozen=True):
 
 
 class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
-    """DONE's statistics; ``prefix_hashes`` and ``kv_store`` describe the worker's cache."""
+    """DONE's statistics; ``prefix_hashes``, ``kv_store`` and ``threads`` describe the
+    worker (its caches, its compute threads)."""
     finish_reason: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -220,6 +230,7 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     decode_ms: float = 0.0
     prefix_hashes: list[int] | None = None
     kv_store: KvStoreStats | None = None
+    threads: ComputeThreads | None = None     # the worker's compute threads, as it ends
     embeddings: list[str] | None = None   # base64 float32 LE vectors of an ``embed`` request
 
 

@@ -6,6 +6,9 @@
   SIGKILL when the supervisor dies, however it dies (no orphans).
 * ``setup_child_logging``: children log to stderr; the supervisor captures it into
   ``run_dir/logs/NAME.log`` and keeps its tail for ``llmctl status``.
+* ``thread_times(pid)``: each thread's CPU time and run-queue wait (the scheduler's
+  ``/proc/PID/task/TID/schedstat``), read by a worker about itself and by the
+  busy-neighbour benchmark about the servers it measures.
 """
 from __future__ import annotations
 
@@ -78,6 +81,30 @@ async def terminate(proc: asyncio.subprocess.Process, timeout: float) -> int:
         except ProcessLookupError:
             pass
         return await proc.wait()
+
+
+def thread_times(pid: int | str = "self", names: bool = False) -> dict[int, tuple[str, int, int, int]]:
+    """Per thread of ``pid``: (name, ns on a CPU, ns runnable but waiting for one, time
+    slices), from ``/proc/PID/task/*/schedstat``; names only when asked (one more read
+    per thread).  Threads that end while being read are left out."""
+    out = {}
+    base = f"/proc/{pid}/task"
+    try:
+        tids = os.listdir(base)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"{base}/{tid}/schedstat") as f:
+                run, wait, slices = f.read().split()[:3]
+            name = ""
+            if names:
+                with open(f"{base}/{tid}/comm") as f:
+                    name = f.read().strip()
+        except OSError:
+            continue
+        out[int(tid)] = (name, int(run), int(wait), int(slices))
+    return out
 
 
 def pid_alive(pid: int) -> bool:

@@ -260,6 +260,10 @@ def _fmt_uptime(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _threads_cell(th: dict[str, Any] | None) -> str:
+    return f"{th['n']}/{th['max']}" if th else "-"
+
+
 def _cache_line(counters: dict[str, int], workers: list[dict[str, Any]]) -> str:
     """Prompt-cache reuse since start, and the host-memory stores' fill."""
     prompt, cached = counters.get("prompt_tokens", 0), counters.get("cache_hit_tokens", 0)
@@ -327,17 +331,22 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     # Fits 80 columns: busy = in flight / slots.
     several = len(st.get("models") or []) > 1
     t = Table("worker", *(["model"] if several else []), "node", "pid", "state", "up", "busy",
-              "served", "rst", "RSS", "VRAM", "last exit", box=box.SIMPLE_HEAD, pad_edge=False,
-              collapse_padding=True)
+              "thr", "served", "rst", "RSS", "VRAM", "last exit", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True)
     for w in st["workers"]:
         rss = f"{w['rss'] / 2**20:.0f}M" if w.get("rss") else "-"
         vram = f"{w['vram_mib']:.0f}M" if w.get("vram_mib") is not None else "-"
         up = "-" if w.get("remote") else _fmt_uptime(w["uptime_s"])
         t.add_row(w["id"], *([w.get("model", "-")] if several else []), w.get("node", "-"),
                   str(w["pid"] or "-"), state_label(w), up,
-                  f"{w['inflight']}/{w.get('slots', '-')}", str(w.get("served", "-")),
+                  f"{w['inflight']}/{w.get('slots', '-')}", _threads_cell(w.get("threads")),
+                  str(w.get("served", "-")),
                   str(w["restarts"]), rss, vram, w["last_exit"] or "-")
     console.print(t)
+    policies = sorted({w["threads"]["policy"] for w in st["workers"] if w.get("threads")})
+    if policies:
+        console.print(f"compute threads (thr = now/max): {', '.join(policies)} "
+                      "([host] threads_policy)", highlight=False, markup=False)
     if several:
         console.print("models: " + ", ".join(f"{m['name']} {m['state']}" for m in st["models"]),
                       highlight=False)

@@ -392,7 +392,8 @@ class Supervisor:
             info = live.get(w.routing_id)
             if info and w.state == "running":
                 snap.update({k: info[k] for k in ("slots", "credits", "inflight", "parked",
-                                                  "served", "device", "kv_store")})
+                                                  "served", "device", "kv_store",
+                                                  "threads")})
             else:
                 snap.update({"inflight": 0, "credits": 0})
             snap["state"] = self._state_of(w, info)

@@ -250,7 +250,8 @@ class Gateway:
         self._of[wid] = sched
         requeued, failed = sched.add_worker(WorkerState(
             id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
-            device=info.device, n_ctx=info.n_ctx, node=info.node))
+            device=info.device, n_ctx=info.n_ctx, node=info.node,
+            threads=msgspec.structs.asdict(info.threads) if info.threads else {}))
         self._fail_orphans(wid, "it restarted", requeued, failed)
         log.info("worker %s ready (model %s, node %s, pid %d, %d slot(s))", wid, sched.model,
                  info.node or "-", info.pid, info.slots)
@@ -303,6 +304,8 @@ class Gateway:
                 w.prefixes = set(st.prefix_hashes)
             if st.kv_store is not None:
                 w.kv_store = msgspec.structs.asdict(st.kv_store)
+            if st.threads is not None:
+                w.threads = msgspec.structs.asdict(st.threads)
         if w.draining and not w.inflight and not w.parked:
             self.events.put_nowait(admin.WorkerDrained(worker=w.id))
         if req is None:
@@ -321,7 +324,7 @@ class Gateway:
             else:
                 self.counters.cancelled_decode += 1
         stats = msgspec.structs.asdict(st)
-        del stats["prefix_hashes"], stats["kv_store"]
+        del stats["prefix_hashes"], stats["kv_store"], stats["threads"]
         if stats.get("embeddings") is None:
             stats.pop("embeddings", None)
         stats["worker"] = w.name

@@ -77,6 +77,13 @@ class GatewayCollector:
                 if key in w.kv_store:
                     fam.add_metric([w.name], w.kv_store[key])
         yield from kv
+        threads = GaugeMetricFamily("llmctl_worker_compute_threads", "Threads a worker's "
+                                    "model computes with now ([host] threads_policy)",
+                                    labels=["worker"])
+        for w in st.workers.values():
+            if w.threads:
+                threads.add_metric([w.name], w.threads["n"])
+        yield threads
         yield GaugeMetricFamily("llmctl_queue_depth", "Requests waiting for credit",
                                 value=len(st.queue))
         yield GaugeMetricFamily("llmctl_inflight", "Requests held by workers",

@@ -97,6 +97,7 @@ class WorkerState:
     last_busy: float = field(default_factory=time.monotonic)
     prefixes: set[int] = field(default_factory=set)     # prompt prefixes its cache holds
     kv_store: dict[str, int] = field(default_factory=dict)   # its host KV store, as last told
+    threads: dict[str, Any] = field(default_factory=dict)    # its compute threads, as last told
 
     @property
     def credits(self) -> int:
@@ -115,7 +116,8 @@ class WorkerState:
         return {"id": self.id, "name": self.name, "pid": self.pid, "state": self.state,
                 "slots": self.slots, "credits": self.credits, "inflight": len(self.inflight),
                 "parked": len(self.parked), "served": self.served, "device": self.device, "model": self.model, "node": self.node,
-                "kv_store": dict(self.kv_store), "last_seen_s": round(now - self.last_seen, 3)}
+                "kv_store": dict(self.kv_store), "threads": dict(self.threads),
+                "last_seen_s": round(now - self.last_seen, 3)}
 
 
 class Scheduler:

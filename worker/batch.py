@@ -62,6 +62,7 @@ from llmctl.common.errors import BadRequest, InternalError, LlmctlError
 from llmctl.common.messages import work_request
 from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
+from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.kvstore import KVStore, common_prefix
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats, prefill_chunk, reusable_prefix, token_logprobs)
@@ -93,7 +94,8 @@ class BatchEngine(Prompting):
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
                  slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
-                 prompt_cache_bytes: int = 0, embeddings: bool = False) -> None:
+                 prompt_cache_bytes: int = 0, embeddings: bool = False,
+                 threads_policy: str = "adaptive") -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -140,6 +142,12 @@ class BatchEngine(Prompting):
         self.slots = [Slot(i) for i in range(slots)]
         self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
             if embeddings else None
+        adaptive = threads_policy == "adaptive"
+        self.threads = ThreadGovernor(self._set_threads,
+                                      min(threads, usable_cpus()) if adaptive else threads,
+                                      adaptive)
+        if self.threads.n != threads:
+            self._set_threads(self.threads.n)
         self.embedding: dict[int, EmbedJob] = {}   # rid -> embedding request
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
         self.parked: dict[int, Seq] = {}           # rid -> sequence without a slot
@@ -275,7 +283,14 @@ class BatchEngine(Prompting):
             events += self._decode([(seq, toks, False)])
         if self.embedding:
             events += self._embed()
+        self.threads.after_step()
         return events
+
+    def _set_threads(self, n: int) -> None:
+        """Compute with ``n`` threads from the next graph on (compute_threads.py)."""
+        self._ll.llama_set_n_threads(self._ctx.ctx, n, n)
+        if self.embedder is not None:
+            self.embedder.set_threads(n)
 
     def _embed(self) -> list[Event]:
         """One chunk of the embedding requests' inputs; the DONEs of those it finished."""
@@ -498,5 +513,6 @@ class BatchEngine(Prompting):
         stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
         if self.store is not None:
             stats["kv_store"] = self.store.stats()
+        stats["threads"] = self.threads.info()
         return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \
             else Event(seq.rid, tail, stats)

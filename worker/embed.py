@@ -68,6 +68,9 @@ class Embedder:
         self.n_batch = n_batch
         self.n_embd = ll.llama_model_n_embd(model.model)
 
+    def set_threads(self, n: int) -> None:
+        self._ll.llama_set_n_threads(self._ctx.ctx, n, n)
+
     def check(self, inputs: list[list[int]]) -> None:
         for i, toks in enumerate(inputs):
             if not toks:

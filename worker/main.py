@@ -121,7 +121,8 @@ class Worker:
         return m.ready(m.ReadyInfo(worker=self.id, name=self.id.split(".")[0], pid=os.getpid(),
                                    slots=e.capacity, model=e.model_name, n_ctx=e.n_ctx,
                                    device=e.device, node=self.cfg.node_name,
-                                   served=self.cfg.default_model.name))
+                                   served=self.cfg.default_model.name,
+                                   threads=_threads(e)))
 
     def run(self) -> int:
         ctx = zmq.Context()
@@ -285,6 +286,11 @@ class Worker:
         return out
 
 
+def _threads(engine: Any) -> m.ComputeThreads | None:
+    gov = getattr(engine, "threads", None)
+    return m.ComputeThreads(**gov.info()) if gov is not None else None
+
+
 def make_engine(cfg: Config) -> Any:
     """The engine ``[model] engine`` names: llama.cpp's batching engine, or the synthetic one."""
     if cfg.model.engine == "synthetic":
@@ -295,13 +301,15 @@ def make_engine(cfg: Config) -> Any:
                                model_name=os.path.basename(cfg.model.path).removesuffix(".gguf"))
     from llmctl.worker.batch import BatchEngine
     threads = cfg.worker_threads()
-    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d, slots=%d)", cfg.model.path,
-             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.workers.slots)
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d)", cfg.model.path,
+             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.host.threads_policy,
+             cfg.workers.slots)
     return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                        cfg.model.n_batch, slots=cfg.workers.slots,
                        prompt_cache=cfg.workers.prompt_cache,
                        prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
-                       embeddings=cfg.workers.embeddings)
+                       embeddings=cfg.workers.embeddings,
+                       threads_policy=cfg.host.threads_policy)
 
 
 def main(argv: list[str] | None = None) -> int:
