@@ -151,7 +151,7 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
                            if isinstance(m, dict) else m for i, m in enumerate(messages)]
         obj["logprobs"], obj["top_logprobs"] = body.get("logprobs"), body.get("top_logprobs")
         mct = body.get("max_completion_tokens")
-        obj["max_tokens"] = mct if mct is not None else body.get("max_tokens")
+        obj["max_tokens"] = _n_predict(body, mct if mct is not None else body.get("max_tokens"))
     else:
         for key in ("tools", "tool_choice"):
             if body.get(key) is not None:
@@ -162,7 +162,7 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
         if not isinstance(prompt, str):
             raise _bad("prompt must be a string (or a list of one string)", "prompt")
         obj["prompt"] = prompt
-        obj["max_tokens"] = body.get("max_tokens")
+        obj["max_tokens"] = _n_predict(body, body.get("max_tokens"))
         # the legacy API's logprobs is the number of alternatives (0..20 here, 5 at OpenAI)
         n = body.get("logprobs")
         if n is not None:
@@ -173,6 +173,17 @@ def to_generate(body: dict[str, Any], defaults: Defaults,
     if mode is not None:
         params = dataclasses.replace(params, json_schema=mode.schema, or_text=mode.or_text)
     return params, bool(stream), bool(include_usage), mode
+
+
+def _n_predict(body: dict[str, Any], otherwise: Any) -> Any:
+    """The output limit: llama-server's ``n_predict`` when given (it wins over OpenAI's
+    names there too; -1 = until the context is full), else ``otherwise``."""
+    n = body.get("n_predict")
+    if n is None:
+        return otherwise
+    if isinstance(n, bool) or not isinstance(n, int) or n == 0 or n < -1:
+        raise _bad("n_predict must be a positive integer, or -1 for no limit", "n_predict")
+    return 1 << 20 if n == -1 else n
 
 
 def _event(obj: dict[str, Any]) -> bytes:

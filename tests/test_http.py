@@ -120,6 +120,12 @@ def test_chat_non_streaming(client):
     r2 = client.chat.completions.create(model=NAME, messages=HELLO, max_completion_tokens=3,
                                         temperature=0.0)
     assert r2.usage.completion_tokens == 3 and r2.usage.prompt_tokens == u.prompt_tokens
+    # llama-server's n_predict, as the MPI scheduler sends it, wins over max_tokens there
+    r3 = client.chat.completions.create(model=NAME, messages=HELLO, max_tokens=8,
+                                        temperature=0.2, extra_body={"n_predict": 5})
+    assert r3.usage.completion_tokens == 5
+    with pytest.raises(openai.BadRequestError, match="n_predict"):
+        client.chat.completions.create(model=NAME, messages=HELLO, extra_body={"n_predict": 0})
 
 
 @integration
