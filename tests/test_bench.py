@@ -202,3 +202,35 @@ def test_engine_and_overload_modes(make_service, tmp_path):
     assert sum(o["outcomes"].values()) == o["sent"] == res["points"][1]["summary"]["requests"]
     assert o["overloaded_ms"]["count"] == o["outcomes"].get("overloaded", 0)
     assert o["gateway_rss_mib"] and "time to answer overloaded" in r.stdout
+
+
+@pytest.mark.integration
+def test_neighbours_mode_smoke(make_service, tmp_path):
+    """``--neighbours``: the benchmark starts and kills its CPU-bound neighbours, measures
+    the sequential and throughput phases and reads the server's threads (no timing)."""
+    import psutil
+
+    def hogs() -> int:
+        return sum(1 for p in psutil.process_iter(["cmdline"])
+                   if p.info["cmdline"] and "while True: pass" in p.info["cmdline"])
+
+    before = hogs()
+    s = make_service(workers={"slots": 2}, http={"enabled": True})
+    assert s.start().returncode == 0
+    out = tmp_path / "neighbours.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "llmctl.control", "bench", "--target",
+         f"http://127.0.0.1:{s.http_port}/v1", "--neighbours", "0,1", "--requests", "2",
+         "--clients", "2", "--duration", "1", "--max-tokens", "4", "--quiet",
+         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert hogs() == before
+    nb = json.loads(out.read_text())["neighbours"]
+    assert [p["neighbours"] for p in nb["points"]] == [0, 1]
+    for p in nb["points"]:
+        [t] = p["targets"]
+        assert t["sequential"]["ok"] == 2 and t["throughput"]["clients"] == 2
+        assert t["throughput"]["ok"] >= 1 and t["sequential"]["tokens"] > 0
+        names = {row["process"] for row in t["threads"]}
+        assert "llmctl.worker" in names, t["threads"]
+    assert "threads of http://" in r.stdout and "median s" in r.stdout

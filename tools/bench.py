@@ -6,12 +6,17 @@
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --compare http://127.0.0.1:8090/v1
     python -m llmctl.tools.bench --target tcp://127.0.0.1:8080 --overload 4 --duration 30 -c config.toml
     python -m llmctl.tools.bench --engine models/SmolLM2-135M-Instruct.Q4_1.gguf --clients 1,8
+    python -m llmctl.tools.bench --target http://127.0.0.1:8081/v1 --compare http://127.0.0.1:8090/v1 \
+        --neighbours 0,1,2 --requests 8 --clients 8 --duration 10 --max-tokens 32
 
 (``llmctl bench ...`` is the same command.) Closed loop by default: N clients each send a
 request, wait for its end, send the next. ``--rate R`` is open loop instead: Poisson
 arrivals at R requests/s, however many are in flight. ``--overload F`` measures the
 capacity (closed loop, ``--clients``) and then offers F times it, Poisson, and reports how
-fast ``overloaded`` is answered (tools/bench_overload.py). ``--engine MODEL.gguf`` drives
+fast ``overloaded`` is answered (tools/bench_overload.py). ``--neighbours N,...`` starts N
+CPU-bound processes beside the targets and measures sequential latency, tokens/s at
+``--clients`` and where each server's threads spend the time (tools/bench_neighbours.py).
+``--engine MODEL.gguf`` drives
 the batching engine directly in a worker-side process, no gateway (tools/bench_engine.py).
 Each point first runs ``--warmup`` requests at its concurrency, left out of the figures.
 Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``http://HOST:PORT/v1`` (OpenAI API),
@@ -37,6 +42,7 @@ from llmctl.tools.bare_llama import BareLlamaTarget
 from llmctl.tools.bench_engine import EngineTarget
 from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
 from llmctl.tools.bench_embed import run_embeddings
+from llmctl.tools.bench_neighbours import print_neighbours, run_neighbours
 from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
 from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
@@ -200,6 +206,8 @@ class Progress:
 # ---- the run ---------------------------------------------------------------------------
 
 def mode_of(args: argparse.Namespace) -> str:
+    if args.neighbours is not None:
+        return "neighbours"
     if args.overload:
         return "overload"
     if args.engine:
@@ -229,7 +237,11 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
             if args.overload:
                 got = await run_overload(targets[0], work, args, progress.start, progress.advance)
                 points, extra["overload"] = got["points"], got["overload"]
-            for n, (clients, rate) in enumerate([] if args.overload else points_of(args)):
+            if args.neighbours is not None:
+                extra["neighbours"] = await run_neighbours(targets, work, args, progress.start,
+                                                           progress.advance)
+            for n, (clients, rate) in enumerate([] if args.overload or args.neighbours
+                                                is not None else points_of(args)):
                 order = targets if n % 2 == 0 else targets[::-1]   # alternate who goes first
                 got = {t.url: await run_point(t, work, args, clients, rate, progress) for t in order}
                 points.extend(got[t.url] for t in targets)
@@ -287,7 +299,7 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
                       help="drive the batching engine directly (closed loop, no gateway)")
     ap.add_argument("--compare", metavar="TARGET2",
                     help="run the same workload against TARGET2 too, alternating points")
-    ap.add_argument("--clients", type=_list(int), default=[1], metavar="N[,N...]",
+    ap.add_argument("--clients", type=_list(int), default=None, metavar="N[,N...]",
                     help="concurrent clients (closed loop); several make a sweep (default 1)")
     ap.add_argument("--rate", type=_list(float), default=None, metavar="R[,R...]",
                     help="open loop: Poisson arrivals at R requests/s (a sweep when several)")
@@ -316,6 +328,12 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     ap.add_argument("--stamped", action="store_true",
                     help="the target's tokens are stamped by synthetic workers ([synthetic] "
                          "stamp = true): report the latency the data plane adds per token")
+    nb = ap.add_argument_group("busy neighbours (--neighbours)")
+    nb.add_argument("--neighbours", type=_counts, default=None, metavar="N[,N...]",
+                    help="for each N: start N CPU-bound processes, then measure --requests "
+                         "sequential requests (default 8) and --clients closed-loop clients "
+                         "for --duration s (default 8 for 10 s) against each target; "
+                         "--timeout defaults to 60 s")
     ov = ap.add_argument_group("overload (--overload)")
     ov.add_argument("--overload", type=float, default=None, metavar="FACTOR",
                     help="offer FACTOR x the measured capacity, Poisson, for --duration "
@@ -339,7 +357,28 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     return ap
 
 
+def _counts(s: str) -> list[int]:
+    try:
+        vs = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list: {s!r}") from None
+    if not vs or any(v < 0 or v > 64 for v in vs):
+        raise argparse.ArgumentTypeError(f"expected counts from 0 to 64: {s!r}")
+    return vs
+
+
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.clients_point = None
+    if args.neighbours is not None:
+        if args.engine or args.rate or args.overload or len(args.clients or ()) > 1:
+            ap.error("--neighbours takes one --clients (the throughput point's), without "
+                     "--engine, --rate or --overload")
+        args.clients_point = args.clients[0] if args.clients else 8
+        args.requests = args.requests or 8
+        args.duration = args.duration or 10.0
+        if args.timeout == 300.0:
+            args.timeout = 60.0
+    args.clients = args.clients or [1]
     if args.overload is not None:
         if args.overload <= 0 or args.capacity_s <= 0:
             ap.error("--overload and --capacity-s must be positive")
@@ -388,13 +427,19 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    print_report(result)
+    if result["config"]["mode"] == "neighbours":
+        print_neighbours(result["neighbours"])
+    else:
+        print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
+    if "neighbours" in result:
+        return 0 if all(t["sequential"]["ok"] > 0 for p in result["neighbours"]["points"]
+                        for t in p["targets"]) else 1
     return 0 if all(p["summary"]["ok"] > 0 for p in result["points"]) else 1
 
 
