@@ -266,7 +266,7 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
         "points": points,
         **extra,
     }
-    if len(targets) == 2:
+    if len(targets) == 2 and points:
         a, b = targets[0].url, targets[1].url
         by = {(p["target"], p["clients"], p["rate"]): p["summary"] for p in points}
         result["comparisons"] = [

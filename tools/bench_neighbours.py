@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from llmctl.common.procs import thread_times
+from llmctl.common.procs import die_with_parent, thread_times
 from llmctl.tools.bench_load import Workload, closed_loop
 from llmctl.tools.bench_stats import RequestRecord, summarize, wall_time
 from llmctl.tools.bench_targets import Target
@@ -103,7 +103,9 @@ def _autogroup(pid: int) -> str:
 
 
 def start_neighbours(n: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", NEIGHBOUR]) for _ in range(n)]
+    """N CPU-bound processes, which the kernel kills if the benchmark dies first."""
+    return [subprocess.Popen([sys.executable, "-c", NEIGHBOUR], preexec_fn=die_with_parent)
+            for _ in range(n)]
 
 
 def stop_neighbours(procs: list[subprocess.Popen]) -> None:
@@ -154,7 +156,7 @@ async def run_neighbours(targets: list[Target], work: Workload, args: Any,
         try:
             point: dict[str, Any] = {"neighbours": n, "neighbours_autogroup":
                                      _autogroup(procs[0].pid) if procs else "-",
-                                     "targets": []}
+                                     "neighbour_pids": [p.pid for p in procs], "targets": []}
             for target in targets:
                 start(f"{target.url} neighbours={n}", args.requests)
                 t0 = time.monotonic()
