@@ -16,18 +16,20 @@ class FakeCpu:
     """A clock and cumulative scheduler figures that a test advances window by window."""
 
     def __init__(self) -> None:
-        self.t, self.run, self.wait, self.idle = 100.0, 0, 0, 0.0
+        self.t, self.run, self.wait, self.idle, self.slices = 100.0, 0, 0, 0.0, 0
 
     def sample(self) -> CpuSample:
-        return CpuSample(self.t, self.run, self.wait, self.idle)
+        return CpuSample(self.t, self.run, self.wait, self.idle, self.slices)
 
-    def window(self, seconds: float, run_cpus: float, wait_cpus: float, idle_cpus: float) -> None:
+    def window(self, seconds: float, run_cpus: float, wait_cpus: float, idle_cpus: float,
+               slice_wait_ms: float = 4.0) -> None:
         """``seconds`` pass; the worker's threads ran ``run_cpus`` CPUs' worth, waited for
-        ``wait_cpus``; the machine had ``idle_cpus`` idle."""
+        ``wait_cpus``, ``slice_wait_ms`` a time slice; the machine had ``idle_cpus`` idle."""
         self.t += seconds
         self.run += int(run_cpus * seconds * 1e9)
         self.wait += int(wait_cpus * seconds * 1e9)
         self.idle += idle_cpus * seconds
+        self.slices += max(1, int(wait_cpus * seconds * 1e3 / slice_wait_ms))
 
 
 def governor(n_max: int = 2, adaptive: bool = True) -> tuple[ThreadGovernor, FakeCpu, list[int]]:
@@ -44,6 +46,15 @@ def test_threads_that_wait_for_a_cpu_half_the_time_become_one():
     cpu.window(0.6, run_cpus=1.0, wait_cpus=1.0, idle_cpus=0.0)     # a neighbour came
     gov.after_step()
     assert gov.n == 1 and applied == [1] and gov.changes == 1
+
+
+def test_brief_preemptions_by_the_services_own_threads_are_not_a_neighbour():
+    """Eight HTTP clients on two cores: the gateway and the load generator wake up per
+    token and take the compute threads' CPU for a fraction of a millisecond each time."""
+    gov, cpu, applied = governor()
+    cpu.window(0.6, run_cpus=1.45, wait_cpus=0.55, idle_cpus=0.0, slice_wait_ms=0.3)
+    gov.after_step()
+    assert gov.n == 2 and applied == []
 
 
 def test_a_window_is_judged_only_once_it_is_long_enough():

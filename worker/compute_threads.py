@@ -15,8 +15,10 @@ milliseconds (docs/benchmarks.md, "Sharing the host").
 Policy ``[host] threads_policy = "adaptive"`` (the default): after its engine steps, at
 most every ``WINDOW_S``, the worker reads the run time and run-queue wait of its own
 threads (``/proc/self/task/*/schedstat``).  Threads that wanted a CPU but waited for
-one more than a quarter of the time (``SHARE_LOW``) are more than the CPUs the worker
-gets: it computes with fewer (``llama_set_n_threads``), down to as many as it got.  With
+one more than a quarter of the time (``SHARE_LOW``), a time slice's worth at a time
+(``SLICE_WAIT_MS``: brief preemptions by the service's own gateway and I/O threads are
+not that), are more than the CPUs the worker gets: it computes with fewer
+(``llama_set_n_threads``), down to as many as it got.  With
 fewer than its maximum it watches the idle time of the CPUs it may run on
 (``/proc/stat``): a CPU idle most of the time (``IDLE_FOR_RAISE``) for ``hold`` seconds
 (beyond what its own threads left idle) gives it one thread back.  A raise that is taken back within ``FLAP_S`` doubles
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 0.5          # the run/wait figures are judged over at least this much time
 SHARE_LOW = 0.75        # runnable threads on a CPU less of the time than this: too many
+SLICE_WAIT_MS = 1.0     # ... if each wait lasts this long on average: time slices lost to
+                        # other processes, not brief preemptions by the service's own wake-ups
 IDLE_FOR_RAISE = 0.75   # CPU-seconds idle per second, over ``hold``: one more thread
 HOLD_S = 1.0            # how long the idle CPU must last before a raise (first time)
 HOLD_MAX_S = 60.0
@@ -51,12 +55,13 @@ BUSY_MIN = 0.1          # windows where the threads wanted less CPU than this ar
 
 @dataclass(frozen=True)
 class CpuSample:
-    """The process's threads' CPU time and run-queue wait (ns, summed), and the idle
-    CPU-seconds of the CPUs it may run on, at ``t`` (monotonic seconds)."""
+    """The process's threads' CPU time and run-queue wait (ns) and time slices, summed,
+    and the idle CPU-seconds of the CPUs it may run on, at ``t`` (monotonic seconds)."""
     t: float
     run_ns: int
     wait_ns: int
     idle_s: float
+    slices: int = 0
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -77,8 +82,9 @@ def _idle_seconds(cpus: frozenset[int]) -> float:
 
 def read_sample() -> CpuSample:
     times = thread_times().values()
-    run, wait = sum(t[1] for t in times), sum(t[2] for t in times)
-    return CpuSample(time.monotonic(), run, wait, _idle_seconds(frozenset(os.sched_getaffinity(0))))
+    run, wait, slices = (sum(t[i] for t in times) for i in (1, 2, 3))
+    return CpuSample(time.monotonic(), run, wait,
+                     _idle_seconds(frozenset(os.sched_getaffinity(0))), slices)
 
 
 def usable_cpus() -> int:
@@ -130,12 +136,14 @@ class ThreadGovernor:
         busy = run + wait
         if self.n > 1 and busy >= BUSY_MIN * wall * 1e9:
             share = run / busy
-            if share < SHARE_LOW:
+            slice_wait_ms = wait / max(1, now.slices - last.slices) / 1e6
+            if share < SHARE_LOW and slice_wait_ms >= SLICE_WAIT_MS:
                 target = max(1, min(self.n - 1, int(self.n * share + 0.25)))
                 if now.t - self._raised_at < FLAP_S:
                     self.hold_s = min(HOLD_MAX_S, self.hold_s * 2)
                 self._set(target, f"its threads ran {100 * share:.0f}% of the time they "
-                                  "were runnable: the CPU is shared with other processes")
+                                  f"were runnable, waiting {slice_wait_ms:.1f} ms a time slice: "
+                                  "the CPU is shared with other processes")
                 return
         if self.n < self.n_max:
             # CPUs idle beyond those our own threads left idle (they did not want all n
