@@ -1,7 +1,7 @@
 """The supervisor's part of a cluster (docs/cluster.md).
 
 On a node (``[node] join``): its workers report how their link to the head stands
-(``admin.WorkerLink`` on ``run_dir/node.sock``, PUSH -> PULL); ``serve_reports`` applies
+(``admin.LinkReport`` on ``run_dir/node.sock``, PUSH -> PULL); ``serve_reports`` applies
 those reports to the worker processes (the first one means loaded and warm; joined means
 serving, which the restart policy and a reload's surge count as ready), ``drain`` asks one
 to finish what it holds, and ``node_view`` is what `llmctl status` shows of them.
@@ -33,7 +33,7 @@ async def serve_reports(sock: zmq.asyncio.Socket,
     while True:
         raw = await sock.recv()
         try:
-            rep = admin.decode_worker_link(raw)
+            rep = admin.decode_link_report(raw)
         except admin.AdminError as exc:
             log.error("dropped a malformed worker report: %s", exc)
             continue

@@ -14,7 +14,7 @@ each on its desired config).  Every tick the loop compares that with what runs:
   reload and the VRAM governor's restart are nothing but new desired states.
 
 On a node (``[node] join``) there is no gateway: the workers connect to the head's, and
-each tells this supervisor how its link stands (``admin.WorkerLink`` on ``node.sock``);
+each tells this supervisor how its link stands (``admin.LinkReport`` on ``node.sock``);
 restart policy, logs and the VRAM governor are the same.  On a head, ``status`` also
 lists the workers of other machines that the gateway serves.
 """
