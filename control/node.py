@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from llmctl.common import admin
 from llmctl.control.child import WorkerProcess
+from llmctl.control.states import ProcessState
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ async def serve_reports(sock: zmq.asyncio.Socket,
             log.info("%s drained", w.name)
             continue
         w.link, w.link_detail = rep.state, rep.detail
-        if w.state == "starting":             # loaded and warm: it serves once joined
-            w.state = "running"
+        if w.state is ProcessState.STARTING:      # loaded and warm: it serves once joined
+            w.to(ProcessState.RUNNING)
         if rep.state == "joined":             # serving: a reload's surge may retire the old
             w.mark_ready()
         level = logging.WARNING if rep.state in ("lost", "refused") else logging.INFO
@@ -70,7 +71,7 @@ def node_view(w: WorkerProcess, snap: dict[str, Any]) -> None:
     """A node's worker in its status: its link to the head, and its slots."""
     snap["link"] = w.link or "-"
     snap["slots"] = w.cfg.workers.slots
-    if w.state == "running":
+    if w.state is ProcessState.RUNNING:
         snap["state"] = _STATE_OF_LINK.get(w.link, w.link or "running")
     if w.link_detail:
         snap["link_detail"] = w.link_detail

@@ -41,6 +41,7 @@ from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
 from llmctl.control.models import ModelManager, memory_plan, plan_budget
 from llmctl.control.rollout import Rollout
+from llmctl.control.states import ProcessState
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,17 @@ class Supervisor:
         for child in self.children:
             if child.exited() and child is not self.gateway:
                 self._forget(child, describe_exit(child.last_exit))
-            restarted = child.state == "backoff"
+            restarted = child.state is ProcessState.BACKOFF
             await child.maybe_restart()
             if restarted and child is self.gateway and child.pid:
                 self.link.expect(child.pid)
         now = time.monotonic()
         for w in self.workers:
-            if w.state == "starting" and w.pid and w.uptime > self.cfg.workers.ready_timeout_s:
+            if w.state is ProcessState.STARTING and w.pid \
+                    and w.uptime > self.cfg.workers.ready_timeout_s:
                 log.error("%s sent no READY within %.0fs: killing it", w.name,
                           self.cfg.workers.ready_timeout_s)
-                _kill(w)
+                w.kill()
         self._check_gateway(now)
         await self._step_models(now)
         await self.rollout.step()
@@ -176,11 +178,11 @@ class Supervisor:
             if reply is not None:
                 usage = self._usage = reply.data
         ro = self.rollout
-        ready = {n: w.was_ready and w.pid is not None and w.state == "running"
+        ready = {n: w.was_ready and w.pid is not None and w.state is ProcessState.RUNNING
                  for n, w in ro.workers.items()}
         running = {w.name: True for w in ro.all()}
         fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
-                 for n, w in ro.workers.items() if w.state == "fatal"}
+                 for n, w in ro.workers.items() if w.state is ProcessState.FATAL}
         for r in self.models.step(now, ready, running, fatal, usage):
             self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
                                                   retry_after_ms=r.retry_after_ms))
@@ -202,11 +204,11 @@ class Supervisor:
         if gw.was_ready and silent > w.heartbeat_interval_s * w.liveness:
             log.error("the gateway (pid %d) answered nothing for %.1fs: killing it",
                       gw.pid, silent)
-            _kill(gw)
+            gw.kill()
         elif not gw.was_ready and gw.uptime > self.cfg.control.start_timeout_s:
             log.error("the gateway did not come up within %.0fs: killing it",
                       self.cfg.control.start_timeout_s)
-            _kill(gw)
+            gw.kill()
 
     def _on_event(self, ev: admin.FromGateway) -> None:
         """Something the gateway pushed: it is up, a worker is ready, lost or drained."""
@@ -216,15 +218,16 @@ class Supervisor:
                 self.gateway_up = ev
             case admin.WorkerReady(worker=wid):
                 w = self._by_routing_id(wid)
-                if w is not None and w.state == "starting":
-                    w.state = "running"
+                if w is not None and w.state is ProcessState.STARTING:
+                    w.to(ProcessState.RUNNING)
                     w.mark_ready()
             case admin.WorkerLost(worker=wid, pid=pid, why=why):
                 w = self._by_routing_id(wid)
-                if w is not None and w.pid == pid and w.state in ("starting", "running"):
+                if w is not None and w.pid == pid and w.state in (ProcessState.STARTING,
+                                                                  ProcessState.RUNNING):
                     log.error("%s (pid %d) is alive but the gateway declared it dead (%s): "
                               "killing it", w.name, pid, why)
-                    _kill(w)
+                    w.kill()
             case admin.WorkerDrained(worker=wid):
                 w = self._by_routing_id(wid)
                 if w is not None:
@@ -390,7 +393,7 @@ class Supervisor:
         for w in self.workers:
             snap = w.snapshot()
             info = live.get(w.routing_id)
-            if info and w.state == "running":
+            if info and w.state is ProcessState.RUNNING:
                 snap.update({k: info[k] for k in ("slots", "credits", "inflight", "parked",
                                                   "served", "device", "kv_store",
                                                   "threads")})
@@ -446,7 +449,7 @@ class Supervisor:
     def _state_of(self, w: WorkerProcess, info: dict[str, Any] | None) -> str:
         if w in self.rollout.retiring:
             return "draining"
-        return info["state"] if info and w.state == "running" else w.state
+        return info["state"] if info and w.state is ProcessState.RUNNING else w.state.value
 
     def _vram_of(self, w: WorkerProcess) -> float | None:
         if self.gpu is None or not self.gpu.last.get("enforced"):
@@ -461,11 +464,11 @@ class Supervisor:
                            "cpu": me.cpu_percent(None)},
             "gateway": {"pid": self.gateway.pid, "rss": self.gateway.rss(),
                         "cpu": self.gateway.cpu_percent()},
-            "workers": [{"name": w.name, "pid": w.pid, "state": w.state,
+            "workers": [{"name": w.name, "pid": w.pid, "state": w.state.value,
                          "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
                          "vram_mib": self._vram_of(w)} for w in self.rollout.workers.values()],
             "gpu": self.gpu.last if self.gpu else None,
-            "models": {m.name: {"state": m.state, "workers": m.names}
+            "models": {m.name: {"state": m.state.value, "workers": m.names}
                        for m in self.models.models.values()},
         }
         for w in procs["workers"]:
@@ -473,14 +476,6 @@ class Supervisor:
         self._cpu = {"supervisor": procs["supervisor"]["cpu"], "gateway": procs["gateway"]["cpu"],
                      **{w["name"]: w["cpu"] for w in procs["workers"]}}
         return procs
-
-
-def _kill(w: ChildProcess) -> None:
-    try:
-        assert w.proc is not None
-        w.proc.kill()
-    except ProcessLookupError:
-        pass
 
 
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:

@@ -21,6 +21,7 @@ import zmq
 
 from llmctl.common.config import Config
 from llmctl.control.rollout import Rollout
+from tests.fakes import illegal_transitions
 from tests.service import Service, wait_until
 
 GARBAGE_FROM_A_WORKER = [
@@ -136,7 +137,8 @@ def with_layers(cfg: Config, n: int) -> Config:
 
 def run_rollout(cfg: Config, script) -> tuple[Rollout, list[tuple[str, str]]]:
     """Drive a Rollout tick by tick; ``script(rollout, tick)`` plays the processes' part
-    (they get ready, the gateway says they drained).  Returns it and what the gateway was told."""
+    (they get ready, the gateway says they drained).  Returns it and what the gateway was
+    told; every phase change it made was legal."""
     told: list[tuple[str, str]] = []
     FakeWorker.made = []
 
@@ -153,7 +155,10 @@ def run_rollout(cfg: Config, script) -> tuple[Rollout, list[tuple[str, str]]]:
                 break
         return r
 
-    return asyncio.run(main()), told
+    with illegal_transitions() as illegal:
+        r = asyncio.run(main())
+    assert not illegal
+    return r, told
 
 
 def ready_all(r: Rollout, tick: int) -> None:
