@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 # A running process's state in `llmctl status`, from its link to the head.
 _STATE_OF_LINK = {"joined": "running", "connecting": "connecting"}
-_GATEWAY_KEYS = ("slots", "credits", "inflight", "parked", "served", "device", "kv_store",
+# What the gateway knows of a worker it serves, shown beside the process's own figures.
+GATEWAY_KEYS = ("slots", "credits", "inflight", "parked", "served", "device", "kv_store",
                  "threads")
 
 
@@ -89,5 +90,5 @@ def remote_workers(live: dict[str, dict[str, Any]], mine: set[str], node: str,
             "state": info["state"], "rss": None, "uptime_s": 0.0, "restarts": 0,
             "last_exit": None, "stderr_tail": [], "vram_mib": None, "cpu": None,
             "tokens_per_s": rates.get(info["name"], {}).get("tokens_per_s", 0.0),
-            "last_seen_s": info.get("last_seen_s"), **{k: info.get(k) for k in _GATEWAY_KEYS}})
+            "last_seen_s": info.get("last_seen_s"), **{k: info.get(k) for k in GATEWAY_KEYS}})
     return out

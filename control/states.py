@@ -14,6 +14,8 @@ and ``isValidTransition``:
 * ``RolloutPhase``: the replacement of one worker (``rollout.py``): ``starting`` the new
   process, ``draining`` the old one, ``stopping`` it; in place, the new one starts
   after the old one stopped.
+* ``ReloadState``: ``llmctl reload`` (``reload.py``): ``idle`` until the first one, then
+  ``rolling`` until ``done`` or ``failed``.
 
 ``move`` is the one way a state changes.  A transition the table does not list is a bug
 of the supervisor: it is logged as an error naming the object and both states, with the
@@ -51,7 +53,14 @@ class RolloutPhase(StrEnum):
     STOPPING = "stopping"
 
 
-_P, _M, _R = ProcessState, ModelState, RolloutPhase
+class ReloadState(StrEnum):
+    IDLE = "idle"
+    ROLLING = "rolling"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_P, _M, _R, _L = ProcessState, ModelState, RolloutPhase, ReloadState
 
 # Each kind's table: state -> the states it may move to.  A stop is legal from anywhere,
 # a second stop included (shutdown stops what a rollout may be stopping already).
@@ -73,6 +82,12 @@ LEGAL: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
         _R.STARTING: frozenset({_R.DRAINING}),
         _R.DRAINING: frozenset({_R.STOPPING}),
         _R.STOPPING: frozenset({_R.STARTING}),
+    },
+    ReloadState: {
+        _L.IDLE: frozenset({_L.ROLLING}),
+        _L.ROLLING: frozenset({_L.DONE, _L.FAILED}),
+        _L.DONE: frozenset({_L.ROLLING}),
+        _L.FAILED: frozenset({_L.ROLLING}),
     },
 }
 
