@@ -5,7 +5,9 @@ Each served model (``cfg.served``) is ``unloaded``, ``loading`` (its workers sta
 ``states.ModelState``.  The supervisor's reconcile loop turns ``desired_workers()`` into
 processes (``Rollout``) and calls ``step`` every tick with what runs and what the gateway
 says of each model's requests; ``step`` moves the states and says what to tell the
-gateway.
+gateway.  ``observe`` is its first half, what runs moving the states, which the
+supervisor also calls the moment a worker gets ready: a model whose workers serve is
+``loaded`` before any answer of theirs can reach a client.
 
 The plan: each model needs ``need_mib`` (the GGUF-based estimate of
 ``control/gpu_estimate.py``, times its workers: VRAM with a GPU, host memory on a CPU,
@@ -159,12 +161,29 @@ class ModelManager:
         process of that name exists (serving, starting or retiring); ``fatal[name]``: why
         it will not start again; ``usage``: the gateway's per-model figures (None = not
         known this tick: nothing is evicted or expired)."""
-        out: list[Refusal] = []
         if usage is not None:
             for m in self.models.values():
                 u = usage.get(m.name) or {}
                 if u.get("idle_s") is not None:
                     m.last_used = max(m.last_used, now - float(u["idle_s"]))
+        out = self.observe(now, ready, running, fatal)
+        if usage is not None:
+            self._expire(now, usage)
+        if self.budget_mib and not self.planned:
+            return out                      # no load decided before the figures are known
+        for m in sorted(self.models.values(), key=lambda x: x.since):
+            if m.wanted and m.state is ModelState.UNLOADED:
+                refusal = self._try_load(m, now, usage)
+                if refusal is not None:
+                    out.append(refusal)
+        return out
+
+    def observe(self, now: float, ready: Mapping[str, bool], running: Mapping[str, bool],
+                fatal: Mapping[str, str]) -> list[Refusal]:
+        """What runs moves the states (``step``'s arguments): a model whose workers have
+        all been ready is loaded, one whose worker cannot start is refused, one whose
+        processes are gone is unloaded."""
+        out: list[Refusal] = []
         for m in self.models.values():
             if m.state is ModelState.LOADING:
                 failed = [fatal[n] for n in m.names if n in fatal]
@@ -179,15 +198,6 @@ class ModelManager:
                     m.to(ModelState.LOADED, now)
             elif m.state is ModelState.UNLOADING and not any(running.get(n) for n in m.names):
                 m.to(ModelState.UNLOADED, now)
-        if usage is not None:
-            self._expire(now, usage)
-        if self.budget_mib and not self.planned:
-            return out                      # no load decided before the figures are known
-        for m in sorted(self.models.values(), key=lambda x: x.since):
-            if m.wanted and m.state is ModelState.UNLOADED:
-                refusal = self._try_load(m, now, usage)
-                if refusal is not None:
-                    out.append(refusal)
         return out
 
     def _expire(self, now: float, usage: Mapping[str, Mapping[str, Any]]) -> None:

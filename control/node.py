@@ -3,8 +3,9 @@
 On a node (``[node] join``): its workers report how their link to the head stands
 (``admin.LinkReport`` on ``run_dir/node.sock``, PUSH -> PULL); ``serve_reports`` applies
 those reports to the worker processes (the first one means loaded and warm; joined means
-serving, which the restart policy and a reload's surge count as ready), ``drain`` asks one
-to finish what it holds, and ``node_view`` is what `llmctl status` shows of them.
+serving, which the restart policy, a reload's surge and the model plan count as ready),
+``drain`` asks one to finish what it holds, and ``node_view`` is what `llmctl status`
+shows of them.
 
 On a head: ``remote_workers`` lists the workers of other machines as its gateway sees
 them, beside the head's own processes.
@@ -30,8 +31,9 @@ GATEWAY_KEYS = ("slots", "credits", "inflight", "parked", "served", "device", "k
                  "threads")
 
 
-async def serve_reports(sock: zmq.asyncio.Socket,
-                        find: Callable[[str], WorkerProcess | None]) -> None:
+async def serve_reports(sock: zmq.asyncio.Socket, find: Callable[[str], WorkerProcess | None],
+                        ready: Callable[[], None]) -> None:
+    """Apply each report to its process; ``ready()`` once one has joined (serves)."""
     while True:
         raw = await sock.recv()
         try:
@@ -51,6 +53,7 @@ async def serve_reports(sock: zmq.asyncio.Socket,
             w.to(ProcessState.RUNNING)
         if rep.state == "joined":             # serving: a reload's surge may retire the old
             w.mark_ready()
+            ready()
         level = logging.WARNING if rep.state in ("lost", "refused") else logging.INFO
         log.log(level, "%s: link to the head %s%s", w.name, rep.state,
                 f" ({rep.detail})" if rep.detail else "")

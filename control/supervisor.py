@@ -12,9 +12,14 @@ each on its desired config).  Every tick the loop compares that with what runs:
   answering for ``workers.liveness`` intervals (hung, SIGSTOP) is killed and restarted;
 * ``Rollout.step`` converges the workers to their desired configs, one at a time; a
   reload (``reload.py``) and the VRAM governor's restart are nothing but new desired
-  states.
+  states;
+* the served models' states follow what runs (``ModelManager``): every tick, and at
+  once when a worker gets ready, so that a model is ``loaded`` before any answer of its
+  worker can reach a client.
 
 It answers the CLI on its control socket; what it reports is assembled in ``status.py``.
+Asking the gateway first (``Status``, ``Models``) orders the answer after every event the
+gateway sent before: one pipe, read in order, each event applied as it is read.
 
 On a node (``[node] join``) there is no gateway: the workers connect to the head's, and
 each tells this supervisor how its link stands (``admin.LinkReport`` on ``node.sock``);
@@ -40,7 +45,7 @@ from llmctl.common.procs import bind_private, describe_exit, make_private
 from llmctl.control import gpu, node, status
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
-from llmctl.control.models import ModelManager, memory_plan, plan_budget
+from llmctl.control.models import ModelManager, Refusal, memory_plan, plan_budget
 from llmctl.control.reload import Reload
 from llmctl.control.rollout import Rollout
 from llmctl.control.states import ProcessState
@@ -105,7 +110,8 @@ class Supervisor:
                 self.models.planned = True
             if self.cfg.is_node:          # no gateway here: the workers join the head
                 bind_private(reports, self.cfg.node_endpoint)
-                tasks.append(asyncio.create_task(node.serve_reports(reports, self._by_routing_id)))
+                tasks.append(asyncio.create_task(node.serve_reports(
+                    reports, self._by_routing_id, self._models_follow)))
                 log.info("node %s: workers join %s", self.cfg.node_name, self.cfg.node.join)
             else:
                 await self.gateway.start()
@@ -175,25 +181,45 @@ class Supervisor:
 
     async def _step_models(self, now: float) -> None:
         """The served models' desired state: loads asked for, evictions, keep_alive_s."""
-        assert self.link is not None
-        usage = None
-        if self.gateway_up is not None:
-            reply = await self.link.call(admin.Models(), timeout=0.5)
-            if reply is not None:
-                usage = self.usage = reply.data
+        usage = await self._gateway_usage()
+        self._refuse(self.models.step(now, *self._processes_of_models(), usage))
+        ro = self.rollout
+        desired = self.models.desired_workers()
+        if set(desired) != set(ro.desired):     # a model loads or unloads (the configs of
+            ro.want_workers({n: ro.desired.get(n, c)    # the others stay as they are:
+                             for n, c in desired.items()})   # a reload, the governor)
+
+    async def _gateway_usage(self) -> dict[str, Any] | None:
+        """The gateway's per-model figures now (None: no gateway answered)."""
+        if self.gateway_up is None or self.link is None:
+            return None
+        reply = await self.link.call(admin.Models(), timeout=0.5)
+        if reply is None:
+            return None
+        self.usage = reply.data
+        return reply.data
+
+    def _processes_of_models(self) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
+        """What ``ModelManager`` moves the states by: which workers are ready, which
+        processes exist, which workers are FATAL and why."""
         ro = self.rollout
         ready = {n: w.was_ready and w.pid is not None and w.state is ProcessState.RUNNING
                  for n, w in ro.workers.items()}
         running = {w.name: True for w in ro.all()}
         fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
                  for n, w in ro.workers.items() if w.state is ProcessState.FATAL}
-        for r in self.models.step(now, ready, running, fatal, usage):
+        return ready, running, fatal
+
+    def _models_follow(self) -> None:
+        """A worker got ready: the models' states follow now, not on the next tick."""
+        self._refuse(self.models.observe(time.monotonic(), *self._processes_of_models()))
+
+    def _refuse(self, refusals: list[Refusal]) -> None:
+        """Tell the gateway which models' queued requests get an error."""
+        assert self.link is not None
+        for r in refusals:
             self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
                                                   retry_after_ms=r.retry_after_ms))
-        desired = self.models.desired_workers()
-        if set(desired) != set(ro.desired):     # a model loads or unloads (the configs of
-            ro.want_workers({n: ro.desired.get(n, c)    # the others stay as they are:
-                             for n, c in desired.items()})   # a reload, the governor)
 
     def _check_gateway(self, now: float) -> None:
         """Ping the gateway; kill one that was ready and stopped answering (hung)."""
@@ -225,6 +251,7 @@ class Supervisor:
                 if w is not None and w.state is ProcessState.STARTING:
                     w.to(ProcessState.RUNNING)
                     w.mark_ready()
+                    self._models_follow()
             case admin.WorkerLost(worker=wid, pid=pid, why=why):
                 w = self._by_routing_id(wid)
                 if w is not None and w.pid == pid and w.state in (ProcessState.STARTING,
@@ -355,6 +382,7 @@ class Supervisor:
             case admin.Reload():
                 return self.start_reload()
             case admin.Models():
+                await self._gateway_usage()
                 return {"ok": True, "models": status.model_rows(self)}
             case admin.Load(model=name):
                 err = self.models.want(name)

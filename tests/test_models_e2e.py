@@ -89,6 +89,11 @@ def ask(svc, requests: list[dict[str, Any]], then=None) -> dict[int, list[tuple[
         return ends
 
 
+def model_states(svc) -> dict[str, str]:
+    """Each model's state as `llmctl status` shows it."""
+    return {m["name"]: m["state"] for m in svc.status()["models"]}
+
+
 def one(svc, model: str, **kw: Any) -> dict[str, Any]:
     ends = ask(svc, [{"model": model, "prompt": "Once upon a time", "max_tokens": 8,
                       "temperature": 0.0, **kw}])
@@ -116,22 +121,27 @@ def test_a_then_b_evicts_a_then_a_evicts_b(make_service):
         a_workers = set(m["a"]["workers"])
         b_workers = set(m["b"]["workers"])
 
+        # A model whose worker has answered is loaded in both views, with no waiting:
+        # the supervisor applies the worker's READY before it answers either of them.
         done = one(svc, "a")
         assert done["worker"] in a_workers
         m = watch.now()
         assert m["a"]["state"] == "loaded" and m["b"]["state"] == "unloaded"
-        assert m["a"]["measured_mib"] > 0                  # RSS of its worker
+        assert m["a"]["workers_ready"] == 1 and m["a"]["measured_mib"] > 0   # RSS of its worker
+        assert model_states(svc) == {"a": "loaded", "b": "unloaded"}
 
         done = one(svc, "b")                               # a is idle: evicted, b loads
         assert done["worker"] in b_workers
         m = watch.now()
         assert m["a"]["state"] == "unloaded" and m["b"]["state"] == "loaded"
-        assert m["a"]["evictions"] == 1
+        assert m["a"]["evictions"] == 1 and m["b"]["workers_ready"] == 1
+        assert model_states(svc) == {"a": "unloaded", "b": "loaded"}
 
         done = one(svc, None)                              # no model key: the default, a
         assert done["worker"] in a_workers
         m = watch.now()
         assert m["b"]["state"] == "unloaded" and m["b"]["evictions"] == 1
+        assert model_states(svc) == {"a": "loaded", "b": "unloaded"}
 
         # /v1/models lists both with their state; an unknown model is OpenAI's 404
         url = f"http://127.0.0.1:{svc.http_port}/v1"

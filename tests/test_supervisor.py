@@ -1,5 +1,5 @@
-"""The supervisor as state: the transition tables of what it manages, the messages it
-reads, the reload, and what status reports.
+"""The supervisor as state: the transition tables of what it manages, the models' states
+following their workers the moment they are ready, the reload, and what status reports.
 
 No process runs: a worker's process is a stand-in, and the gateway's end of the link
 answers at once."""
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from llmctl.common import admin, config
-from llmctl.control import status
+from llmctl.control import node, status
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.reload import diff_configs
 from llmctl.control.states import (LEGAL, ModelState, ProcessState, ReloadState, RolloutPhase,
@@ -37,6 +37,7 @@ name = "b"
 path = "b.gguf"
 load = "on_demand"
 """
+NODE = '[node]\njoin = "tcp://127.0.0.1:5555"\nallow_insecure = true\n'
 
 
 # ---- the transition tables -----------------------------------------------------------------
@@ -175,6 +176,43 @@ def run(coro: Any) -> Any:
     return out
 
 
+def test_a_model_is_loaded_the_moment_its_worker_is_ready(tmp_path):
+    """The gateway serves a worker as soon as its READY arrives and tells the supervisor
+    (WorkerReady) before anything it serves can be answered; the model's state follows
+    that event, not the next tick, so nobody reads `loading` after the worker answered."""
+    async def main() -> None:
+        sup, _ = supervisor(tmp_path)
+        w = await load(sup, "a")
+        sup._on_event(admin.WorkerReady(worker=w.routing_id, pid=w.pid or 0, slots=1))
+        assert w.state is ProcessState.RUNNING and w.was_ready
+        assert states(sup) == {"a": "loaded", "b": "unloaded"}
+    run(main())
+
+
+def test_on_a_node_a_model_is_loaded_the_moment_its_worker_joined(tmp_path):
+    class Reports:
+        def __init__(self, *reports: admin.LinkReport) -> None:
+            self.raw = [admin.encode(r) for r in reports]
+
+        async def recv(self) -> bytes:
+            if not self.raw:
+                raise EOFError("no more reports")
+            return self.raw.pop(0)
+
+    async def main() -> None:
+        sup, _ = supervisor(tmp_path, NODE + ON_DEMAND)
+        w = await load(sup, "a")
+        report = admin.LinkReport(worker=w.routing_id, pid=w.pid or 0, state="connecting")
+        with pytest.raises(EOFError):
+            await node.serve_reports(Reports(report), sup._by_routing_id, sup._models_follow)
+        assert w.state is ProcessState.RUNNING and states(sup)["a"] == "loading"
+        joined = admin.LinkReport(worker=w.routing_id, pid=w.pid or 0, state="joined")
+        with pytest.raises(EOFError):
+            await node.serve_reports(Reports(joined), sup._by_routing_id, sup._models_follow)
+        assert states(sup)["a"] == "loaded"
+    run(main())
+
+
 def test_a_link_report_keeps_its_wire_form():
     raw = b'{"kind":"worker_link","worker":"gpu1/w0.1","pid":7,"state":"joined",' \
           b'"detail":"","id":0}'
@@ -182,6 +220,18 @@ def test_a_link_report_keeps_its_wire_form():
     assert admin.encode(report) == raw and admin.decode_link_report(raw) == report
     with pytest.raises(admin.AdminError, match="not a worker link report"):
         admin.decode_link_report(b'{"kind":"worker_link","worker":"w","pid":1,"state":"x"}')
+
+
+def test_models_asks_the_gateway_first_and_answers_with_its_figures(tmp_path):
+    """Asking the gateway orders the answer after every event it sent before."""
+    async def main() -> None:
+        sup, link = supervisor(tmp_path)
+        link.models = {"a": {"workers_ready": 1, "queue": 2, "inflight": 1, "idle_s": 0.0}}
+        reply = await sup._command(admin.Models())
+        assert reply["ok"] and isinstance(link.asked[-1], admin.Models)
+        a = reply["models"][0]
+        assert (a["name"], a["workers_ready"], a["queue"], a["inflight"]) == ("a", 1, 2, 1)
+    run(main())
 
 
 def test_status_prints_the_same_strings(tmp_path):
