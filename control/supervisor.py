@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -393,11 +394,16 @@ class Supervisor:
         return {"ok": False, "error": f"{type(cmd).__name__} is not a command of the CLI"}
 
 
+def run_files(cfg: Config) -> list[Path]:
+    """What a running supervisor keeps in run_dir: its pidfile and its sockets."""
+    return [cfg.pidfile, *(cfg.run_dir / f"{name}.sock"
+                           for name in ("control", "link", "workers", "node"))]
+
+
 def main(cfg: Config) -> int:
     """Run the supervisor in this process until SIGTERM/SIGINT or `llmctl stop`."""
     make_private(cfg.run_dir, cfg.log_dir)
-    pidfile = cfg.pidfile
-    pidfile.write_text(f"{os.getpid()}\n")
+    cfg.pidfile.write_text(f"{os.getpid()}\n")
     sup = Supervisor(cfg)
 
     async def _main() -> None:
@@ -409,7 +415,6 @@ def main(cfg: Config) -> int:
     try:
         asyncio.run(_main())
     finally:
-        for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "link.sock",
-                  cfg.run_dir / "workers.sock", cfg.run_dir / "node.sock"):
+        for p in run_files(cfg):
             p.unlink(missing_ok=True)
     return 0

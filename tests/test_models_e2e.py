@@ -16,7 +16,7 @@ import pytest
 
 from llmctl.common import admin, config as config_mod
 from llmctl.common.protocol import FrameType
-from llmctl.control.cli import ControlClient
+from llmctl.control.supervisor_client import call
 from tests.service import MODEL, MODEL_B, wait_until
 
 integration = pytest.mark.integration
@@ -39,14 +39,14 @@ class PlanWatch:
     budget at every sample, and every state seen."""
 
     def __init__(self, svc) -> None:
-        self.client = ControlClient(config_mod.load(svc.config))
+        self.cfg = config_mod.load(svc.config)
         self.samples: list[list[dict[str, Any]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            r = self.client.call(admin.Models(), timeout=2.0)
+            r = call(self.cfg, admin.Models(), timeout=2.0)
             if r and r.get("ok"):
                 self.samples.append(r["models"])
             self._stop.wait(0.1)
@@ -60,7 +60,7 @@ class PlanWatch:
         self._thread.join()
 
     def now(self) -> dict[str, dict[str, Any]]:
-        r = self.client.call(admin.Models(), timeout=2.0)
+        r = call(self.cfg, admin.Models(), timeout=2.0)
         assert r and r["ok"]
         return {m["name"]: m for m in r["models"]}
 
