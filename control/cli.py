@@ -19,6 +19,7 @@ from typing import Any
 from llmctl.common import admin, keys
 from llmctl.common import config as config_mod
 from llmctl.common.config import Config, ConfigError
+from llmctl.common.console import console
 from llmctl.control import cli_models, gpu, render, supervisor_client
 from llmctl.control.start import cmd_start
 from llmctl.control.supervisor_client import EXIT_NOT_RUNNING, call, read_pid, refused
@@ -48,8 +49,7 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
     else:
-        from rich.console import Console
-        render.print_status(st, Console())
+        render.print_status(st, console())
     return 0
 
 

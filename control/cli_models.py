@@ -9,6 +9,7 @@ from typing import Any
 
 from llmctl.common import admin
 from llmctl.common.config import Config
+from llmctl.common.console import console
 from llmctl.control.render import print_models
 from llmctl.control.supervisor_client import EXIT_NOT_RUNNING, call, refused
 
@@ -21,8 +22,7 @@ def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st["models"], indent=2))
     else:
-        from rich.console import Console
-        print_models(st["models"], Console())
+        print_models(st["models"], console())
     return 0
 
 

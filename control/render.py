@@ -2,8 +2,9 @@
 dashboard of `llmctl top`.
 
 Each function is pure in the snapshot (a ``llmctl status --json`` object, or its
-``models`` rows), so it is tested by rendering to text.  The dashboard is a fixed 80x24
-screen (``top.py`` redraws it).
+``models`` rows), so it is tested by rendering to text.  `status` and `models` print to
+``common.console``: the terminal's width at a terminal, whole lines in a pipe or a file.
+The dashboard is a fixed 80x24 screen (``top.py`` redraws it).
 """
 from __future__ import annotations
 
