@@ -93,7 +93,6 @@ class ModelManager:
         self.budget_mib = budget_mib        # 0 = no budget
         self.kind = kind                    # "vram" or "ram": what the plan counts
         self.models: dict[str, ServedModel] = {}
-        self.on_demand = any(e.load == "on_demand" for e in cfg.served)
         self.planned = True                 # the figures are known (see step)
         self.configure(cfg, needs)
         now = time.monotonic()
@@ -105,7 +104,6 @@ class ModelManager:
     def configure(self, cfg: Config, needs: Mapping[str, float | None]) -> None:
         """A (re)loaded config: the same names keep their states, with new settings."""
         names = worker_names(cfg)
-        self.on_demand = any(e.load == "on_demand" for e in cfg.served)
         old = self.models
         self.models = {}
         for e in cfg.served:

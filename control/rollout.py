@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from llmctl.common.config import Config
 from llmctl.control.child import WorkerProcess
@@ -63,12 +63,6 @@ class Rollout:
         self.failed: str | None = None               # why the last surge was aborted
 
     # ---- what is wanted --------------------------------------------------------------
-    def want(self, cfg: Config) -> None:
-        """Every worker of ``cfg.workers.count`` on ``cfg`` (a reload), with a surge."""
-        self.desired = {f"w{i}": cfg for i in range(cfg.workers.count)}
-        self.in_place.clear()
-        self.failed = None
-
     def want_workers(self, desired: dict[str, Config]) -> None:
         """Exactly these workers (the models loaded or loading), each on its config: the
         names new here start, the ones gone are drained and stopped, a changed config is
@@ -187,6 +181,3 @@ class Rollout:
         extra = [self.current.new] if self.current and self.current.new and \
             self.current.new is not self.workers.get(self.current.name) else []
         return [*self.workers.values(), *extra, *self.retiring]
-
-    def state(self) -> dict[str, Any]:
-        return {"converged": self.converged, "step": self.step_text(), "failed": self.failed}

@@ -34,6 +34,11 @@ def with_layers(cfg: Config, n: int) -> Config:
     return msgspec.structs.replace(cfg, model=msgspec.structs.replace(cfg.model, n_gpu_layers=n))
 
 
+def want_all(r: Rollout, cfg: Config) -> None:
+    """Every worker of ``cfg.workers.count`` on ``cfg``: what a reload wants."""
+    r.want_workers({f"w{i}": cfg for i in range(cfg.workers.count)})
+
+
 def run_rollout(cfg: Config, script) -> tuple[Rollout, list[tuple[str, str]]]:
     """Drive a Rollout tick by tick; ``script(rollout, tick)`` plays the processes' part
     (they get ready, the gateway says they drained).  Returns it and what the gateway was
@@ -45,7 +50,7 @@ def run_rollout(cfg: Config, script) -> tuple[Rollout, list[tuple[str, str]]]:
         r = Rollout(cfg, drain=lambda w: told.append(("drain", w.routing_id)),
                     forget=lambda w, why: told.append(("forget", w.routing_id)),
                     spawn=FakeWorker)
-        r.want(cfg)
+        want_all(r, cfg)
         for tick in range(200):
             await r.step()
             await asyncio.sleep(0)
@@ -75,7 +80,7 @@ def test_rollout_starts_what_is_missing_and_replaces_one_at_a_time_with_a_surge(
     def script(r: Rollout, tick: int) -> None:
         ready_all(r, tick)
         if tick == 3:
-            r.want(new)                       # a reload
+            want_all(r, new)                  # a reload
         for w in r.retiring:
             w.drained = True                  # the gateway says so
         phases.append(r.step_text())
@@ -115,7 +120,7 @@ def test_a_surge_that_never_gets_ready_is_aborted_and_the_old_worker_serves_on()
         first = FakeWorker.made[0]
         first.was_ready = True
         if tick == 3:
-            r.want(bad)
+            want_all(r, bad)
         if len(FakeWorker.made) > 1 and tick == 6:
             FakeWorker.made[1].pid = None     # the new process died before READY
 
