@@ -185,7 +185,7 @@ class ModelManager:
         for m in self.models.values():
             if m.state is ModelState.LOADING:
                 failed = [fatal[n] for n in m.names if n in fatal]
-                if failed and m.evictable:      # an always model stays: FATAL, as ever
+                if failed and m.evictable:      # an always model stays, its worker FATAL
                     m.error = f"model {m.name} failed to load: {failed[0]}"
                     log.error("%s", m.error)
                     m.wanted = False

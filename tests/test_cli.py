@@ -27,7 +27,7 @@ from llmctl.control import start, supervisor_client
 from llmctl.control.render import print_models, print_status
 from tests.service import ROOT
 
-NARROW = {**os.environ, "COLUMNS": "80"}      # what a pipe used to get
+NARROW = {**os.environ, "COLUMNS": "80"}      # rich's width where there is no terminal
 
 
 def worker(i: int, **kw: Any) -> dict[str, Any]:
