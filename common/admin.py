@@ -1,4 +1,5 @@
-"""The control plane's messages, typed: CLI -> supervisor, supervisor <-> gateway.
+"""The control plane's messages, typed: CLI -> supervisor, supervisor <-> gateway, a
+node's workers -> their supervisor.
 
 * The CLI sends a ``Command`` to the supervisor's control socket (REQ/REP,
   ``run_dir/control.sock``) and gets a JSON object back (``reply``).
@@ -7,10 +8,13 @@
   (``Ping`` every heartbeat interval, the others when its desired state asks for them);
   the gateway answers each with a ``Reply`` carrying the command's ``id``, and pushes
   ``Event``s on its own: it is up, a worker is ready, lost or drained.
+* On a node, each worker reports how its link to the head stands to its supervisor
+  (``LinkReport``, ``run_dir/node.sock``, PUSH -> PULL).
 
 Every message is a msgspec struct tagged by its kind and is decoded and validated once,
-where it is received (``decode_command``, ``decode_from_gateway``); a malformed one raises
-``AdminError``, and the receiver logs, counts and drops it.
+where it is received (``decode_command``, ``decode_from_gateway``, ``decode_link_report``);
+a malformed one raises ``AdminError``, and the receiver logs and drops it (the gateway also
+counts it; the supervisor's control socket answers it with the error).
 """
 from __future__ import annotations
 
@@ -157,7 +161,7 @@ FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained, Mo
 LinkState = Literal["connecting", "joined", "lost", "refused", "drained"]
 
 
-class WorkerLink(_Msg, tag="worker_link"):
+class LinkReport(_Msg, tag="worker_link"):
     """A node's worker tells its supervisor (``run_dir/node.sock``, PUSH -> PULL) how its
     link to the head stands: connecting (loaded, READY queued), joined (the head's gateway
     answers), lost (the head went silent: it reconnects), refused (the head refused this
@@ -170,7 +174,7 @@ class WorkerLink(_Msg, tag="worker_link"):
 
 
 _encoder = msgspec.json.Encoder()
-_worker_link = msgspec.json.Decoder(WorkerLink)
+_link_report = msgspec.json.Decoder(LinkReport)
 _commands = msgspec.json.Decoder(Command)
 _from_gateway = msgspec.json.Decoder(FromGateway)
 
@@ -193,9 +197,9 @@ def decode_from_gateway(raw: bytes) -> FromGateway:
         raise AdminError(f"not a gateway message: {exc}") from None
 
 
-def decode_worker_link(raw: bytes) -> WorkerLink:
+def decode_link_report(raw: bytes) -> LinkReport:
     try:
-        return _worker_link.decode(raw)
+        return _link_report.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise AdminError(f"not a worker link report: {exc}") from None
 

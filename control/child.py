@@ -28,6 +28,7 @@ import psutil
 
 from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, terminate
+from llmctl.control.states import ProcessState, move
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _SPAWN_IDS = itertools.count(1)
 class ChildProcess:
     """One supervised process and its restart policy (this class: the gateway)."""
 
-    initial_state = "running"
+    initial_state = ProcessState.RUNNING
 
     def __init__(self, name: str, cfg: Config) -> None:
         self.name = name
@@ -46,7 +47,7 @@ class ChildProcess:
         self._spawn_id = 0
         self._psutil: psutil.Process | None = None
         self.proc: asyncio.subprocess.Process | None = None
-        self.state = "stopped"          # starting | running | backoff | fatal | stopped
+        self._state = ProcessState.STOPPED
         self.restarts = 0
         self._started_mono = 0.0
         self.last_exit: int | None = None
@@ -69,6 +70,17 @@ class ChildProcess:
         handler.setFormatter(logging.Formatter("%(message)s"))
         lg.addHandler(handler)
         return lg
+
+    def __str__(self) -> str:
+        return f"process {self.routing_id}"
+
+    @property
+    def state(self) -> ProcessState:
+        return self._state
+
+    def to(self, state: ProcessState) -> None:
+        """Move to ``state`` (``states.move``: a transition its table lacks is logged)."""
+        self._state = move(self, self._state, state)
 
     @property
     def pid(self) -> int | None:
@@ -115,17 +127,21 @@ class ChildProcess:
 
     async def start(self) -> None:
         self._spawn_id = next(_SPAWN_IDS)
-        env = dict(os.environ)
-        env[CONFIG_JSON_ENV] = self.cfg.to_json()
-        env["PYTHONUNBUFFERED"] = "1"
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        self.state = self.initial_state
+        self.proc = await self._spawn()
+        self.to(self.initial_state)
         self.was_ready = False
         self._started_mono = time.monotonic()
         self._pump = asyncio.create_task(self._pump_output(self.proc))
         log.info("%s started: pid %d", self.name, self.proc.pid)
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        """The process of this spawn, its stdout+stderr a pipe (``argv()``)."""
+        env = dict(os.environ)
+        env[CONFIG_JSON_ENV] = self.cfg.to_json()
+        env["PYTHONUNBUFFERED"] = "1"
+        return await asyncio.create_subprocess_exec(
+            *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
 
     async def _pump_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -146,8 +162,8 @@ class ChildProcess:
 
     def exited(self) -> bool:
         """Notice an exit once; True if the process just died unexpectedly."""
-        if self.proc is None or self.proc.returncode is None or self.state in ("backoff", "fatal",
-                                                                                "stopped"):
+        if self.proc is None or self.proc.returncode is None or self.state in (
+                ProcessState.BACKOFF, ProcessState.FATAL, ProcessState.STOPPED):
             return False
         c = self.cfg.control
         now = time.monotonic()
@@ -160,14 +176,14 @@ class ChildProcess:
             while self.crashes and now - self.crashes[0] > c.restart_window_s:
                 self.crashes.popleft()
             if len(self.crashes) > c.max_restarts:
-                self.state = "fatal"
+                self.to(ProcessState.FATAL)
                 log.error("%s is FATAL: failed %d times before it was ever ready, within "
                           "%.0fs; last: %s", self.name, len(self.crashes), c.restart_window_s,
                           describe_exit(self.last_exit))
                 return True
         self.backoff_s = min(c.backoff_max_s,
                              c.backoff_initial_s * 2 ** min(self.failures_in_row - 1, 60))
-        self.state = "backoff"
+        self.to(ProcessState.BACKOFF)
         self.next_start = now + self.backoff_s
         log.warning("%s died (%s)%s; restarting in %.2fs", self.name,
                     describe_exit(self.last_exit),
@@ -176,12 +192,12 @@ class ChildProcess:
         return True
 
     async def maybe_restart(self) -> None:
-        if self.state == "backoff" and time.monotonic() >= self.next_start:
+        if self.state is ProcessState.BACKOFF and time.monotonic() >= self.next_start:
             self.restarts += 1
             await self.start()
 
     async def stop(self, timeout: float) -> None:
-        self.state = "stopped"
+        self.to(ProcessState.STOPPED)
         if self.proc is not None:
             self.last_exit = await terminate(self.proc, timeout)
         if self._pump is not None:
@@ -194,27 +210,34 @@ class ChildProcess:
         """`llmctl restart`: forget the crash history of a FATAL process."""
         self.crashes.clear()
         self.failures_in_row = 0
-        if self.state == "fatal":
-            self.state = "backoff"
+        if self.state is ProcessState.FATAL:
+            self.to(ProcessState.BACKOFF)
             self.next_start = 0.0
 
     def snapshot(self) -> dict[str, Any]:
         backoff = {"backoff_s": round(self.backoff_s, 3),
                    "restart_in_s": round(max(0.0, self.next_start - time.monotonic()), 3),
-                   "failures_in_row": self.failures_in_row} if self.state == "backoff" else {}
-        return {"id": self.name, "pid": self.pid, "state": self.state, "rss": self.rss(),
+                   "failures_in_row": self.failures_in_row} \
+            if self.state is ProcessState.BACKOFF else {}
+        return {"id": self.name, "pid": self.pid, "state": self.state.value, "rss": self.rss(),
                 "uptime_s": round(self.uptime, 3), "restarts": self.restarts, **backoff,
                 "last_exit": describe_exit(self.last_exit) if self.last_exit is not None else None,
-                "stderr_tail": list(self.tail)[-10:] if self.state in ("fatal", "backoff")
-                else []}
+                "stderr_tail": list(self.tail)[-10:]
+                if self.state in (ProcessState.FATAL, ProcessState.BACKOFF) else []}
 
-
+    def kill(self) -> None:
+        """SIGKILL (a hung process); its exit is noticed and handled like any other."""
+        try:
+            if self.proc is not None:
+                self.proc.kill()
+        except ProcessLookupError:
+            pass
 
 
 class WorkerProcess(ChildProcess):
-    """A worker: 'starting' until the gateway has its READY."""
+    """A worker: ``starting`` until the gateway has its READY."""
 
-    initial_state = "starting"
+    initial_state = ProcessState.STARTING
 
     link = ""            # a node's worker: its link to the head (admin.LinkState)
     link_detail = ""

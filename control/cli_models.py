@@ -5,62 +5,28 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from llmctl.common import admin
 from llmctl.common.config import Config
-
-EXIT_NOT_RUNNING = 3
-
-
-Call = Callable[[Config, admin.Command], "dict[str, Any] | None"]
-
-
-def _mib(v: float | None) -> str:
-    return f"{v:.0f}M" if v is not None else "-"
-
-
-def _ago(v: float | None) -> str:
-    return "never" if v is None else f"{v:.0f}s ago"
-
-
-def print_models(rows: list[dict[str, Any]]) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    t = Table("model", "file", "load", "state", "workers", "plan", "measured", "last used",
-              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for m in rows:
-        name = m["name"] + (" *" if m.get("default") else "")
-        t.add_row(name, m["path"].rsplit("/", 1)[-1], m["load"], m["state"],
-                  f"{m['workers_ready']}/{len(m['workers'])}", _mib(m["need_mib"]),
-                  _mib(m["measured_mib"]), _ago(m["last_used_s"]))
-    console = Console()
-    console.print(t)
-    if rows:
-        r = rows[0]
-        budget = f"{r['budget_mib']:.0f} MiB" if r.get("budget_mib") else "none"
-        console.print(f"* default model; plan: {r['plan']} estimate, budget {budget}; measured: "
-                      f"{'NVML' if r['plan'] == 'vram' else 'RSS'}", highlight=False)
-    for m in rows:
-        if m.get("error"):
-            console.print(f"{m['name']}: {m['error']}", markup=False, highlight=False)
+from llmctl.common.console import console
+from llmctl.control.render import print_models
+from llmctl.control.supervisor_client import EXIT_NOT_RUNNING, call, refused
 
 
 def cmd_models(cfg: Config, args: argparse.Namespace) -> int:
-    st = args.call(cfg, admin.Models())
+    st = call(cfg, admin.Models())
     if not st:
         print(json.dumps({"running": False}) if args.json else "llmctl is not running.")
         return EXIT_NOT_RUNNING
     if args.json:
         print(json.dumps(st["models"], indent=2))
     else:
-        print_models(st["models"])
+        print_models(st["models"], console())
     return 0
 
 
-def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
-          timeout: float) -> dict | None:
+def _wait(cfg: Config, name: str, states: tuple[str, ...], timeout: float) -> dict | None:
     deadline = time.monotonic() + timeout
     row = None
     while time.monotonic() < deadline:
@@ -76,26 +42,14 @@ def _wait(call: Call, cfg: Config, name: str, states: tuple[str, ...],
     return row
 
 
-def refused(st: dict[str, Any] | None) -> int | None:
-    """The supervisor's answer to a command: None when it took it, else the exit code,
-    the reason said (not running, or its error)."""
-    if not st:
-        print("llmctl is not running.")
-        return EXIT_NOT_RUNNING
-    if not st.get("ok"):
-        print(f"error: {st.get('error')}", file=sys.stderr)
-        return 1
-    return None
-
-
 def _change(cfg: Config, args: argparse.Namespace, msg: Any, want: str, verb: str,
             timeout: float) -> int:
     """Ask the supervisor to load or unload ``args.name`` and wait for state ``want``."""
-    st = args.call(cfg, msg)
+    st = call(cfg, msg)
     if (code := refused(st)) is not None:
         return code
     t0 = time.monotonic()
-    row = _wait(args.call, cfg, args.name, (want,), timeout)
+    row = _wait(cfg, args.name, (want,), timeout)
     if row is None or row["state"] != want:
         why = (row or {}).get("error") or f"state {(row or {}).get('state')}"
         print(f"error: model {args.name} did not {verb}: {why}", file=sys.stderr)
@@ -130,26 +84,25 @@ def check_models(cfg: Config) -> int:
         n = needs.get(e.name)
         print(f"  {e.name:<24} {e.load:<9} {e.workers} worker(s) x {e.slots} slot(s), n_ctx "
               f"{e.n_ctx}: " + (f"{n:,.1f} MiB" if n is not None else "unknown"))
-    refused = check_plan(cfg, needs, budget, kind)
-    if refused:
-        print(f"error: {refused}", file=sys.stderr)
+    why = check_plan(cfg, needs, budget, kind)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 1
     print("fits: the always models together and every model alone are within the budget"
           if budget else "nothing is enforced")
     return 0
 
 
-def add_parsers(sub: Any, common: argparse.ArgumentParser, call: Call) -> None:
-    """The subcommands; ``call(cfg, command)`` asks the running supervisor (None: not
-    running)."""
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The subcommands."""
     p = sub.add_parser("models", parents=[common],
                        help="the served models: state, workers, memory plan and measured")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models, call=call)
+    p.set_defaults(func=cmd_models)
     p = sub.add_parser("load", parents=[common],
                        help="load a model now (evicting the least recently used idle one)")
     p.add_argument("name")
-    p.set_defaults(func=cmd_load, call=call)
+    p.set_defaults(func=cmd_load)
     p = sub.add_parser("unload", parents=[common], help="drain and unload a model")
     p.add_argument("name")
-    p.set_defaults(func=cmd_unload, call=call)
+    p.set_defaults(func=cmd_unload)

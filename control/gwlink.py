@@ -33,7 +33,6 @@ class GatewayLink:
         self.on_event = on_event
         self.peer: bytes | None = None          # the identity of the gateway to talk to
         self.last_heard = 0.0
-        self.dropped = 0                        # malformed messages
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[admin.Reply]] = {}
 
@@ -88,7 +87,6 @@ class GatewayLink:
             try:
                 msg = admin.decode_from_gateway(raw)
             except admin.AdminError as exc:
-                self.dropped += 1
                 log.error("dropped a malformed message from the gateway: %s", exc)
                 continue
             if isinstance(msg, admin.Reply):

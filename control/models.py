@@ -1,10 +1,13 @@
 """The served models' desired state: which are loaded, and the memory plan that decides.
 
 Each served model (``cfg.served``) is ``unloaded``, ``loading`` (its workers start),
-``loaded`` (all of them have been ready) or ``unloading`` (drained and stopped).  The
-supervisor's reconcile loop turns ``desired_workers()`` into processes (``Rollout``) and
-calls ``step`` every tick with what runs and what the gateway says of each model's
-requests; ``step`` moves the states and says what to tell the gateway.
+``loaded`` (all of them have been ready) or ``unloading`` (drained and stopped): a
+``states.ModelState``.  The supervisor's reconcile loop turns ``desired_workers()`` into
+processes (``Rollout``) and calls ``step`` every tick with what runs and what the gateway
+says of each model's requests; ``step`` moves the states and says what to tell the
+gateway.  ``observe`` is its first half, what runs moving the states, which the
+supervisor also calls the moment a worker gets ready: a model whose workers serve is
+``loaded`` before any answer of theirs can reach a client.
 
 The plan: each model needs ``need_mib`` (the GGUF-based estimate of
 ``control/gpu_estimate.py``, times its workers: VRAM with a GPU, host memory on a CPU,
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from llmctl.common.config import Config, ModelEntry
+from llmctl.control.states import ModelState, move
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +40,12 @@ RETRY_AFTER_MS = 1000        # what a refused load suggests while busy models ho
 
 
 @dataclass
-class ModelState:
+class ServedModel:
     entry: ModelEntry
     cfg: Config                       # what each of its workers runs
     names: list[str]                  # its worker names (w0, w1, ...)
     need_mib: float | None            # the plan's figure; None = unknown (counted as 0)
-    state: str = "unloaded"           # unloaded | loading | loaded | unloading
+    state: ModelState = ModelState.UNLOADED      # changed by ``to`` only
     since: float = field(default_factory=time.monotonic)
     wanted: bool = False              # a request waits for it, or `llmctl load`
     last_used: float = 0.0            # monotonic; from the gateway's idle time
@@ -57,9 +61,12 @@ class ModelState:
     def evictable(self) -> bool:
         return self.entry.load == "on_demand"
 
-    def set(self, state: str, now: float) -> None:
-        log.info("model %s: %s -> %s", self.name, self.state, state)
-        self.state, self.since = state, now
+    def __str__(self) -> str:
+        return f"model {self.name}"
+
+    def to(self, state: ModelState, now: float) -> None:
+        log.info("model %s: %s -> %s", self.name, self.state.value, state.value)
+        self.state, self.since = move(self, self.state, state), now
 
 
 @dataclass(frozen=True)
@@ -85,27 +92,25 @@ class ModelManager:
                  kind: str = "ram") -> None:
         self.budget_mib = budget_mib        # 0 = no budget
         self.kind = kind                    # "vram" or "ram": what the plan counts
-        self.models: dict[str, ModelState] = {}
-        self.on_demand = any(e.load == "on_demand" for e in cfg.served)
+        self.models: dict[str, ServedModel] = {}
         self.planned = True                 # the figures are known (see step)
         self.configure(cfg, needs)
         now = time.monotonic()
         for m in self.models.values():
             if m.entry.load == "always":
-                m.set("loading", now)
+                m.to(ModelState.LOADING, now)
                 m.loads += 1
 
     def configure(self, cfg: Config, needs: Mapping[str, float | None]) -> None:
         """A (re)loaded config: the same names keep their states, with new settings."""
         names = worker_names(cfg)
-        self.on_demand = any(e.load == "on_demand" for e in cfg.served)
         old = self.models
         self.models = {}
         for e in cfg.served:
             m = old.get(e.name)
             wcfg = cfg.for_model(e)
             if m is None:
-                m = ModelState(e, wcfg, names[e.name], needs.get(e.name))
+                m = ServedModel(e, wcfg, names[e.name], needs.get(e.name))
             else:
                 m.entry, m.cfg, m.names, m.need_mib = e, wcfg, names[e.name], needs.get(e.name)
             self.models[e.name] = m
@@ -116,7 +121,7 @@ class ModelManager:
         m = self.models.get(name)
         if m is None:
             return f"no such model: {name}"
-        if m.state in ("unloaded", "unloading") and not m.wanted:
+        if m.state in (ModelState.UNLOADED, ModelState.UNLOADING) and not m.wanted:
             m.wanted, m.error = True, ""
         return None
 
@@ -125,16 +130,17 @@ class ModelManager:
         if m is None:
             return f"no such model: {name}"
         m.wanted = False
-        if m.state in ("loading", "loaded"):
-            m.set("unloading", now or time.monotonic())
+        if m.state in (ModelState.LOADING, ModelState.LOADED):
+            m.to(ModelState.UNLOADING, now or time.monotonic())
         return None
 
     # ---- the plan ---------------------------------------------------------------------------
     def used_mib(self) -> float:
         """What the plan counts now: every model that is not unloaded."""
-        return sum(m.need_mib or 0.0 for m in self.models.values() if m.state != "unloaded")
+        return sum(m.need_mib or 0.0 for m in self.models.values()
+                   if m.state is not ModelState.UNLOADED)
 
-    def _fits(self, extra: float, minus: Iterable[ModelState] = ()) -> bool:
+    def _fits(self, extra: float, minus: Iterable[ServedModel] = ()) -> bool:
         if not self.budget_mib:
             return True
         gone = sum(m.need_mib or 0.0 for m in minus)
@@ -142,8 +148,8 @@ class ModelManager:
 
     def desired_workers(self) -> dict[str, Config]:
         """Worker name -> config, for every model loading or loaded."""
-        return {n: m.cfg for m in self.models.values() if m.state in ("loading", "loaded")
-                for n in m.names}
+        return {n: m.cfg for m in self.models.values()
+                if m.state in (ModelState.LOADING, ModelState.LOADED) for n in m.names}
 
     # ---- one tick ---------------------------------------------------------------------------
     def step(self, now: float, ready: Mapping[str, bool], running: Mapping[str, bool],
@@ -153,71 +159,79 @@ class ModelManager:
         process of that name exists (serving, starting or retiring); ``fatal[name]``: why
         it will not start again; ``usage``: the gateway's per-model figures (None = not
         known this tick: nothing is evicted or expired)."""
-        out: list[Refusal] = []
         if usage is not None:
             for m in self.models.values():
                 u = usage.get(m.name) or {}
                 if u.get("idle_s") is not None:
                     m.last_used = max(m.last_used, now - float(u["idle_s"]))
-        for m in self.models.values():
-            if m.state == "loading":
-                failed = [fatal[n] for n in m.names if n in fatal]
-                if failed and m.evictable:      # an always model stays: FATAL, as ever
-                    m.error = f"model {m.name} failed to load: {failed[0]}"
-                    log.error("%s", m.error)
-                    m.wanted = False
-                    m.set("unloading", now)
-                    out.append(Refusal(m.name, "not_ready", m.error))
-                elif all(ready.get(n) for n in m.names):
-                    m.error = ""
-                    m.set("loaded", now)
-            elif m.state == "unloading" and not any(running.get(n) for n in m.names):
-                m.set("unloaded", now)
+        out = self.observe(now, ready, running, fatal)
         if usage is not None:
             self._expire(now, usage)
         if self.budget_mib and not self.planned:
             return out                      # no load decided before the figures are known
         for m in sorted(self.models.values(), key=lambda x: x.since):
-            if m.wanted and m.state == "unloaded":
+            if m.wanted and m.state is ModelState.UNLOADED:
                 refusal = self._try_load(m, now, usage)
                 if refusal is not None:
                     out.append(refusal)
+        return out
+
+    def observe(self, now: float, ready: Mapping[str, bool], running: Mapping[str, bool],
+                fatal: Mapping[str, str]) -> list[Refusal]:
+        """What runs moves the states (``step``'s arguments): a model whose workers have
+        all been ready is loaded, one whose worker cannot start is refused, one whose
+        processes are gone is unloaded."""
+        out: list[Refusal] = []
+        for m in self.models.values():
+            if m.state is ModelState.LOADING:
+                failed = [fatal[n] for n in m.names if n in fatal]
+                if failed and m.evictable:      # an always model stays, its worker FATAL
+                    m.error = f"model {m.name} failed to load: {failed[0]}"
+                    log.error("%s", m.error)
+                    m.wanted = False
+                    m.to(ModelState.UNLOADING, now)
+                    out.append(Refusal(m.name, "not_ready", m.error))
+                elif all(ready.get(n) for n in m.names):
+                    m.error = ""
+                    m.to(ModelState.LOADED, now)
+            elif m.state is ModelState.UNLOADING and not any(running.get(n) for n in m.names):
+                m.to(ModelState.UNLOADED, now)
         return out
 
     def _expire(self, now: float, usage: Mapping[str, Mapping[str, Any]]) -> None:
         """keep_alive_s: an idle on-demand model unloads."""
         for m in self.models.values():
             ka = m.entry.keep_alive_s
-            if m.state != "loaded" or not m.evictable or not ka:
+            if m.state is not ModelState.LOADED or not m.evictable or not ka:
                 continue
             if (usage.get(m.name) or {}).get("open", 0):
                 continue
             if now - max(m.last_used, m.since) >= ka:
                 log.info("model %s idle for %.0fs (keep_alive_s %g): unloading", m.name,
                          now - max(m.last_used, m.since), ka)
-                m.set("unloading", now)
+                m.to(ModelState.UNLOADING, now)
 
-    def _try_load(self, m: ModelState, now: float,
+    def _try_load(self, m: ServedModel, now: float,
                   usage: Mapping[str, Mapping[str, Any]] | None) -> Refusal | None:
         need = m.need_mib or 0.0
         if self._fits(need):
             m.wanted, m.error = False, ""
             m.loads += 1
-            m.set("loading", now)
+            m.to(ModelState.LOADING, now)
             return None
         if self.budget_mib and need > self.budget_mib:
             m.wanted = False
             m.error = (f"model {m.name} needs {need:.0f} MiB ({self.kind} plan), more than "
                        f"the whole budget of {self.budget_mib:.0f} MiB")
             return Refusal(m.name, "not_ready", m.error)
-        if any(x.state == "unloading" for x in self.models.values()):
+        if any(x.state is ModelState.UNLOADING for x in self.models.values()):
             return None                 # room is being made: load once it is gone
         if usage is None:
             return None                 # who is idle is not known this tick
-        idle = [x for x in self.models.values() if x is not m and x.state == "loaded"
+        idle = [x for x in self.models.values() if x is not m and x.state is ModelState.LOADED
                 and x.evictable and not (usage.get(x.name) or {}).get("open", 0)]
         idle.sort(key=lambda x: max(x.last_used, x.since))        # least recently used first
-        evict: list[ModelState] = []
+        evict: list[ServedModel] = []
         for x in idle:
             evict.append(x)
             if self._fits(need, evict):
@@ -225,11 +239,11 @@ class ModelManager:
                     log.info("model %s: evicted (least recently used, idle) to make room for "
                              "%s (%.0f MiB)", v.name, m.name, need)
                     v.evictions += 1
-                    v.set("unloading", now)
+                    v.to(ModelState.UNLOADING, now)
                 return None
         m.wanted = False
         busy = [f"{x.name} ({x.need_mib or 0:.0f} MiB, {x.state})"
-                for x in self.models.values() if x.state != "unloaded" and x is not m]
+                for x in self.models.values() if x.state is not ModelState.UNLOADED and x is not m]
         m.error = (f"model {m.name} ({need:.0f} MiB) does not fit the {self.kind} budget of "
                    f"{self.budget_mib:.0f} MiB beside {', '.join(busy)}, and none of them is "
                    "idle and evictable")
@@ -242,7 +256,8 @@ class ModelManager:
         for m in self.models.values():
             u = usage.get(m.name) or {}
             out.append({
-                "name": m.name, "path": m.entry.path, "load": m.entry.load, "state": m.state,
+                "name": m.name, "path": m.entry.path, "load": m.entry.load,
+                "state": m.state.value,
                 "workers": m.names, "workers_ready": u.get("workers_ready", 0),
                 "need_mib": round(m.need_mib, 1) if m.need_mib is not None else None,
                 "measured_mib": measured.get(m.name),

@@ -11,9 +11,10 @@ runs with what is desired and replaces at most one worker at a time:
 * **in place** (the governor: the old process must free its GPU memory first): drain
   the old one, stop it, then start the new one.
 
-A worker that is missing is started; one that is no longer wanted is drained and
-stopped.  A new process that dies or sends no READY within ``ready_timeout_s`` aborts
-a surge: the old one keeps serving, and the desired state goes back to what runs.
+A replacement's phase is a ``states.RolloutPhase``.  A worker that is missing is
+started; one that is no longer wanted is drained and stopped.  A new process that dies
+or sends no READY within ``ready_timeout_s`` aborts a surge: the old one keeps serving,
+and the desired state goes back to what runs.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from llmctl.common.config import Config
 from llmctl.control.child import WorkerProcess
+from llmctl.control.states import RolloutPhase, move
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,15 @@ class Replacement:
     old: WorkerProcess | None
     new: WorkerProcess | None
     surge: bool
-    phase: str = "starting"        # starting | draining | stopping
+    phase: RolloutPhase = RolloutPhase.STARTING       # changed by ``to`` only
     since: float = field(default_factory=time.monotonic)
     stopper: asyncio.Task | None = None
+
+    def __str__(self) -> str:
+        return f"the replacement of {self.name}"
+
+    def to(self, phase: RolloutPhase) -> None:
+        self.phase, self.since = move(self, self.phase, phase), time.monotonic()
 
 
 class Rollout:
@@ -55,12 +63,6 @@ class Rollout:
         self.failed: str | None = None               # why the last surge was aborted
 
     # ---- what is wanted --------------------------------------------------------------
-    def want(self, cfg: Config) -> None:
-        """Every worker of ``cfg.workers.count`` on ``cfg`` (a reload), with a surge."""
-        self.desired = {f"w{i}": cfg for i in range(cfg.workers.count)}
-        self.in_place.clear()
-        self.failed = None
-
     def want_workers(self, desired: dict[str, Config]) -> None:
         """Exactly these workers (the models loaded or loading), each on its config: the
         names new here start, the ones gone are drained and stopped, a changed config is
@@ -86,7 +88,9 @@ class Rollout:
 
     def step_text(self) -> str:
         r = self.current
-        return f"{r.phase} {'new' if r.phase == 'starting' else 'old'} {r.name}" if r else ""
+        if r is None:
+            return ""
+        return f"{r.phase.value} {'new' if r.phase is RolloutPhase.STARTING else 'old'} {r.name}"
 
     # ---- one tick --------------------------------------------------------------------
     async def step(self) -> None:
@@ -95,7 +99,7 @@ class Rollout:
             return
         for name in sorted(set(self.workers) - set(self.desired)):     # no longer wanted
             self.current = Replacement(name, self.workers.pop(name), None, surge=False,
-                                       phase="draining")
+                                       phase=RolloutPhase.DRAINING)
             self._retire(self.current.old)
             return
         for name, cfg in sorted(self.desired.items()):
@@ -106,8 +110,8 @@ class Rollout:
                 self.workers[name] = new
             elif w.cfg != cfg:
                 surge = name not in self.in_place
-                self.current = Replacement(name, w, None, surge=surge,
-                                           phase="starting" if surge else "draining")
+                self.current = Replacement(name, w, None, surge=surge, phase=(
+                    RolloutPhase.STARTING if surge else RolloutPhase.DRAINING))
                 if surge:
                     self.current.new = self.spawn(name, cfg)
                     await self.current.new.start()
@@ -118,13 +122,13 @@ class Rollout:
 
     async def _advance(self, r: Replacement) -> None:
         c = self.cfg
-        if r.phase == "starting":
+        if r.phase is RolloutPhase.STARTING:
             new = r.new
             assert new is not None
             if new.was_ready:
                 if r.old is not None and r.surge:
                     self.workers[r.name] = new       # it serves; the old one goes
-                    r.phase, r.since = "draining", time.monotonic()
+                    r.to(RolloutPhase.DRAINING)
                     self._retire(r.old)
                 else:
                     self.workers[r.name] = new
@@ -132,14 +136,14 @@ class Rollout:
             elif new.pid is None or time.monotonic() - r.since > c.workers.ready_timeout_s:
                 self._abort(r, f"new {r.name} did not become ready; last output:\n"
                                + "\n".join(list(new.tail)[-10:]))
-        elif r.phase == "draining":
+        elif r.phase is RolloutPhase.DRAINING:
             old = r.old
             assert old is not None
             if old.drained or old.pid is None or \
                     time.monotonic() - r.since > c.control.drain_timeout_s:
-                r.phase = "stopping"
+                r.to(RolloutPhase.STOPPING)
                 r.stopper = asyncio.create_task(old.stop(c.control.stop_timeout_s))
-        elif r.phase == "stopping" and r.stopper is not None and r.stopper.done():
+        elif r.phase is RolloutPhase.STOPPING and r.stopper is not None and r.stopper.done():
             old = r.old
             assert old is not None
             self.forget(old, "retired by reload" if r.surge else "replaced in place")
@@ -149,7 +153,8 @@ class Rollout:
             else:                                    # in place: now start the new one
                 r.new = self.spawn(r.name, self.desired[r.name])
                 await r.new.start()
-                r.phase, r.since, r.old = "starting", time.monotonic(), None
+                r.to(RolloutPhase.STARTING)
+                r.old = None
                 self.in_place.discard(r.name)
 
     def _retire(self, w: WorkerProcess) -> None:
@@ -176,6 +181,3 @@ class Rollout:
         extra = [self.current.new] if self.current and self.current.new and \
             self.current.new is not self.workers.get(self.current.name) else []
         return [*self.workers.values(), *extra, *self.retiring]
-
-    def state(self) -> dict[str, Any]:
-        return {"converged": self.converged, "step": self.step_text(), "failed": self.failed}

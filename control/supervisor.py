@@ -11,10 +11,18 @@ each on its desired config).  Every tick the loop compares that with what runs:
 * the gateway is pinged every heartbeat interval: one that was ready and stops
   answering for ``workers.liveness`` intervals (hung, SIGSTOP) is killed and restarted;
 * ``Rollout.step`` converges the workers to their desired configs, one at a time; a
-  reload and the VRAM governor's restart are nothing but new desired states.
+  reload (``reload.py``) and the VRAM governor's restart are nothing but new desired
+  states;
+* the served models' states follow what runs (``ModelManager``): every tick, and at
+  once when a worker gets ready, so that a model is ``loaded`` before any answer of its
+  worker can reach a client.
+
+It answers the CLI on its control socket; what it reports is assembled in ``status.py``.
+Asking the gateway first (``Status``, ``Models``) orders the answer after every event the
+gateway sent before: one pipe, read in order, each event applied as it is read.
 
 On a node (``[node] join``) there is no gateway: the workers connect to the head's, and
-each tells this supervisor how its link stands (``admin.WorkerLink`` on ``node.sock``);
+each tells this supervisor how its link stands (``admin.LinkReport`` on ``node.sock``);
 restart policy, logs and the VRAM governor are the same.  On a head, ``status`` also
 lists the workers of other machines that the gateway serves.
 """
@@ -25,30 +33,28 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import msgspec
-import psutil
 import zmq
 import zmq.asyncio
 
 from llmctl.common import admin
-from llmctl.common import config as config_mod
-from llmctl.common.config import Config, ConfigError
+from llmctl.common.config import Config
 from llmctl.common.procs import bind_private, describe_exit, make_private
-from llmctl.control import gpu, node
+from llmctl.control import gpu, node, status
 from llmctl.control.child import ChildProcess, WorkerProcess
 from llmctl.control.gwlink import GatewayLink
-from llmctl.control.models import ModelManager, memory_plan, plan_budget
+from llmctl.control.models import ModelManager, Refusal, memory_plan, plan_budget
+from llmctl.control.reload import Reload
 from llmctl.control.rollout import Rollout
+from llmctl.control.states import ProcessState
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
 PROCS_EVERY_S = 0.5          # process figures pushed to the gateway (/metrics)
-# Sections a rolling reload applies; the rest needs a restart of the gateway.
-ROLLING = ("model", "workers", "generation", "synthetic", "models")
-GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
 class Supervisor:
@@ -61,14 +67,14 @@ class Supervisor:
         self.models = ModelManager(cfg, {}, 0.0)
         self.models.planned = False
         self.rollout.want_workers(self.models.desired_workers())
-        self._usage: dict[str, Any] = {}          # the gateway's last per-model figures
+        self.usage: dict[str, Any] = {}           # the gateway's last per-model figures
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.stopping = False
-        self.reload_state: dict[str, Any] = {"state": "idle"}
+        self.reload = Reload()
         self.link: GatewayLink | None = None
         self.gpu: gpu.GpuMonitor | None = None
-        self._cpu: dict[str, float | None] = {}
+        self.cpu: dict[str, float | None] = {}    # CPU % per process (the last figures)
         self._last_ping = self._last_procs = 0.0
 
     @property
@@ -105,7 +111,8 @@ class Supervisor:
                 self.models.planned = True
             if self.cfg.is_node:          # no gateway here: the workers join the head
                 bind_private(reports, self.cfg.node_endpoint)
-                tasks.append(asyncio.create_task(node.serve_reports(reports, self._by_routing_id)))
+                tasks.append(asyncio.create_task(node.serve_reports(
+                    reports, self._by_routing_id, self._models_follow)))
                 log.info("node %s: workers join %s", self.cfg.node_name, self.cfg.node.join)
             else:
                 await self.gateway.start()
@@ -135,23 +142,29 @@ class Supervisor:
         for child in self.children:
             if child.exited() and child is not self.gateway:
                 self._forget(child, describe_exit(child.last_exit))
-            restarted = child.state == "backoff"
+            restarted = child.state is ProcessState.BACKOFF
             await child.maybe_restart()
             if restarted and child is self.gateway and child.pid:
                 self.link.expect(child.pid)
         now = time.monotonic()
         for w in self.workers:
-            if w.state == "starting" and w.pid and w.uptime > self.cfg.workers.ready_timeout_s:
+            if w.state is ProcessState.STARTING and w.pid \
+                    and w.uptime > self.cfg.workers.ready_timeout_s:
                 log.error("%s sent no READY within %.0fs: killing it", w.name,
                           self.cfg.workers.ready_timeout_s)
-                _kill(w)
+                w.kill()
         self._check_gateway(now)
         await self._step_models(now)
         await self.rollout.step()
-        self._track_reload()
+        if (target := self.reload.track(self.rollout)) is not None:
+            self.cfg = target
         if now - self._last_procs >= PROCS_EVERY_S:
             self._last_procs = now
-            self.link.tell(admin.Procs(procs=self._procs()))
+            figures = status.procs(self)
+            self.cpu = {"supervisor": figures["supervisor"]["cpu"],
+                        "gateway": figures["gateway"]["cpu"],
+                        **{w["name"]: w["cpu"] for w in figures["workers"]}}
+            self.link.tell(admin.Procs(procs=figures))
 
     async def _plan(self, cfg: Config | None = None) -> None:
         """The plan's figures: from run_dir's cache (``llmctl start`` computed them), else
@@ -169,25 +182,45 @@ class Supervisor:
 
     async def _step_models(self, now: float) -> None:
         """The served models' desired state: loads asked for, evictions, keep_alive_s."""
-        assert self.link is not None
-        usage = None
-        if self.gateway_up is not None:
-            reply = await self.link.call(admin.Models(), timeout=0.5)
-            if reply is not None:
-                usage = self._usage = reply.data
+        usage = await self._gateway_usage()
+        self._refuse(self.models.step(now, *self._processes_of_models(), usage))
         ro = self.rollout
-        ready = {n: w.was_ready and w.pid is not None and w.state == "running"
-                 for n, w in ro.workers.items()}
-        running = {w.name: True for w in ro.all()}
-        fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
-                 for n, w in ro.workers.items() if w.state == "fatal"}
-        for r in self.models.step(now, ready, running, fatal, usage):
-            self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
-                                                  retry_after_ms=r.retry_after_ms))
         desired = self.models.desired_workers()
         if set(desired) != set(ro.desired):     # a model loads or unloads (the configs of
             ro.want_workers({n: ro.desired.get(n, c)    # the others stay as they are:
                              for n, c in desired.items()})   # a reload, the governor)
+
+    async def _gateway_usage(self) -> dict[str, Any] | None:
+        """The gateway's per-model figures now (None: no gateway answered)."""
+        if self.gateway_up is None or self.link is None:
+            return None
+        reply = await self.link.call(admin.Models(), timeout=0.5)
+        if reply is None:
+            return None
+        self.usage = reply.data
+        return reply.data
+
+    def _processes_of_models(self) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
+        """What ``ModelManager`` moves the states by: which workers are ready, which
+        processes exist, which workers are FATAL and why."""
+        ro = self.rollout
+        ready = {n: w.was_ready and w.pid is not None and w.state is ProcessState.RUNNING
+                 for n, w in ro.workers.items()}
+        running = {w.name: True for w in ro.all()}
+        fatal = {n: "\n".join(list(w.tail)[-5:]) or "it never got ready"
+                 for n, w in ro.workers.items() if w.state is ProcessState.FATAL}
+        return ready, running, fatal
+
+    def _models_follow(self) -> None:
+        """A worker got ready: the models' states follow now, not on the next tick."""
+        self._refuse(self.models.observe(time.monotonic(), *self._processes_of_models()))
+
+    def _refuse(self, refusals: list[Refusal]) -> None:
+        """Tell the gateway which models' queued requests get an error."""
+        assert self.link is not None
+        for r in refusals:
+            self.link.tell(admin.ModelUnavailable(model=r.model, code=r.code, message=r.message,
+                                                  retry_after_ms=r.retry_after_ms))
 
     def _check_gateway(self, now: float) -> None:
         """Ping the gateway; kill one that was ready and stopped answering (hung)."""
@@ -202,11 +235,11 @@ class Supervisor:
         if gw.was_ready and silent > w.heartbeat_interval_s * w.liveness:
             log.error("the gateway (pid %d) answered nothing for %.1fs: killing it",
                       gw.pid, silent)
-            _kill(gw)
+            gw.kill()
         elif not gw.was_ready and gw.uptime > self.cfg.control.start_timeout_s:
             log.error("the gateway did not come up within %.0fs: killing it",
                       self.cfg.control.start_timeout_s)
-            _kill(gw)
+            gw.kill()
 
     def _on_event(self, ev: admin.FromGateway) -> None:
         """Something the gateway pushed: it is up, a worker is ready, lost or drained."""
@@ -216,15 +249,17 @@ class Supervisor:
                 self.gateway_up = ev
             case admin.WorkerReady(worker=wid):
                 w = self._by_routing_id(wid)
-                if w is not None and w.state == "starting":
-                    w.state = "running"
+                if w is not None and w.state is ProcessState.STARTING:
+                    w.to(ProcessState.RUNNING)
                     w.mark_ready()
+                    self._models_follow()
             case admin.WorkerLost(worker=wid, pid=pid, why=why):
                 w = self._by_routing_id(wid)
-                if w is not None and w.pid == pid and w.state in ("starting", "running"):
+                if w is not None and w.pid == pid and w.state in (ProcessState.STARTING,
+                                                                  ProcessState.RUNNING):
                     log.error("%s (pid %d) is alive but the gateway declared it dead (%s): "
                               "killing it", w.name, pid, why)
-                    _kill(w)
+                    w.kill()
             case admin.WorkerDrained(worker=wid):
                 w = self._by_routing_id(wid)
                 if w is not None:
@@ -278,49 +313,24 @@ class Supervisor:
 
     # ---- reload: a new desired state ----------------------------------------------------
     def start_reload(self) -> dict[str, Any]:
-        if self.reload_state.get("state") == "rolling":
-            return {"ok": False, "error": "a reload is already running"}
-        try:
-            new = config_mod.load(self.cfg.source)
-        except ConfigError as exc:
-            return {"ok": False, "error": str(exc)}
-        changed, not_applied = diff_configs(self.cfg, new)
-        applied = {s: getattr(new, s) for s in ROLLING}
-        if any(k.startswith("workers.") and k.split(".", 1)[1] in GATEWAY_WORKER_KEYS
-               for k in not_applied):
-            applied["workers"] = msgspec.structs.replace(
-                new.workers, **{k: getattr(self.cfg.workers, k) for k in GATEWAY_WORKER_KEYS})
-        target = msgspec.structs.replace(self.cfg, **applied)
+        """`llmctl reload`: converge to the config file's content (``reload.py``)."""
+        error = self.reload.begin(self.cfg)
+        if error is not None:
+            return {"ok": False, "error": error}
+        target = self.reload.target
+        assert target is not None
         if target.generation != self.cfg.generation and self.link is not None:
             g = target.generation
             self.link.tell(admin.SetDefaults(
                 max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
                 top_k=g.top_k, deadline_ms=g.deadline_ms, max_deadline_ms=g.max_deadline_ms))
-        if [e.name for e in target.served] != [e.name for e in self.cfg.served]:
-            return {"ok": False, "error": "adding, removing, renaming or reordering served "
-                                          "models needs `llmctl stop` + `llmctl start`"}
-        self.reload_state = {"state": "rolling", "changed": changed, "not_applied": not_applied,
-                             "step": "", "error": None, "target": target}
         # The old figures until the new ones are read (off the loop).
         self.models.configure(target, {n: m.need_mib for n, m in self.models.models.items()})
         if self.models.budget_mib:
             asyncio.create_task(self._plan(target))
         self.rollout.want_workers(self.models.desired_workers())
         self.rollout.failed = None
-        return {"ok": True, **{k: v for k, v in self.reload_state.items() if k != "target"}}
-
-    def _track_reload(self) -> None:
-        r = self.reload_state
-        if r.get("state") != "rolling":
-            return
-        r["step"] = self.rollout.step_text()
-        if self.rollout.failed:
-            r.update(state="failed", error=self.rollout.failed, step="")
-            log.error("reload failed: %s", self.rollout.failed)
-        elif self.rollout.converged:
-            self.cfg = r["target"]
-            r.update(state="done", step="")
-            log.info("reload done: %s", ", ".join(r["changed"]) or "no change")
+        return {"ok": True, **self.reload.view()}
 
     # ---- GPU memory -----------------------------------------------------------------------
     async def _watch_vram(self) -> None:
@@ -357,7 +367,7 @@ class Supervisor:
             case admin.Status():
                 assert self.link is not None
                 reply = await self.link.call(admin.Status(), timeout=0.5)
-                return {"ok": True, **self.status(reply.data if reply else {})}
+                return {"ok": True, **status.status(self, reply.data if reply else {})}
             case admin.Stop():
                 self.stop_event.set()
                 return {"ok": True, "stopping": True, "pid": os.getpid()}
@@ -373,139 +383,27 @@ class Supervisor:
             case admin.Reload():
                 return self.start_reload()
             case admin.Models():
-                return {"ok": True, "models": self.model_rows()}
+                await self._gateway_usage()
+                return {"ok": True, "models": status.model_rows(self)}
             case admin.Load(model=name):
                 err = self.models.want(name)
-                return {"ok": err is None, "error": err, "models": self.model_rows()}
+                return {"ok": err is None, "error": err, "models": status.model_rows(self)}
             case admin.Unload(model=name):
                 err = self.models.unload(name)
-                return {"ok": err is None, "error": err, "models": self.model_rows()}
+                return {"ok": err is None, "error": err, "models": status.model_rows(self)}
         return {"ok": False, "error": f"{type(cmd).__name__} is not a command of the CLI"}
 
-    def status(self, gw: dict[str, Any]) -> dict[str, Any]:
-        """The whole picture: this process table joined with the gateway's view."""
-        live = {w["id"]: w for w in gw.get("workers", [])}
-        wm = gw.get("metrics", {}).get("workers", {})
-        workers = []
-        for w in self.workers:
-            snap = w.snapshot()
-            info = live.get(w.routing_id)
-            if info and w.state == "running":
-                snap.update({k: info[k] for k in ("slots", "credits", "inflight", "parked",
-                                                  "served", "device", "kv_store",
-                                                  "threads")})
-            else:
-                snap.update({"inflight": 0, "credits": 0})
-            snap["state"] = self._state_of(w, info)
-            snap["vram_mib"] = self._vram_of(w)
-            snap["cpu"] = self._cpu.get(w.name)
-            snap["tokens_per_s"] = wm.get(w.name, {}).get("tokens_per_s", 0.0)
-            snap["model"] = w.cfg.default_model.name
-            snap["node"] = self.cfg.node_name
-            if self.cfg.is_node:
-                node.node_view(w, snap)
-            workers.append(snap)
-        workers += node.remote_workers(live, {w.routing_id for w in self.workers},
-                                       self.cfg.node_name, wm)
-        up = self.gateway_up
-        return {
-            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
-            "config": self.cfg.source, "model": self.cfg.model.path,
-            "stopping": self.stopping,
-            "role": "node" if self.cfg.is_node else "head", "node": self.cfg.node_name,
-            "join": self.cfg.node.join, "cluster_bind": self.cfg.cluster.bind,
-            "reload": {k: v for k, v in self.reload_state.items() if k != "target"},
-            "gpu": self.gpu.last if self.gpu else None,
-            "metrics": gw.get("metrics", {}), "free_credits": gw.get("free_credits", 0),
-            "gateway": {**self.gateway.snapshot(),
-                        "listening": gw.get("listening", up.listening if up else []),
-                        "http_listening": gw.get("http_listening",
-                                                 up.http_listening if up else []),
-                        "metrics_url": gw.get("metrics_url", ""),
-                        **{k: gw.get(k, 0) for k in ("queue", "inflight", "parked",
-                                                     "connections")},
-                        "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
-            "workers": workers,
-            "models": self.model_rows(gw.get("models")),
-        }
 
-    def model_rows(self, usage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """`llmctl models`: each served model's state, plan and measured memory."""
-        measured: dict[str, float | None] = {}
-        for m in self.models.models.values():
-            procs = [w for w in self.workers if w.name in m.names and w.pid]
-            if self.models.kind == "vram":
-                vals = [self._vram_of(w) for w in procs]
-                measured[m.name] = round(sum(v for v in vals if v), 1) if procs else None
-            else:
-                rss = [w.rss() for w in procs]
-                measured[m.name] = round(sum(r for r in rss if r) / 2 ** 20, 1) if procs else None
-        return self.models.rows(time.monotonic(), measured,
-                                usage if usage is not None else self._usage)
-
-    def _state_of(self, w: WorkerProcess, info: dict[str, Any] | None) -> str:
-        if w in self.rollout.retiring:
-            return "draining"
-        return info["state"] if info and w.state == "running" else w.state
-
-    def _vram_of(self, w: WorkerProcess) -> float | None:
-        if self.gpu is None or not self.gpu.last.get("enforced"):
-            return None
-        return self.gpu.last["workers"].get(w.name)
-
-    def _procs(self) -> dict[str, Any]:
-        """Process figures for the gateway's /metrics."""
-        me = psutil.Process()
-        procs = {
-            "supervisor": {"pid": me.pid, "rss": me.memory_info().rss,
-                           "cpu": me.cpu_percent(None)},
-            "gateway": {"pid": self.gateway.pid, "rss": self.gateway.rss(),
-                        "cpu": self.gateway.cpu_percent()},
-            "workers": [{"name": w.name, "pid": w.pid, "state": w.state,
-                         "restarts": w.restarts, "rss": w.rss(), "cpu": w.cpu_percent(),
-                         "vram_mib": self._vram_of(w)} for w in self.rollout.workers.values()],
-            "gpu": self.gpu.last if self.gpu else None,
-            "models": {m.name: {"state": m.state, "workers": m.names}
-                       for m in self.models.models.values()},
-        }
-        for w in procs["workers"]:
-            w["model"] = self.rollout.workers[w["name"]].cfg.default_model.name
-        self._cpu = {"supervisor": procs["supervisor"]["cpu"], "gateway": procs["gateway"]["cpu"],
-                     **{w["name"]: w["cpu"] for w in procs["workers"]}}
-        return procs
-
-
-def _kill(w: ChildProcess) -> None:
-    try:
-        assert w.proc is not None
-        w.proc.kill()
-    except ProcessLookupError:
-        pass
-
-
-def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(every changed key, the changed keys a rolling reload cannot apply)."""
-    changed, not_applied = [], []
-    if old.models != new.models:
-        changed.append("models")
-    for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic", "cluster", "node", "host"):
-        a, b = getattr(old, section), getattr(new, section)
-        for f in msgspec.structs.fields(a):
-            if getattr(a, f.name) != getattr(b, f.name):
-                key = f"{section}.{f.name}"
-                changed.append(key)
-                if section not in ROLLING or (section == "workers"
-                                              and f.name in GATEWAY_WORKER_KEYS):
-                    not_applied.append(key)
-    return changed, not_applied
+def run_files(cfg: Config) -> list[Path]:
+    """What a running supervisor keeps in run_dir: its pidfile and its sockets."""
+    return [cfg.pidfile, *(cfg.run_dir / f"{name}.sock"
+                           for name in ("control", "link", "workers", "node"))]
 
 
 def main(cfg: Config) -> int:
     """Run the supervisor in this process until SIGTERM/SIGINT or `llmctl stop`."""
     make_private(cfg.run_dir, cfg.log_dir)
-    pidfile = cfg.pidfile
-    pidfile.write_text(f"{os.getpid()}\n")
+    cfg.pidfile.write_text(f"{os.getpid()}\n")
     sup = Supervisor(cfg)
 
     async def _main() -> None:
@@ -517,7 +415,6 @@ def main(cfg: Config) -> int:
     try:
         asyncio.run(_main())
     finally:
-        for p in (pidfile, cfg.run_dir / "control.sock", cfg.run_dir / "link.sock",
-                  cfg.run_dir / "workers.sock", cfg.run_dir / "node.sock"):
+        for p in run_files(cfg):
             p.unlink(missing_ok=True)
     return 0

@@ -1,7 +1,9 @@
 """Test doubles."""
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+import logging
+from typing import Iterator, Mapping
 
 from llmctl.control.gpu_estimate import MiB
 
@@ -31,3 +33,21 @@ class FakeReader:
 
     def per_process(self) -> dict[int, int]:
         return dict(self.per_pid) if self._available else {}
+
+
+@contextlib.contextmanager
+def illegal_transitions() -> Iterator[list[str]]:
+    """The illegal state transitions logged meanwhile (control/states.py), as messages."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger("llmctl.control.states")
+    handler = Collect(logging.ERROR)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)

@@ -67,9 +67,9 @@ def _toml_value(v: Any) -> str:
 
 
 # What a server log must never hold: an exception escaped somewhere (a request made the
-# server raise).  Every test service's logs are scanned when it stops.
+# server raise), or a state changed in a way its table does not allow (control/states.py).  Every test service's logs are scanned when it stops.
 LOG_PROBLEMS = ("Traceback (most recent call last)", "Task exception was never retrieved",
-                "Exception in callback")
+                "Exception in callback", "illegal state transition")
 
 
 class Service:

@@ -13,6 +13,7 @@ import zmq
 from llmctl.common import config, keys
 from llmctl.common.config import ConfigError
 from llmctl.control.child import WorkerProcess
+from llmctl.control.states import ProcessState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,7 +145,9 @@ def test_node_status_shows_the_link(tmp_path):
                           '[workers]\nslots = 4\n')
     node.log_dir.mkdir(parents=True)
     w = WorkerProcess("w0", node)
-    w.state, w.link, w.link_detail = "running", "refused", "the head refused this node's key"
+    w.to(ProcessState.STARTING)
+    w.to(ProcessState.RUNNING)
+    w.link, w.link_detail = "refused", "the head refused this node's key"
     snap: dict = {"state": "running"}
     node_view(w, snap)
     assert snap == {"state": "refused", "link": "refused", "slots": 4,

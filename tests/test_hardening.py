@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import zmq
 
 from llmctl.common import protocol as p
 from llmctl.common.protocol import FrameDecoder, FrameType
@@ -283,3 +284,38 @@ def test_a_parked_stream_resumes_with_the_same_output(make_service):
     assert text == reference.text
     counters = s.status()["gateway"]["counters"]
     assert counters["resumed"] >= 1 and counters["slow_clients"] == 0
+
+
+# ---- the internal sockets --------------------------------------------------------------------
+
+GARBAGE_FROM_A_WORKER = [
+    [b"Z", b"", b""],                                   # an unknown kind
+    [b"R", b"", b"{not json"],                          # READY that is not JSON
+    [b"R", b"", b'{"worker": "x"}'],                    # READY without its fields
+    [b"R", b"", b'{"worker": "x", "pid": "one", "slots": 2}'],   # a wrong type
+    [b"M", b"", b"\x54\x00\x00"],                       # a truncated BATCH
+    [b"G", b"\x00" * 8, b"{}"],                         # a kind workers never send
+    [b"T", b"\x00\x01", b"x"],                          # a request id of 2 bytes
+    [b"D"],                                             # one frame
+]
+
+
+def test_the_gateway_drops_garbage_from_a_worker_and_serves_on(svc):
+    gw_pid = svc.status()["gateway"]["pid"]
+    before = svc.counters()["dropped_messages"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"impostor.1")
+    try:
+        sock.connect(f"ipc://{svc.dir / 'run' / 'workers.sock'}")
+        for frames in GARBAGE_FROM_A_WORKER:
+            sock.send_multipart(frames)
+        wait_until(lambda: svc.counters()["dropped_messages"] >= before + 5, 10,
+                   "the malformed messages to be counted")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    st = svc.status()
+    assert st["gateway"]["pid"] == gw_pid and len(st["workers"]) == 1
+    served(svc)

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from tests.service import wait_until
 
-from llmctl.control.top import render, sparkline
+from llmctl.control.render import dashboard, sparkline
 from llmctl.dataplane.metrics import GROWTH, LogHistogram, Rate, Windowed
 
 KNOWN = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 250.0, 1000.0]
@@ -116,7 +116,7 @@ def test_metrics_status_and_dashboard_after_real_traffic(make_service):
     assert st_["gateway"]["errors"] == {"bad_request": 1}
 
     console = Console(record=True, width=80, height=24)
-    console.print(render(st_))
+    console.print(dashboard(st_))
     out = console.export_text()
     for w in st_["workers"]:
         assert w["id"] in out and str(w["pid"]) in out

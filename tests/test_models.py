@@ -19,6 +19,7 @@ from llmctl.common.protocol import Defaults, parse_generate
 from llmctl.control.models import ModelManager, check_plan, worker_names
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.scheduler import Request
+from tests.fakes import illegal_transitions
 
 
 def entry(name: str, load: str = "on_demand", workers: int = 1, keep_alive_s: float = 0.0,
@@ -272,7 +273,14 @@ def test_a_model_that_cannot_load_is_refused_not_ready():
                           st.sampled_from("abc")), max_size=60))
 def test_the_plan_is_never_exceeded(script):
     """Whatever is asked in whatever order, what the plan counts (every model not
-    unloaded: loading, loaded, or still stopping) never exceeds the budget."""
+    unloaded: loading, loaded, or still stopping) never exceeds the budget, and every
+    state change is one its table allows."""
+    with illegal_transitions() as illegal:
+        plan_script(script)
+    assert not illegal
+
+
+def plan_script(script: list[tuple[str, str]]) -> None:
     mm = manager(200.0, a=116.0, b=161.0, c=60.0)
     now, busy, stopped = 0.0, set(), set()
     for op, name in script:

@@ -102,26 +102,3 @@ def test_reference_documents_the_entry_keys():
                           "threads", "load", "keep_alive_s"]
     assert keys["name"][0] is None and keys["path"][0] is None      # required
     assert all(doc for _, doc in keys.values())
-
-
-def test_reload_applies_model_settings_but_not_a_changed_set_of_names(tmp_path):
-    import asyncio
-    asyncio.run(_reload(tmp_path))
-
-
-async def _reload(tmp_path):
-    from llmctl.control.supervisor import Supervisor, diff_configs
-    path = write(tmp_path, TWO)
-    cfg = config.load(path)
-    cfg.log_dir.mkdir(parents=True)
-    sup = Supervisor(cfg)
-    path.write_text(TWO.replace("n_ctx = 1024", "n_ctx = 512"))
-    r = sup.start_reload()
-    assert r["ok"] and r["changed"] == ["models"] and r["not_applied"] == []
-    assert sup.models.models["chat"].cfg.model.n_ctx == 512
-    assert sup.rollout.desired["w0"].model.n_ctx == 512     # chat is always: rolled
-    sup.reload_state = {"state": "idle"}
-    path.write_text(TWO.replace('name = "code"', 'name = "coder"'))
-    r = sup.start_reload()
-    assert not r["ok"] and "needs `llmctl stop` + `llmctl start`" in r["error"]
-    assert diff_configs(cfg, config.load(path))[0] == ["models"]

@@ -16,7 +16,7 @@ import pytest
 
 from llmctl.common import admin, config as config_mod
 from llmctl.common.protocol import FrameType
-from llmctl.control.cli import ControlClient
+from llmctl.control.supervisor_client import call
 from tests.service import MODEL, MODEL_B, wait_until
 
 integration = pytest.mark.integration
@@ -39,14 +39,14 @@ class PlanWatch:
     budget at every sample, and every state seen."""
 
     def __init__(self, svc) -> None:
-        self.client = ControlClient(config_mod.load(svc.config))
+        self.cfg = config_mod.load(svc.config)
         self.samples: list[list[dict[str, Any]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            r = self.client.call(admin.Models(), timeout=2.0)
+            r = call(self.cfg, admin.Models(), timeout=2.0)
             if r and r.get("ok"):
                 self.samples.append(r["models"])
             self._stop.wait(0.1)
@@ -60,7 +60,7 @@ class PlanWatch:
         self._thread.join()
 
     def now(self) -> dict[str, dict[str, Any]]:
-        r = self.client.call(admin.Models(), timeout=2.0)
+        r = call(self.cfg, admin.Models(), timeout=2.0)
         assert r and r["ok"]
         return {m["name"]: m for m in r["models"]}
 
@@ -87,6 +87,11 @@ def ask(svc, requests: list[dict[str, Any]], then=None) -> dict[int, list[tuple[
                 ends.setdefault(f.stream, []).append((kind, json.loads(f.payload)))
         c.ping(b"end")          # frames written before the PONG have arrived by now
         return ends
+
+
+def model_states(svc) -> dict[str, str]:
+    """Each model's state as `llmctl status` shows it."""
+    return {m["name"]: m["state"] for m in svc.status()["models"]}
 
 
 def one(svc, model: str, **kw: Any) -> dict[str, Any]:
@@ -116,22 +121,27 @@ def test_a_then_b_evicts_a_then_a_evicts_b(make_service):
         a_workers = set(m["a"]["workers"])
         b_workers = set(m["b"]["workers"])
 
+        # A model whose worker has answered is loaded in both views, with no waiting:
+        # the supervisor applies the worker's READY before it answers either of them.
         done = one(svc, "a")
         assert done["worker"] in a_workers
         m = watch.now()
         assert m["a"]["state"] == "loaded" and m["b"]["state"] == "unloaded"
-        assert m["a"]["measured_mib"] > 0                  # RSS of its worker
+        assert m["a"]["workers_ready"] == 1 and m["a"]["measured_mib"] > 0   # RSS of its worker
+        assert model_states(svc) == {"a": "loaded", "b": "unloaded"}
 
         done = one(svc, "b")                               # a is idle: evicted, b loads
         assert done["worker"] in b_workers
         m = watch.now()
         assert m["a"]["state"] == "unloaded" and m["b"]["state"] == "loaded"
-        assert m["a"]["evictions"] == 1
+        assert m["a"]["evictions"] == 1 and m["b"]["workers_ready"] == 1
+        assert model_states(svc) == {"a": "unloaded", "b": "loaded"}
 
         done = one(svc, None)                              # no model key: the default, a
         assert done["worker"] in a_workers
         m = watch.now()
         assert m["b"]["state"] == "unloaded" and m["b"]["evictions"] == 1
+        assert model_states(svc) == {"a": "loaded", "b": "unloaded"}
 
         # /v1/models lists both with their state; an unknown model is OpenAI's 404
         url = f"http://127.0.0.1:{svc.http_port}/v1"

@@ -7,6 +7,7 @@ import types
 from msgspec.structs import replace
 
 from llmctl.control.child import ChildProcess
+from llmctl.control.states import ProcessState
 from llmctl.common.config import Config
 
 
@@ -20,7 +21,8 @@ def child(tmp_path, **control) -> ChildProcess:
 def crash(c: ChildProcess, ready: bool) -> bool:
     """A spawn that dies at once (after READY if ``ready``); True if it was noticed."""
     c.proc = types.SimpleNamespace(returncode=-9, pid=1)
-    c.state, c.was_ready = "running", False
+    c.to(ProcessState.RUNNING)              # a spawn (the gateway's kind: running at once)
+    c.was_ready = False
     c._started_mono = time.monotonic()       # it had just started
     if ready:
         c.mark_ready()

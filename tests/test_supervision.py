@@ -11,6 +11,7 @@ import threading
 import uuid
 
 import pytest
+import zmq
 
 from llmctl.common.protocol import FrameType
 from tests.service import MODEL, ROOT, Service, pid_gone, wait_until
@@ -28,6 +29,11 @@ def worker(st: dict, name: str) -> dict:
 def ready(svc: Service, name: str, restarts: int) -> bool:
     w = worker(svc.status(), name)
     return w["state"] == "ready" and w["restarts"] == restarts
+
+
+def serves(svc: Service) -> None:
+    with svc.client() as c:
+        assert c.complete(1, prompt="Hi", max_tokens=2).done is not None
 
 
 def test_kill_worker_mid_stream_fails_the_stream_and_restarts(make_service):
@@ -223,3 +229,40 @@ def test_short_kill_soak_loses_nothing_and_ends_serving(make_service, tmp_path):
     assert rep["all_serving_at_end"] and rep["fatal"] == [], rep
     assert rep["done"] > 0 and sum(rep["actions"].values()) >= 5
     assert rc == 0
+
+
+def test_the_supervisor_answers_garbage_on_its_control_socket(make_service):
+    s = make_service()
+    assert s.start().returncode == 0
+    ctx = zmq.Context()
+    try:
+        for raw in (b"garbage", b'{"kind": "no_such_command"}', b'{"kind": "restart",'
+                    b' "workers": "w0"}', b"[]"):
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{s.dir / 'run' / 'control.sock'}")
+            sock.send(raw)
+            assert sock.poll(5000), f"no answer to {raw!r}"
+            reply = json.loads(sock.recv())
+            sock.close(linger=0)
+            assert reply["ok"] is False and reply["error"], reply
+    finally:
+        ctx.term()
+    assert s.status()["running"]
+    serves(s)
+
+
+def test_a_gateway_that_stops_answering_is_restarted(make_service):
+    s = make_service(workers={"heartbeat_interval_s": 0.5, "liveness": 4},
+                     control={"backoff_initial_s": 0.1, "backoff_max_s": 0.5})
+    assert s.start().returncode == 0
+    serves(s)
+    gw = s.status()["gateway"]
+    os.kill(gw["pid"], signal.SIGSTOP)          # hung: alive, silent
+    wait_until(lambda: (lambda g: g["pid"] not in (None, gw["pid"]) and g["restarts"] == 1
+                        and g["listening"])(s.status()["gateway"]), 60,
+               "the supervisor to kill the hung gateway and start another")
+    wait_until(lambda: all(w["state"] == "ready" for w in s.status()["workers"]), 60,
+               "the workers to reconnect to the new gateway")
+    serves(s)
+    assert s.status()["gateway"]["last_exit"] == "killed by SIGKILL"

@@ -40,9 +40,12 @@ def _f(v: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def print_report(result: dict[str, Any], console: Any = None) -> None:
-    from rich.console import Console
+    """The tables of a run: the terminal's width at a terminal, whole lines in a pipe or
+    a file (``common.console``)."""
     from rich.table import Table
-    console = console or Console()
+
+    from llmctl.common.console import console as cli_console
+    console = console or cli_console()
     m = result["machine"]
     cfg = result["config"]
     table = Table(title=f"llmctl bench: {cfg['max_tokens']} max tokens, {MODES[cfg['mode']]} - "

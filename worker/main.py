@@ -10,7 +10,7 @@ it drops what it runs, reconnects and sends READY again.
 
 On a node (``[node] join``) the DEALER connects to the head over TCP as a CURVE client
 (its own keypair, the head's pinned public key), and the worker reports its link state
-(connecting, joined, lost, refused) to its supervisor (``admin.WorkerLink``).  A link that
+(connecting, joined, lost, refused) to its supervisor (``admin.LinkReport``).  A link that
 drops for less than the liveness bound loses nothing: ZeroMQ reconnects and what was
 queued flows on; a longer silence is a lost link: what runs is dropped (the gateway has
 re-dispatched or failed it) and READY is sent again, so no request is answered twice.
@@ -100,7 +100,7 @@ class Worker:
         level = logging.WARNING if state in ("lost", "refused") else logging.INFO
         log.log(level, "link to %s: %s%s", self.endpoint, state, f" ({detail})" if detail else "")
         if self._reporter is not None:
-            self._reporter.send(admin.encode(admin.WorkerLink(
+            self._reporter.send(admin.encode(admin.LinkReport(
                 worker=self.id, pid=os.getpid(), state=state, detail=detail)), zmq.NOBLOCK)
 
     def _on_monitor(self) -> None:
