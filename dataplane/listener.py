@@ -1,7 +1,8 @@
 """The binary port ([gateway] host:port): one listener, a dialect per connection.
 
-A connection's first four bytes say which framing it speaks: the length field of the
-binary protocol's HELLO (``tcp.py``).  A connection that sends nothing within ``[gateway] handshake_timeout_s``
+A connection's first four bytes say which framing it speaks: the CC50 magic (``cc50.py``,
+the seed's ``cc50_llm_client``), otherwise the length field of the binary protocol's HELLO
+(``tcp.py``).  A connection that sends nothing within ``[gateway] handshake_timeout_s``
 is closed.
 """
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from llmctl.common import cc50
+from llmctl.dataplane.cc50 import Cc50Connection
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.tcp import Connection
 
@@ -27,11 +30,14 @@ async def serve_binary(gw: Gateway) -> asyncio.AbstractServer:
             writer.close()
             return
         try:
-            await Connection(gw, reader, writer).run(first)
+            if first == cc50.MAGIC_BYTES:
+                await Cc50Connection(gw, reader, writer).run(first)
+            else:
+                await Connection(gw, reader, writer).run(first)
         except asyncio.CancelledError:      # the gateway stops with the client connected
             writer.transport.abort()
 
     server = await asyncio.start_server(handle, cfg.host, cfg.port, reuse_address=True)
-    log.info("binary protocol listening on %s",
+    log.info("binary protocol (and CC50) listening on %s",
              ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets))
     return server
