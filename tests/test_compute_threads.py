@@ -57,6 +57,15 @@ def test_brief_preemptions_by_the_services_own_threads_are_not_a_neighbour():
     assert gov.n == 2 and applied == []
 
 
+def test_two_threads_that_got_most_of_two_cpus_stay_two():
+    """Losing whole slices 30% of the time still leaves 1.4 CPUs: more than one thread
+    computes with (the load generator of a benchmark on the same two cores does this)."""
+    gov, cpu, applied = governor()
+    cpu.window(0.6, run_cpus=1.4, wait_cpus=0.6, idle_cpus=0.0, slice_wait_ms=3.0)
+    gov.after_step()
+    assert gov.n == 2 and applied == []
+
+
 def test_a_window_is_judged_only_once_it_is_long_enough():
     gov, cpu, applied = governor()
     cpu.window(0.2, run_cpus=1.0, wait_cpus=1.0, idle_cpus=0.0)

@@ -14,11 +14,12 @@ milliseconds (docs/benchmarks.md, "Sharing the host").
 
 Policy ``[host] threads_policy = "adaptive"`` (the default): after its engine steps, at
 most every ``WINDOW_S``, the worker reads the run time and run-queue wait of its own
-threads (``/proc/self/task/*/schedstat``).  Threads that wanted a CPU but waited for
-one more than a quarter of the time (``SHARE_LOW``), a time slice's worth at a time
-(``SLICE_WAIT_MS``: brief preemptions by the service's own gateway and I/O threads are
-not that), are more than the CPUs the worker gets: it computes with fewer
-(``llama_set_n_threads``), down to as many as it got.  With
+threads (``/proc/self/task/*/schedstat``).  n threads that were on a CPU a share s of the
+time they wanted one got n x s CPUs' worth; when that is less than n - ``ROUND_UP``
+(two threads that got under 1.2 CPUs: they time-share one core) and they lost whole time
+slices (``SLICE_WAIT_MS`` per wait on average: brief preemptions by the service's own
+gateway and I/O threads are not that), the worker computes with floor(n x s + ROUND_UP)
+threads (``llama_set_n_threads``).  With
 fewer than its maximum it watches the idle time of the CPUs it may run on
 (``/proc/stat``): a CPU idle most of the time (``IDLE_FOR_RAISE``) for ``hold`` seconds
 (beyond what its own threads left idle) gives it one thread back.  A raise that is taken back within ``FLAP_S`` doubles
@@ -43,7 +44,7 @@ from llmctl.common.procs import thread_times
 log = logging.getLogger(__name__)
 
 WINDOW_S = 0.5          # the run/wait figures are judged over at least this much time
-SHARE_LOW = 0.75        # runnable threads on a CPU less of the time than this: too many
+ROUND_UP = 0.8          # n threads that got c CPUs' worth: keep floor(c + ROUND_UP) of them
 SLICE_WAIT_MS = 1.0     # ... if each wait lasts this long on average: time slices lost to
                         # other processes, not brief preemptions by the service's own wake-ups
 IDLE_FOR_RAISE = 0.75   # CPU-seconds idle per second, over ``hold``: one more thread
@@ -137,8 +138,8 @@ class ThreadGovernor:
         if self.n > 1 and busy >= BUSY_MIN * wall * 1e9:
             share = run / busy
             slice_wait_ms = wait / max(1, now.slices - last.slices) / 1e6
-            if share < SHARE_LOW and slice_wait_ms >= SLICE_WAIT_MS:
-                target = max(1, min(self.n - 1, int(self.n * share + 0.25)))
+            target = max(1, int(self.n * share + ROUND_UP))
+            if target < self.n and slice_wait_ms >= SLICE_WAIT_MS:
                 if now.t - self._raised_at < FLAP_S:
                     self.hold_s = min(HOLD_MAX_S, self.hold_s * 2)
                 self._set(target, f"its threads ran {100 * share:.0f}% of the time they "
