@@ -191,6 +191,9 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     kv_store: KvStoreStats | None = None
     threads: ComputeThreads | None = None     # the worker's compute threads, as it ends
     embeddings: list[str] | None = None   # base64 float32 LE vectors of an ``embed`` request
+    tokens: list[int] | None = None       # a ``tokenize`` request's tokens
+    text: str | None = None               # what was tokenized, or a ``detokenize``'s text
+    pieces: list[str | list[int]] | None = None   # each token's text (bytes if not UTF-8)
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -204,6 +207,9 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prefill_ms: float | None = None
     decode_ms: float | None = None
     embeddings: list[str] | None = None
+    tokens: list[int] | None = None
+    text: str | None = None
+    pieces: list[str | list[int]] | None = None
     worker: str
     ttft_ms: float
     total_ms: float

@@ -45,6 +45,11 @@ class GenRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
     top_logprobs: int = 0
     embed: tuple[str, ...] | None = None   # embed these texts instead of generating
+    tokenize: bool = False          # instead of generating: the prompt's tokens (a chat's
+                                    # after the model's template) and the text tokenized
+    add_special: bool = True        # tokenize: a prompt gets the model's BOS
+    with_pieces: bool = False       # tokenize: each token's piece too
+    detokenize: tuple[int, ...] | None = None   # instead of generating: these tokens' text
     window: int = 0                 # TOKEN messages the worker may send ahead (the
                                     # gateway sets it at dispatch); 0 = unbounded
 
@@ -105,7 +110,7 @@ def num_field(obj: dict, key: str, default: float, lo: float, hi: float) -> floa
     return float(v)
 
 
-def _messages(v: Any) -> tuple[ChatMessage, ...]:
+def messages_field(v: Any) -> tuple[ChatMessage, ...]:
     if not isinstance(v, list) or not v:
         raise BadRequest("messages must be a non-empty list")
     if len(v) > MAX_MESSAGES:
@@ -156,7 +161,7 @@ def validate(obj: dict[str, Any], gen: GenerationConfig) -> GenRequest:
     logprobs, top_logprobs = logprobs_fields(obj)
     return GenRequest(
         prompt=text_field(obj["prompt"], "prompt") if has_prompt else None,
-        messages=_messages(obj["messages"]) if has_messages else None,
+        messages=messages_field(obj["messages"]) if has_messages else None,
         max_tokens=int_field(obj, "max_tokens", gen.max_tokens, 1, MAX_OUTPUT),
         temperature=num_field(obj, "temperature", gen.temperature, 0.0, 10.0),
         top_p=num_field(obj, "top_p", gen.top_p, 0.0, 1.0),

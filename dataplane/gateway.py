@@ -431,7 +431,8 @@ class Gateway:
                 cached_tokens=stats.cached_tokens if stats.phase else None,
                 phase=stats.phase or None, prefill_ms=stats.prefill_ms if stats.phase else None,
                 decode_ms=stats.decode_ms if stats.phase else None,
-                embeddings=stats.embeddings, worker=worker or s.worker or "",
+                embeddings=stats.embeddings, tokens=stats.tokens, text=stats.text,
+                pieces=stats.pieces, worker=worker or s.worker or "",
                 ttft_ms=round(((s.t_first or now) - s.t_admit) * 1000, 3),
                 total_ms=round((now - s.t_admit) * 1000, 3))
             if s.internal:

@@ -11,7 +11,7 @@ from llmctl.common import messages as m
 from llmctl.common.config import GenerationConfig
 from llmctl.common.errors import BadRequest
 from llmctl.common.protocol import parse_json
-from llmctl.common.request import ChatMessage, validate
+from llmctl.common.request import ChatMessage, GenRequest, validate
 
 
 D = GenerationConfig(max_tokens=16, temperature=0.5, top_p=0.9, top_k=10, deadline_ms=1000,
@@ -58,3 +58,23 @@ def test_generate_rejects_non_json():
     for raw in (b"not json", b"[1]", b"\xc3\x28"):
         with pytest.raises(BadRequest):
             parse(raw)
+
+
+@pytest.mark.integration
+def test_tokenize_and_detokenize_are_answered_by_a_worker_without_a_slot():
+    """The worker's utility requests (the HTTP fronts' token counting, /tokenize,
+    /detokenize, /apply-template): the chat template applied, tokens, pieces, text."""
+    from llmctl.worker.batch import BatchEngine
+    from tests.service import MODEL
+
+    eng = BatchEngine(str(MODEL), 512, 0, 1, 63, slots=1)
+    chat = GenRequest(messages=(ChatMessage("user", "Hello there"),), tokenize=True,
+                      with_pieces=True)
+    st = eng.utility(chat)
+    assert st.prompt_tokens == len(st.tokens) > 4 and "<|im_start|>user" in st.text
+    assert "".join(p for p in st.pieces if isinstance(p, str)).endswith(st.text[-5:])
+    plain = eng.utility(GenRequest(prompt="Hello", tokenize=True, add_special=False))
+    assert eng.utility(GenRequest(detokenize=tuple(plain.tokens))).text == "Hello"
+    assert eng.free_slots == 1
+    with pytest.raises(BadRequest):
+        eng.utility(GenRequest(detokenize=(10**9,)))

@@ -89,18 +89,50 @@ class Prompting:
     def tokenize_request(self, req: GenRequest) -> list[int]:
         model = self._model
         if req.messages:
-            if self._formatter is None:
-                raise BadRequest("this model has no chat template: send a prompt instead")
-            try:
-                rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
-                                                     for m in req.messages])
-            except Exception as exc:  # jinja raises many types for bad conversations
-                raise BadRequest(f"chat template rejected the messages: {exc}") from None
-            add_bos = not getattr(rendered, "added_special", False)
-            return model.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
+            return self._render(req)[1]
         if req.prompt is None:
             raise BadRequest("exactly one of prompt and messages is required")
         return model.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False)
+
+    def utility(self, req: GenRequest) -> DoneStats:
+        """A ``tokenize`` or ``detokenize`` request, answered at once (no slot)."""
+        model = self._model
+        if req.detokenize is not None:
+            n = model.n_vocab()
+            if any(t < 0 or t >= n for t in req.detokenize):
+                raise BadRequest(f"tokens must be in [0, {n})")
+            text = model.detokenize(list(req.detokenize)).decode("utf-8", "replace")
+            return DoneStats(finish_reason="stop", phase="", text=text)
+        if req.messages:
+            text, tokens = self._render(req)
+        else:
+            text = req.prompt or ""
+            tokens = model.tokenize(text.encode("utf-8"), add_bos=req.add_special,
+                                    special=False)
+        pieces = None
+        if req.with_pieces:
+            pieces = []
+            for t in tokens:
+                b = model.detokenize([t])
+                try:
+                    pieces.append(b.decode("utf-8"))
+                except UnicodeDecodeError:
+                    pieces.append(list(b))
+        return DoneStats(finish_reason="stop", prompt_tokens=len(tokens), phase="",
+                         tokens=tokens, text=text, pieces=pieces)
+
+    def _render(self, req: GenRequest) -> tuple[str, list[int]]:
+        """A chat's prompt after the model's template, and its tokens."""
+        if self._formatter is None:
+            raise BadRequest("this model has no chat template: send a prompt instead")
+        try:
+            rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
+                                                 for m in req.messages or ()])
+        except Exception as exc:  # jinja raises many types for bad conversations
+            raise BadRequest(f"chat template rejected the messages: {exc}") from None
+        add_bos = not getattr(rendered, "added_special", False)
+        return rendered.prompt, self._model.tokenize(rendered.prompt.encode("utf-8"),
+                                                     add_bos=add_bos, special=True)
 
     def prepare(self, rid: int, req: GenRequest) -> Any:
         """Validate against the model and build a sequence; raises BadRequest."""

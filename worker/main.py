@@ -263,6 +263,8 @@ class Worker:
         (``bad_request`` for what the model refuses, ``internal`` for anything else):
         no request can take the worker down."""
         try:
+            if req.tokenize or req.detokenize is not None:    # answered at once, no slot
+                return [m.encode_batch([(m.Kind.DONE, rid, m.body(self.engine.utility(req)))])]
             self.engine.start(self.engine.prepare(rid, req))
         except LlmctlError as exc:
             return [m.error(rid, exc)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -60,6 +61,9 @@ class SyntheticEngine:
     @property
     def runnable(self) -> bool:
         return any(s.prefilled < s.n_prompt or s.window > 0 for s in self.running.values())
+
+    def utility(self, req: GenRequest) -> Any:
+        raise BadRequest("the synthetic engine has no tokenizer: use [model] engine = \"llama\"")
 
     def prepare(self, rid: int, req: GenRequest) -> SynthSeq:
         if req.grammar is not None or req.json_schema is not None or req.logprobs or req.embed:
