@@ -70,10 +70,12 @@ class LlmctlError(Exception):
     status: int | None = None       # an HTTP status other than the code's own
     openai_code: str | None = None  # the OpenAI front's error code, if not ``code``
 
-    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+    def __init__(self, message: str, *, retry_after_ms: int | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.message = _text(message)
         self.retry_after_ms = retry_after_ms
+        self.param = param              # the request field it is about (HTTP fronts)
 
     @property
     def http_status(self) -> int:

@@ -44,6 +44,8 @@ from typing import Any, Union
 
 import msgspec
 
+from llmctl.common.request import GenRequest
+
 _RID = struct.Struct(">Q")
 _RECORD = struct.Struct(">cQI")     # BATCH record header: kind, rid, body length
 _GRANT = struct.Struct(">QI")       # CREDIT pair: rid, n
@@ -130,23 +132,6 @@ _IN_BATCH = {k.value: k for k in (Kind.TOKEN, Kind.DONE, Kind.ERROR, Kind.PARKED
                                   Kind.LOGPROBS)}
 
 
-def decode_batch(body: bytes) -> list[Message]:
-    out, off, end = [], 0, len(body)
-    while off < end:
-        if off + _RECORD.size > end:
-            raise MessageError("truncated BATCH record header")
-        kind_b, rid, n = _RECORD.unpack_from(body, off)
-        off += _RECORD.size
-        if off + n > end:
-            raise MessageError("truncated BATCH record body")
-        kind = _IN_BATCH.get(kind_b)
-        if kind is None:
-            raise MessageError(f"message kind {kind_b!r} cannot travel in a BATCH")
-        out.append(Message(kind, rid, body[off:off + n]))
-        off += n
-    return out
-
-
 def encode_credit(grants: dict[int, int]) -> list[bytes]:
     """One CREDIT message: ``grants[rid]`` more TOKEN messages for each stream."""
     return [Kind.CREDIT.value, b"", b"".join(_GRANT.pack(r, n) for r, n in grants.items())]
@@ -159,32 +144,6 @@ def decode_credit(body: bytes) -> list[tuple[int, int]]:
 
 
 # ---- typed messages ----------------------------------------------------------------------
-
-class ChatMessage(msgspec.Struct, frozen=True):
-    role: str
-    content: str
-
-
-class WorkRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=False):
-    """A GENERATE's body: what a worker needs to run a request (validated at the gateway's
-    door; the deadline is the gateway's business)."""
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = []
-    window: int = 0                 # TOKEN messages it may send ahead; 0 = unbounded
-    grammar: str | None = None      # GBNF: output constrained by llama.cpp's grammar sampler
-    json_schema: str | None = None  # a JSON schema (text), converted to GBNF by the worker
-    or_text: bool = False           # json_schema's JSON, or else free text not starting
-                                    # with "{" (tool_choice "auto")
-    logprobs: bool = False          # LOGPROBS records before the TOKENs they describe
-    embed: list[str] | None = None  # embed these texts instead of generating (DONE's embeddings)
-    top_logprobs: int = 0
-
 
 class ComputeThreads(msgspec.Struct, frozen=True):
     """A worker's compute threads now, its maximum, its policy (worker/compute_threads.py)."""
@@ -232,6 +191,28 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     kv_store: KvStoreStats | None = None
     threads: ComputeThreads | None = None     # the worker's compute threads, as it ends
     embeddings: list[str] | None = None   # base64 float32 LE vectors of an ``embed`` request
+    tokens: list[int] | None = None       # a ``tokenize`` request's tokens
+    text: str | None = None               # what was tokenized, or a ``detokenize``'s text
+    pieces: list[str | list[int]] | None = None   # each token's text (bytes if not UTF-8)
+
+
+class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A request's end as the fronts render it: the worker's DONE statistics (absent for a
+    request that never reached a worker) and the gateway's timing."""
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+    phase: str | None = None
+    prefill_ms: float | None = None
+    decode_ms: float | None = None
+    embeddings: list[str] | None = None
+    tokens: list[int] | None = None
+    text: str | None = None
+    pieces: list[str | list[int]] | None = None
+    worker: str
+    ttft_ms: float
+    total_ms: float
 
 
 class TopLogprob(msgspec.Struct, frozen=True):
@@ -280,7 +261,7 @@ class Drain(msgspec.Struct, frozen=True):
 
 class Generate(msgspec.Struct, frozen=True):
     rid: int
-    request: WorkRequest
+    request: GenRequest
 
 
 class Cancel(msgspec.Struct, frozen=True):
@@ -341,14 +322,14 @@ FromGateway = Union[Generate, Cancel, Credit, Park, Resume, Drain, Heartbeat, In
 
 _json = msgspec.json.Encoder()
 _ready = msgspec.json.Decoder(ReadyInfo)
-_work = msgspec.json.Decoder(WorkRequest)
+_work = msgspec.json.Decoder(GenRequest)
 _done = msgspec.json.Decoder(DoneStats)
 _error = msgspec.json.Decoder(ErrorBody)
 _logprobs = msgspec.json.Decoder(LogprobsBody)
 
 
 def body(obj: msgspec.Struct) -> bytes:
-    """The JSON body of a typed message part (a WorkRequest, DoneStats, ...)."""
+    """The JSON body of a typed message part (a GenRequest, DoneStats, ...)."""
     return _json.encode(obj)
 
 
@@ -388,8 +369,8 @@ _TOKEN_B = Kind.TOKEN.value
 
 
 def _batch_items(body: bytes) -> list[Token | Done | Error | Parked | Logprobs | Invalid]:
-    """A BATCH's records, typed: ``decode_batch`` then ``_per_request``, with TOKEN
-    records (nearly all of them) made straight from the bytes (the token hot path)."""
+    """A BATCH's records, typed (``_per_request``), TOKEN records (nearly all of them)
+    made straight from the bytes (the token hot path)."""
     out: list[Token | Done | Error | Parked | Logprobs | Invalid] = []
     off, end, size, unpack = 0, len(body), _RECORD.size, _RECORD.unpack_from
     while off < end:
@@ -457,21 +438,11 @@ def from_gateway(frames: list[bytes]) -> FromGateway:
     raise MessageError(f"the gateway does not send {k.name}")
 
 
-def work_request(fields: WorkRequest | Any) -> WorkRequest:
-    """A WorkRequest as it is, or one validated from its fields (in-process drivers)."""
-    if isinstance(fields, WorkRequest):
-        return fields
-    try:
-        return msgspec.convert(fields, WorkRequest)
-    except msgspec.ValidationError as exc:
-        raise MessageError(f"GENERATE body: {exc}") from None
-
-
 def ready(info: ReadyInfo) -> list[bytes]:
     return encode(Kind.READY, None, body(info))
 
 
-def generate(rid: int, request: WorkRequest) -> list[bytes]:
+def generate(rid: int, request: GenRequest) -> list[bytes]:
     return encode(Kind.GENERATE, rid, body(request))
 
 

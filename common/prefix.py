@@ -54,7 +54,7 @@ def prefix_hashes(prompt: str | None, messages: Iterable[tuple[str, str]] | None
 
 
 def request_hashes(req: Any) -> tuple[int, ...]:
-    """The same hashes from a GENERATE's body as a worker receives it (a WorkRequest)."""
+    """The same hashes from a request as the gateway and the worker both hold it (a GenRequest)."""
     pairs = [(m.role, m.content) for m in req.messages] if req.messages else None
     return prefix_hashes(req.prompt, pairs)
 

@@ -5,26 +5,23 @@ Pure encode/decode functions, no I/O.  A frame is
     u32 length (big-endian, bytes after this field, >= 5) | u8 type | u32 stream | payload
 
 Decoding raises ``ProtocolError`` (code ``protocol``) or ``FrameTooLarge`` (code
-``too_large``); request validation raises ``BadRequest``.
+``too_large``); a GENERATE's payload is a request object (``common/request.py``).
 """
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 import msgspec
 
-from llmctl.common.errors import BadRequest, FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
-from llmctl.common.messages import ChatMessage, WorkRequest
-from llmctl.common.structured import constraint, logprobs_fields
+from llmctl.common.errors import FrameTooLarge, LlmctlError, ProtocolError, Unauthorized
+from llmctl.common.request import text_field
 
 __all__ = [
     "VERSION", "FrameType", "Frame", "FrameDecoder", "ProtocolError", "FrameTooLarge",
-    "encode_frame", "check_length", "decode_body", "GenerateRequest", "Defaults",
-    "parse_hello", "parse_generate", "json_payload", "parse_json",
+    "encode_frame", "check_length", "decode_body", "parse_hello", "json_payload", "parse_json",
 ]
 
 VERSION = 1
@@ -163,27 +160,6 @@ def parse_json(payload: bytes, error: type[LlmctlError] = ProtocolError) -> dict
     return obj
 
 
-def is_text(s: str) -> bool:
-    """Is ``s`` valid Unicode text?  JSON's ``\\ud800`` escapes decode to lone surrogates,
-    which no UTF-8 encoder (the tokenizer's included) accepts."""
-    if s.isascii():
-        return True
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def text_field(v: Any, name: str, error: type[LlmctlError] = BadRequest) -> str:
-    """``v`` as a text field named ``name``: a string of valid Unicode, or ``error``."""
-    if not isinstance(v, str):
-        raise error(f"{name} must be a string")
-    if not is_text(v):
-        raise error(f"{name} is not valid Unicode text (a lone surrogate escape?)")
-    return v
-
-
 def parse_hello(payload: bytes) -> dict[str, Any]:
     hello = parse_json(payload)
     version = hello.get("version")
@@ -194,142 +170,6 @@ def parse_hello(payload: bytes) -> dict[str, Any]:
         raise ProtocolError("HELLO token must be a string")
     text_field(token, "HELLO token", Unauthorized)
     return hello
-
-
-@dataclass(frozen=True)
-class Defaults:
-    max_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    deadline_ms: int = 60_000
-    max_deadline_ms: int = 600_000
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    prompt: str | None
-    messages: tuple[tuple[str, str], ...] | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    deadline_ms: int
-    grammar: str | None = None         # GBNF text (from ``grammar``)
-    json_schema: str | None = None     # a JSON schema's text (from ``response_format``)
-    or_text: bool = False              # that JSON or free text (the HTTP front's tools)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    embed: tuple[str, ...] | None = None   # POST /v1/embeddings' inputs (the HTTP front)
-    model: str | None = None        # the served model; None = the default (first) one
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def work(self, window: int = 0) -> WorkRequest:
-        """What a worker needs to run it (the deadline is the gateway's business)."""
-        return WorkRequest(
-            prompt=self.prompt,
-            messages=[ChatMessage(r, c) for r, c in self.messages] if self.messages else None,
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop=list(self.stop), window=window,
-            grammar=self.grammar, json_schema=self.json_schema, or_text=self.or_text,
-            logprobs=self.logprobs, embed=list(self.embed) if self.embed is not None else None,
-            top_logprobs=self.top_logprobs)
-
-    def worker_fields(self) -> dict[str, Any]:
-        """``work()`` as plain JSON-like data."""
-        return msgspec.to_builtins(self.work())
-
-
-MAX_STOP = 16
-MAX_MESSAGES = 4096
-
-
-def _int(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
-    v = obj.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"{key} must be an integer")
-    if not lo <= v <= hi:
-        raise BadRequest(f"{key} must be in [{lo}, {hi}], got {v}")
-    return v
-
-
-def _num(obj: dict, key: str, default: float, lo: float, hi: float) -> float:
-    v = obj.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise BadRequest(f"{key} must be a number")
-    if not lo <= v <= hi:
-        raise BadRequest(f"{key} must be in [{lo}, {hi}], got {v}")
-    return float(v)
-
-
-def _messages(v: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(v, list) or not v:
-        raise BadRequest("messages must be a non-empty list")
-    if len(v) > MAX_MESSAGES:
-        raise BadRequest(f"at most {MAX_MESSAGES} messages")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict):
-            raise BadRequest(f"messages[{i}] must be an object")
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise BadRequest(f"messages[{i}].role must be a non-empty string")
-        out.append((text_field(role, f"messages[{i}].role"),
-                    text_field(content, f"messages[{i}].content")))
-    return tuple(out)
-
-
-def _stop(v: Any) -> tuple[str, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or len(v) > MAX_STOP:
-        raise BadRequest(f"stop must be a string or a list of at most {MAX_STOP} strings")
-    if not all(isinstance(s, str) and s for s in v):
-        raise BadRequest("stop entries must be non-empty strings")
-    return tuple(text_field(s, f"stop[{i}]") for i, s in enumerate(v))
-
-
-def validate_generate(obj: dict[str, Any], d: Defaults) -> GenerateRequest:
-    """Validate a GENERATE object (shared by the TCP and HTTP fronts)."""
-    has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
-    if has_prompt == has_messages:
-        raise BadRequest("exactly one of prompt and messages is required")
-    prompt = text_field(obj["prompt"], "prompt") if has_prompt else None
-    messages = _messages(obj["messages"]) if has_messages else None
-    model = obj.get("model")
-    if model is not None:
-        model = text_field(model, "model")
-    seed = obj.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                             or not 0 <= seed <= 0xFFFFFFFF):
-        raise BadRequest("seed must be an integer in [0, 4294967295]")
-    grammar, json_schema = constraint(obj)
-    logprobs, top_logprobs = logprobs_fields(obj)
-    return GenerateRequest(
-        prompt=prompt if has_prompt else None,
-        messages=messages,
-        max_tokens=_int(obj, "max_tokens", d.max_tokens, 1, 1 << 20),
-        temperature=_num(obj, "temperature", d.temperature, 0.0, 10.0),
-        top_p=_num(obj, "top_p", d.top_p, 0.0, 1.0),
-        top_k=_int(obj, "top_k", d.top_k, 0, 1 << 20),
-        seed=seed,
-        stop=_stop(obj.get("stop")),
-        deadline_ms=_int(obj, "deadline_ms", d.deadline_ms, 1, d.max_deadline_ms),
-        grammar=grammar, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs,
-        model=model or None,
-    )
-
-
-def parse_generate(payload: bytes, d: Defaults) -> GenerateRequest:
-    return validate_generate(parse_json(payload, BadRequest), d)
 
 
 # ---- server frames -------------------------------------------------------------------
@@ -344,6 +184,7 @@ def welcome(server: str, model: str, max_frame: int, max_streams: int,
         "max_frame": max_frame, "max_streams": max_streams}))
 
 
+_struct_json = msgspec.json.Encoder()
 _FRAME_HEAD = struct.Struct(">IBI")      # length, type, stream: a whole frame header
 _TOKEN_TYPE = int(FrameType.TOKEN)
 
@@ -358,8 +199,9 @@ def logprobs(stream: int, content: list[dict[str, Any]]) -> bytes:
     return encode_frame(FrameType.LOGPROBS, stream, json_payload({"content": content}))
 
 
-def done(stream: int, stats: dict[str, Any]) -> bytes:
-    return encode_frame(FrameType.DONE, stream, json_payload(stats))
+def done(stream: int, stats: msgspec.Struct | dict[str, Any]) -> bytes:
+    body = _struct_json.encode(stats) if isinstance(stats, msgspec.Struct) else json_payload(stats)
+    return encode_frame(FrameType.DONE, stream, body)
 
 
 def error(stream: int, err: LlmctlError) -> bytes:

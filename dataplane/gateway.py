@@ -1,13 +1,17 @@
-"""The gateway's core: every request's life, from ``submit`` to its one ending.
+"""The gateway's core: every request's life, from ``open`` to its one ending.
 
-State and decisions, no I/O: the fronts (``tcp.py``, ``http.py``) call ``submit``,
-``cancel`` and ``grant``; the worker link (``link.py``) hands in each typed message a
-worker sent (``on_worker``), calls ``tick`` a few times a second and sends what the core
-queued (``outgoing``); the supervisor link (``admin.py``) forwards the supervisor's
-commands and takes the core's events (a worker became ready, was lost, drained).
+The fronts (``tcp.py``, ``http/``) are adapters: they turn their wire format into a
+``GenRequest``, ``open`` a ``Stream`` with an ``Output`` that renders the events back in
+their dialect, and ``close`` it when their client cancels or goes away.  Everything
+between lives here and in ``streams.py``, once for every dialect: admission and routing
+(``scheduler.py``), token credit and the windows, parking and slow clients, deadlines,
+failover, counters and metrics.  The worker link (``link.py``) hands in each typed message
+a worker sent (``on_worker``), calls ``flush`` after each round of them and ``tick`` a few
+times a second, and sends what the core queued (``outgoing``); the supervisor link
+(``supervisor_link.py``) forwards the supervisor's commands and takes the core's events.
 
 Each accepted request ends in exactly one DONE or ERROR (``_finish``), whatever happens
-to its client or its worker: finished requests ignore everything that comes later.
+to its client or its worker: finished streams ignore everything that comes later.
 """
 from __future__ import annotations
 
@@ -20,18 +24,16 @@ from typing import Any
 import msgspec
 
 from llmctl.common import admin, messages as m
-from llmctl.common.config import Config
-from llmctl.common.errors import (DeadlineExceeded, LlmctlError, ModelNotFound, SlowClient,
-                                  WorkerFailed, from_code)
-from llmctl.common.protocol import Defaults, GenerateRequest
+from llmctl.common.config import Config, GenerationConfig
+from llmctl.common.errors import LlmctlError, ModelNotFound, WorkerFailed, from_code
+from llmctl.common.request import GenRequest
 from llmctl.dataplane.metrics import Counters, GatewayMetrics
-from llmctl.dataplane.scheduler import (MAX_DISPATCHES, Request, Scheduler, Schedulers, Sink,
-                                        WorkerState)
+from llmctl.dataplane.scheduler import MAX_DISPATCHES, Scheduler, Schedulers, WorkerState
+from llmctl.dataplane.streams import Channel, Output, Stream
 
 log = logging.getLogger(__name__)
 
 WANT_EVERY_S = 0.5       # a model that is not loaded is asked for at most this often
-PARKED_PER_SLOT = 8      # a worker keeps at most slots x this many parked requests
 # Worker messages that only carry output: nothing for the worker link to send follows from
 # them (the credit they earn is sent when the client takes them), so they do not wake it.
 _OUTPUT_ONLY = (m.Token, m.Logprobs)
@@ -45,15 +47,13 @@ class Gateway:
                                 cfg.gateway.max_queue)
         self.strict_models = bool(cfg.models)   # [[models]]: an unknown name is an error
         self._of: dict[str, Scheduler] = {}      # worker routing id -> its model's Scheduler
-        g = cfg.generation
-        self.defaults = Defaults(g.max_tokens, g.temperature, g.top_p, g.top_k, g.deadline_ms,
-                                 g.max_deadline_ms)
+        self.generation: GenerationConfig = cfg.generation    # what a request leaves out
         self.model_name = cfg.default_model.name     # the default model
         self.window = cfg.gateway.token_window
+        self.grant_batch = max(1, self.window // 4)  # credit goes back this much at a time
         self.interval = cfg.workers.heartbeat_interval_s
-        self._probe_params = GenerateRequest(
-            prompt="Hello", messages=None, max_tokens=1, temperature=0.0, top_p=1.0, top_k=0,
-            seed=None, stop=(), deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
+        self.probe_request = GenRequest(prompt="Hello", max_tokens=1, temperature=0.0,
+                                         deadline_ms=int(cfg.workers.probe_timeout_s * 1000))
         self.started = time.time()
         self.counters = Counters()
         self.metrics = GatewayMetrics()
@@ -66,7 +66,7 @@ class Gateway:
         self._outbox: deque[tuple[str, list[bytes]]] = deque()
         self._credit: dict[str, dict[int, int]] = {}   # token credit owed, by worker and rid
         self._refill_at = max(1, cfg.gateway.token_window // 2)    # see ``grant``
-        self.dirty: list[Any] = []            # sinks holding output to write (``flush``)
+        self.dirty: list[Channel] = []        # channels holding output to write (``flush``)
 
     # ---- the fronts' interface ------------------------------------------------------
     def route(self, model: str | None, lenient: bool = False) -> Scheduler:
@@ -83,23 +83,27 @@ class Gateway:
             raise ModelNotFound(f"the model {model!r} does not exist (served: {known})")
         return sched
 
-    def submit(self, params: GenerateRequest, sink: Sink, stream: int = 0,
-               sched: Scheduler | None = None) -> Request:
+    def open(self, request: GenRequest, out: Output, channel: Channel | None = None,
+             tag: int = 0, sched: Scheduler | None = None) -> Stream:
         """Admit a request to its model or raise ModelNotFound / NotReady / Overloaded /
-        ShuttingDown.  A request for an on-demand model that is not loaded waits in that
-        model's queue (its deadline counts) and the supervisor is asked to load it."""
-        req = Request(params=params, sink=sink, stream=stream)
+        ShuttingDown (counted).  ``out`` renders its events, on ``channel`` when it has
+        one (else the front collects them).  A request for an on-demand model that is not
+        loaded waits in that model's queue (its deadline counts) and the supervisor is
+        asked to load it."""
+        s = Stream(request=request, out=out, tag=tag)
         try:
-            sched = sched or self.route(params.model)
-            sched.admit(req)
+            sched = sched or self.route(request.model)
+            sched.admit(s)
         except LlmctlError as err:
             self.note_error(err)
             raise
+        if channel is not None:
+            channel.attach(s)
         self.counters.admitted += 1
         if not sched.ready:
             self._want(sched)
         self.wake.set()
-        return req
+        return s
 
     def _want(self, sched: Scheduler) -> None:
         """Ask the supervisor to load ``sched``'s model (at most every WANT_EVERY_S)."""
@@ -115,55 +119,61 @@ class Gateway:
             return 0
         failed = list(sched.queue)
         sched.queue.clear()
-        for req in failed:
-            self._finish(req, err=err)
+        for st in failed:
+            self._finish(st, err=err)
         if failed:
             log.warning("model %s cannot be loaded (%s): %d queued request(s) answered %s",
                         model, err.message, len(failed), err.code.value)
         return len(failed)
 
-    def models(self) -> dict[str, dict[str, Any]]:
-        """Per model: what the supervisor's eviction and ``llmctl models`` need."""
-        now = time.monotonic()
-        return {s.model: {"queue": len(s.queue), "inflight": s.inflight_count(),
-                          "parked": s.parked_count(), "open": s.open_count(),
-                          "workers_ready": sum(1 for w in s.workers.values() if not w.draining),
-                          "idle_s": round(now - s.last_used, 3) if s.last_used else None,
-                          "served": sum(w.served for w in s.workers.values())}
-                for s in self.sched}
-
     def note_error(self, err: LlmctlError) -> None:
         """Count an error answered to a client (by code), whichever front sent it."""
         self.counters.errors[err.code.value] += 1
 
-    def cancel(self, req: Request) -> None:
+    def close(self, s: Stream) -> None:
         """The client cancelled, or went away: DONE(cancelled), free the work."""
-        if req.finished:
+        if s.channel is not None:
+            s.channel.detach(s)
+        if s.finished:
             return
         self.counters.cancelled += 1
-        if not self._stop_work(req):
+        if not self._stop_work(s):
             self.counters.cancelled_queued += 1
-        self._finish(req, stats={"finish_reason": "cancelled", "prompt_tokens": 0,
-                                 "completion_tokens": req.pieces})
+        self._finish(s, stats=m.DoneStats(finish_reason="cancelled", completion_tokens=s.pieces,
+                                          phase=""))
 
-    def grant(self, req: Request, n: int) -> None:
-        """The client's connection took ``n`` of this stream's tokens: more may come."""
-        if n > 0 and req.worker is not None and not req.finished:
-            owed = self._credit.setdefault(req.worker, {})
-            unsent = owed[req.rid] = owed.get(req.rid, 0) + n
-            req.granted += n
-            req.stalled_since = None
-            req.park_sent = False
-            if req.parked and req.worker in self._of:
-                self._of[req.worker].want_resume(req)
-                self.wake.set()
-            elif req.pieces - (req.granted - unsent) >= self._refill_at:
-                # Half the worker's window is used: refill it. Below that the credit
-                # waits for the next message to the workers (every stream's owed goes
-                # in one CREDIT then), so streams share sends instead of each round
-                # sending one: fewer messages for both processes, and the worker
-                # still never runs dry while its client keeps up.
-                self.wake.set()
+    def grant(self, s: Stream) -> None:
+        """The client took ``s.owed`` more tokens: the worker may send as many more."""
+        n, s.owed = s.owed, 0
+        if n <= 0 or s.worker is None or s.finished:
+            return
+        owed = self._credit.setdefault(s.worker, {})
+        unsent = owed[s.rid] = owed.get(s.rid, 0) + n
+        s.granted += n
+        s.stalled_since = None
+        s.park_sent = False
+        if s.parked and s.worker in self._of:
+            self._of[s.worker].want_resume(s)
+            self.wake.set()
+        elif s.pieces - (s.granted - unsent) >= self._refill_at:
+            # Half the worker's window is used: refill it. Below that the credit
+            # waits for the next message to the workers (every stream's owed goes
+            # in one CREDIT then), so streams share sends instead of each round
+            # sending one: fewer messages for both processes, and the worker
+            # still never runs dry while its client keeps up.
+            self.wake.set()
+
+    def drop_channel(self, ch: Channel) -> None:
+        """A client that does not read: its streams end, its connection is closed."""
+        self.counters.slow_clients += 1
+        for s in list(ch.streams.values()):
+            self.close(s)
+        ch.abort()
+
+    def end(self, s: Stream, err: LlmctlError) -> None:
+        """End ``s`` with ``err`` now, wherever it is (queued, at a worker, parked)."""
+        self._stop_work(s)
+        self._finish(s, err=err)
 
     def drain(self) -> None:
         """A stop: admit nothing new; what runs finishes."""
@@ -172,22 +182,22 @@ class Gateway:
 
     # ---- the worker link's interface --------------------------------------------------
     def flush(self) -> None:
-        """The end of a round of worker messages: every sink that queued output
-        writes it now, once (tcp.Connection.flush)."""
+        """The end of a round of worker messages: every channel that queued output
+        writes it now, once (``streams.Channel.flush``)."""
         dirty = self.dirty
         if dirty:
             self.dirty = []
-            for sink in dirty:
-                sink.flush()
+            for ch in dirty:
+                ch.flush()
 
     def outgoing(self) -> list[tuple[str, list[bytes]]]:
         """Everything to send to workers now, in order: resumes, control messages, the
         token credit owed (one CREDIT per worker), then new work for free credits."""
         out = []
         for sched in self.sched:
-            for w, req in sched.take_resumes():
+            for w, s in sched.take_resumes():
                 self.counters.resumed += 1
-                out.append((w.id, m.encode(m.Kind.RESUME, req.rid)))
+                out.append((w.id, m.encode(m.Kind.RESUME, s.rid)))
         while self._outbox:
             out.append(self._outbox.popleft())
         if self._credit:
@@ -195,11 +205,19 @@ class Gateway:
             out += [(wid, m.encode_credit(grants)) for wid, grants in credit.items()
                     if wid in self._of]
         for sched in self.sched:
-            for w, req in sched.take():
-                self.metrics.queue_wait.observe((time.monotonic() - req.t_admit) * 1000)
+            for w, s in sched.take():
+                self.metrics.queue_wait.observe((time.monotonic() - s.t_admit) * 1000)
                 self.counters.dispatched += 1
-                out.append((w.id, m.generate(req.rid, req.params.work(self.window))))
+                out.append((w.id, m.generate(s.rid, msgspec.structs.replace(
+                    s.request, window=self.window))))
         return out
+
+    def knows(self, wid: str) -> bool:
+        return wid in self._of
+
+    def assign(self, w: WorkerState, s: Stream) -> None:
+        """Give ``s`` to ``w`` outside the queue (a deep probe)."""
+        self._of[w.id].assign(w, s)
 
     def _worker(self, wid: str) -> WorkerState | None:
         sched = self._of.get(wid)
@@ -261,9 +279,9 @@ class Gateway:
     def _on_item(self, w: WorkerState,
                  msg: m.Done | m.Error | m.Parked | m.Logprobs | m.Invalid) -> None:
         if isinstance(msg, m.Logprobs):
-            req = w.inflight.get(msg.rid)
-            if req is not None and not req.finished:
-                req.sink.on_logprobs(req, msgspec.to_builtins(msg.content))
+            s = w.inflight.get(msg.rid)
+            if s is not None and not s.finished:
+                self._emit(s, s.out.logprobs(s, msgspec.to_builtins(msg.content)))
         elif isinstance(msg, m.Invalid):
             self.counters.dropped_messages += 1
             log.error("worker %s sent a malformed %s for request %d: %s", w.id, msg.kind,
@@ -272,32 +290,43 @@ class Gateway:
                 self._on_end(w, m.Error(msg.rid, m.ErrorBody(
                     "internal", f"the worker's answer was malformed: {msg.why}")))
         elif isinstance(msg, m.Parked):
-            req = self._of[w.id].park(w.id, msg.rid)
-            if req is not None:
+            s = self._of[w.id].park(w.id, msg.rid)
+            if s is not None:
                 self.counters.parked += 1
-                if req.stalled_since is None:   # credit came meanwhile: run it again
-                    self._of[w.id].want_resume(req)
+                if s.stalled_since is None:   # credit came meanwhile: run it again
+                    self._of[w.id].want_resume(s)
         else:
             self._on_end(w, msg)
 
     def _on_token(self, w: WorkerState, msg: m.Token, now: float) -> int:
         """A token to its client; 1 when it counts as a client's token (not a probe's)."""
-        req = w.inflight.get(msg.rid)
-        if req is None or req.finished:
+        s = w.inflight.get(msg.rid)
+        if s is None or s.finished:
             return 0
-        if req.t_first is None:
-            req.t_first = now
-        elif not req.internal:
-            self.metrics.itl.observe((now - req.t_last) * 1000, now)
-        req.t_last = now
-        req.pieces += 1
-        if req.pieces - req.granted >= self.window and req.stalled_since is None:
-            req.stalled_since = now     # the worker may send no more: paused
-        req.sink.on_token(req, msg.text)
-        return 0 if req.internal else 1
+        if s.t_first is None:
+            s.t_first = now
+        elif not s.internal:
+            self.metrics.itl.observe((now - s.t_last) * 1000, now)
+        s.t_last = now
+        s.pieces += 1
+        if s.pieces - s.granted >= self.window and s.stalled_since is None:
+            s.stalled_since = now     # the worker may send no more: paused
+        data = s.out.token(s, msg.text)
+        s.owed += 1
+        ch = s.channel
+        if ch is not None and data:
+            ch.write(data, tokens=True)
+        elif s.owed >= self.grant_batch:   # held in memory by its front: taken at once
+            self.grant(s)
+        return 0 if s.internal else 1
+
+    def _emit(self, s: Stream, data: bytes | None) -> None:
+        """Bytes that are not a TOKEN (credit comes with the tokens they go with)."""
+        if data and s.channel is not None:
+            s.channel.write(data)
 
     def _on_end(self, w: WorkerState, msg: m.Done | m.Error) -> None:
-        req = self._of[w.id].complete(w.id, msg.rid)
+        s = self._of[w.id].complete(w.id, msg.rid)
         if isinstance(msg, m.Done):
             st = msg.stats
             if st.prefix_hashes is not None:      # what the worker's prompt cache holds
@@ -308,27 +337,22 @@ class Gateway:
                 w.threads = msgspec.structs.asdict(st.threads)
         if w.draining and not w.inflight and not w.parked:
             self.events.put_nowait(admin.WorkerDrained(worker=w.id))
-        if req is None:
+        if s is None:
             return
         if isinstance(msg, m.Error):
-            self._finish(req, err=from_code(msg.error.code, msg.error.message,
-                                            msg.error.retry_after_ms))
+            self._finish(s, err=from_code(msg.error.code, msg.error.message,
+                                          msg.error.retry_after_ms))
             return
         st = msg.stats
-        if not req.internal:
+        if not s.internal:
             self.counters.prompt_tokens += st.prompt_tokens
             self.counters.cache_hit_tokens += st.cached_tokens
-        if req.finished and st.finish_reason == "cancelled" and st.phase in ("prefill", "decode"):
+        if s.finished and st.finish_reason == "cancelled" and st.phase in ("prefill", "decode"):
             if st.phase == "prefill":
                 self.counters.cancelled_prefill += 1
             else:
                 self.counters.cancelled_decode += 1
-        stats = msgspec.structs.asdict(st)
-        del stats["prefix_hashes"], stats["kv_store"], stats["threads"]
-        if stats.get("embeddings") is None:
-            stats.pop("embeddings", None)
-        stats["worker"] = w.name
-        self._finish(req, stats=stats)
+        self._finish(s, stats=st, worker=w.name)
 
     def worker_lost(self, wid: str, why: str, tell: bool = True) -> None:
         """A worker is gone or declared dead: re-queue what it had not started to answer,
@@ -346,21 +370,21 @@ class Gateway:
             self._want(sched)
         self._fail_orphans(wid, why, requeued, failed)
 
-    def _fail_orphans(self, wid: str, why: str, requeued: list[Request],
-                      failed: list[Request]) -> None:
-        requeued = [r for r in requeued if not r.internal]
+    def _fail_orphans(self, wid: str, why: str, requeued: list[Stream],
+                      failed: list[Stream]) -> None:
+        requeued = [s for s in requeued if not s.internal]
         self.counters.requeued += len(requeued)
         self.counters.worker_failed += len(failed)
         if requeued or failed:
             log.warning("worker %s (%s): %d request(s) re-queued, %d failed",
                         wid, why, len(requeued), len(failed))
-        for req in failed:
-            if req.pieces:
+        for s in failed:
+            if s.pieces:
                 msg = f"worker {wid} failed ({why}) after output began"
             else:
-                msg = (f"worker {wid} failed ({why}); {req.attempts} worker(s) died serving "
+                msg = (f"worker {wid} failed ({why}); {s.attempts} worker(s) died serving "
                        f"this request, it is not sent to another (at most {MAX_DISPATCHES})")
-            self._finish(req, err=WorkerFailed(msg))
+            self._finish(s, err=WorkerFailed(msg))
         self.wake.set()
 
     def drain_worker(self, wid: str, tell: bool = True) -> bool:
@@ -376,114 +400,49 @@ class Gateway:
             self.events.put_nowait(admin.WorkerDrained(worker=wid))
         return True
 
-    # ---- time -----------------------------------------------------------------------
-    def tick(self, now: float) -> None:
-        """Deadlines, stalled streams, liveness of workers, deep probes."""
-        for sched in self.sched:
-            for req in sched.expire_queued(now):
-                self.counters.expired_queued += 1
-                self._finish(req, err=DeadlineExceeded(
-                    "deadline passed while queued" if sched.ready else
-                    f"deadline passed while queued: model {sched.model!r} was not loaded in time"))
-            for req in sched.expired_running(now):
-                if not req.internal:
-                    self.counters.expired_running += 1
-                self._stop_work(req)
-                self._finish(req, err=DeadlineExceeded("deadline passed while running"))
-        self._check_stalled(now)
-        liveness = self.interval * self.cfg.workers.liveness
-        probe_every = self.cfg.workers.probe_interval_s
-        for w in list(self.sched.workers.values()):
-            if w.id not in self._of:
-                continue                        # lost meanwhile
-            if now - w.last_seen > liveness:
-                self.worker_lost(w.id, f"silent for {now - w.last_seen:.1f}s")
-            elif probe_every and not w.inflight and not w.draining \
-                    and now - w.last_busy >= probe_every:
-                self._probe(w)
-
-    def _check_stalled(self, now: float) -> None:
-        """Streams whose client takes no output: park them after ``park_after_s`` (their
-        slot serves others meanwhile), end them with slow_client after
-        ``slow_client_timeout_s``."""
-        g = self.cfg.gateway
-        for w in self.sched.workers.values():
-            for req in [*w.inflight.values(), *w.parked.values()]:
-                since = req.stalled_since
-                if since is None or req.finished:
-                    continue
-                if now - since >= g.slow_client_timeout_s:
-                    self.counters.slow_clients += 1
-                    log.info("stream %d took no output for %.1fs: cancelled (slow_client)",
-                             req.stream, now - since)
-                    self._stop_work(req)
-                    self._finish(req, err=SlowClient(
-                        f"the client took no output for {g.slow_client_timeout_s:g}s; "
-                        "the request was cancelled and its slot freed"))
-                elif g.park_after_s and not req.parked and not req.park_sent \
-                        and now - since >= g.park_after_s \
-                        and len(w.parked) < w.slots * PARKED_PER_SLOT:
-                    req.park_sent = True
-                    self.send(w.id, m.encode(m.Kind.PARK, req.rid))
-
-    def _probe(self, w: WorkerState) -> None:
-        """Deep probe of an idle worker: a real 1-token generation with a deadline."""
-        req = Request(params=self._probe_params, sink=_ProbeSink(self, w.id), internal=True)
-        self._of[w.id].assign(w, req)
-        self.counters.probes += 1
-        self.send(w.id, m.generate(req.rid, req.params.work()))
-
     # ---- endings ----------------------------------------------------------------------
-    def _stop_work(self, req: Request) -> bool:
+    def _stop_work(self, s: Stream) -> bool:
         """Take the request back from the queue or its worker; True if a worker had it."""
-        sched = self.sched.get(req.model)
-        if sched is not None and sched.dequeue(req):
+        sched = self.sched.get(s.model)
+        if sched is not None and sched.dequeue(s):
             return False
-        if req.worker is not None:
-            self.send(req.worker, m.encode(m.Kind.CANCEL, req.rid))
+        if s.worker is not None:
+            self.send(s.worker, m.encode(m.Kind.CANCEL, s.rid))
             return True
         return False
 
-    def _finish(self, req: Request, stats: dict[str, Any] | None = None,
-                err: LlmctlError | None = None) -> None:
-        if req.finished:
+    def _finish(self, s: Stream, stats: m.DoneStats | None = None,
+                err: LlmctlError | None = None, worker: str = "") -> None:
+        """The one ending of a stream: its DONE (``stats``) or its ERROR (``err``),
+        rendered by its front and written at once."""
+        if s.finished:
             return
-        req.finished = True
-        if req.internal:
-            if err is not None:
-                req.sink.on_error(req, err)
-            return
+        s.finished = True
         if err is not None:
-            self.note_error(err)
-            req.sink.on_error(req, err)
-            return
-        now = time.monotonic()
-        assert stats is not None
-        out = dict(stats)
-        out["ttft_ms"] = round(((req.t_first or now) - req.t_admit) * 1000, 3)
-        out["total_ms"] = round((now - req.t_admit) * 1000, 3)
-        out["worker"] = stats.get("worker") or req.worker or ""
-        self.counters.done += 1
-        self.metrics.on_done(str(out["worker"]), out, now)
-        req.sink.on_done(req, out)
-
-
-class _ProbeSink:
-    """Receives a deep probe's outcome: any error means the worker cannot serve."""
-
-    def __init__(self, gw: Gateway, wid: str) -> None:
-        self.gw = gw
-        self.wid = wid
-
-    def on_token(self, req: Request, text: str) -> None:
-        pass
-
-    def on_done(self, req: Request, stats: dict[str, Any]) -> None:
-        pass
-
-    def on_logprobs(self, req: Request, content: list[dict[str, Any]]) -> None:
-        pass
-
-    def on_error(self, req: Request, err: LlmctlError) -> None:
-        self.gw.counters.probes_failed += 1
-        self.gw.worker_lost(self.wid, f"deep probe failed: {err.code.value}: {err.message}")
+            if not s.internal:
+                self.note_error(err)
+            data = s.out.error(s, err)
+        else:
+            assert stats is not None
+            now = time.monotonic()
+            fin = m.Finished(
+                finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
+                completion_tokens=stats.completion_tokens,
+                cached_tokens=stats.cached_tokens if stats.phase else None,
+                phase=stats.phase or None, prefill_ms=stats.prefill_ms if stats.phase else None,
+                decode_ms=stats.decode_ms if stats.phase else None,
+                embeddings=stats.embeddings, tokens=stats.tokens, text=stats.text,
+                pieces=stats.pieces, worker=worker or s.worker or "",
+                ttft_ms=round(((s.t_first or now) - s.t_admit) * 1000, 3),
+                total_ms=round((now - s.t_admit) * 1000, 3))
+            if s.internal:
+                return
+            self.counters.done += 1
+            self.metrics.on_done(fin, now)
+            data = s.out.done(s, fin)
+        ch = s.channel
+        if ch is not None:
+            ch.detach(s)
+            if data:
+                ch.write(data)
+                ch.flush()

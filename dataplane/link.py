@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from llmctl.common import messages as m
 from llmctl.common.procs import bind_private
+from llmctl.dataplane import clock
 from llmctl.dataplane.cluster import ClusterBind
 from llmctl.dataplane.gateway import Gateway
 
@@ -36,7 +37,7 @@ ROUND_MAX = 64
 SEND_RETRY_S = 0.001     # a send to a worker whose pipe is full is tried again this often
 
 
-class WorkerLink:
+class WorkerRouter:
     def __init__(self, gw: Gateway, ctx: zmq.asyncio.Context) -> None:
         self.gw = gw
         self.ctx = ctx
@@ -186,7 +187,7 @@ class WorkerLink:
         while True:
             await asyncio.sleep(min(gw.interval, TICK_S))
             now = time.monotonic()
-            gw.tick(now)
+            clock.tick(gw, now)
             if now - last_beat >= gw.interval:
                 last_beat = now
                 for wid in list(gw.sched.workers):

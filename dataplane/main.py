@@ -1,10 +1,11 @@
 """Gateway process entry point: owns its event loop, ZeroMQ context, signals, logging, and
 wires the core (``gateway.py``) to its links and fronts:
 
-* ``link.WorkerLink``: the ROUTER to the workers;
-* ``admin.SupervisorLink``: the DEALER to the supervisor (events, commands, pings);
-* ``tcp``: the wire protocol's front; ``http``: the OpenAI-compatible front (when
-  ``[http] enabled``) on one aiohttp server that serves ``/metrics`` (``prom``) always.
+* ``link.WorkerRouter``: the ROUTER to the workers;
+* ``supervisor_link.SupervisorLink``: the DEALER to the supervisor (events, commands);
+* the fronts: ``listener`` (the binary port: the binary protocol, ``tcp``, and the seed's
+  CC50 framing, ``cc50``) and ``http`` (the HTTP dialects, when ``[http] enabled``) on one
+  aiohttp server that serves ``/metrics`` (``prom``) always.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from aiohttp import web
 
 from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
-from llmctl.dataplane import http, prom, tcp
-from llmctl.dataplane.admin import SupervisorLink
+from llmctl.dataplane import prom
+from llmctl.dataplane.listener import serve_binary
+from llmctl.dataplane.http import app as http
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.link import WorkerLink
+from llmctl.dataplane.link import WorkerRouter
+from llmctl.dataplane.supervisor_link import SupervisorLink
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,14 @@ async def _serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     ctx = zmq.asyncio.Context()
     gw = Gateway(cfg)
-    workers, supervisor = WorkerLink(gw, ctx), SupervisorLink(gw, ctx)
+    workers, supervisor = WorkerRouter(gw, ctx), SupervisorLink(gw, ctx)
     server: asyncio.AbstractServer | None = None
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task] = []
     try:
         workers.bind()
         supervisor.connect()
-        server = await tcp.serve_tcp(gw)
+        server = await serve_binary(gw)
         gw.listening = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets]
         # One HTTP server: the OpenAI front when enabled, /metrics always.
         app = http.build_app(gw) if cfg.http.enabled else web.Application()

@@ -23,6 +23,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmctl.common.messages import Finished
 from llmctl.common.stats import rank_index
 
 GROWTH = 1.05
@@ -184,17 +185,16 @@ class GatewayMetrics:
             rate = self.worker_tokens[worker] = Rate(self.window_s)
         rate.add(n, now)
 
-    def on_done(self, worker: str, stats: dict[str, Any], now: float) -> None:
+    def on_done(self, fin: Finished, now: float) -> None:
         self.requests.add(1, now)
-        self.ttft.observe(stats["ttft_ms"], now)
-        self.e2e.observe(stats["total_ms"], now)
-        self.prompt_tokens += int(stats.get("prompt_tokens", 0))
-        self.completion_tokens += int(stats.get("completion_tokens", 0))
-        self.cached_tokens += int(stats.get("cached_tokens", 0))
-        self.worker_prefill_ms[worker] = self.worker_prefill_ms.get(worker, 0.0) + float(
-            stats.get("prefill_ms", 0.0))
-        self.worker_decode_ms[worker] = self.worker_decode_ms.get(worker, 0.0) + float(
-            stats.get("decode_ms", 0.0))
+        self.ttft.observe(fin.ttft_ms, now)
+        self.e2e.observe(fin.total_ms, now)
+        self.prompt_tokens += fin.prompt_tokens
+        self.completion_tokens += fin.completion_tokens
+        self.cached_tokens += fin.cached_tokens or 0
+        w = fin.worker
+        self.worker_prefill_ms[w] = self.worker_prefill_ms.get(w, 0.0) + (fin.prefill_ms or 0.0)
+        self.worker_decode_ms[w] = self.worker_decode_ms.get(w, 0.0) + (fin.decode_ms or 0.0)
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         now = now if now is not None else time.monotonic()

@@ -24,57 +24,16 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from llmctl.common.errors import LlmctlError, NotReady, Overloaded, ShuttingDown
-from llmctl.common.prefix import matched, prefix_hashes
-from llmctl.common.protocol import GenerateRequest
+from llmctl.common.errors import NotReady, Overloaded, ShuttingDown
+from llmctl.common.prefix import matched
 
+if TYPE_CHECKING:
+    from llmctl.dataplane.streams import Stream
 
-class Sink(Protocol):
-    """Where a request's output goes (a TCP stream, an HTTP response)."""
-
-    def on_token(self, req: "Request", text: str) -> None: ...
-    def on_done(self, req: "Request", stats: dict[str, Any]) -> None: ...
-    def on_error(self, req: "Request", err: LlmctlError) -> None: ...
-    # the logprob entries of the tokens behind the next on_token (or on_done); only for
-    # requests that asked for logprobs
-    def on_logprobs(self, req: "Request", content: list[dict[str, Any]]) -> None: ...
-
-
-_rids = itertools.count(1)
 
 MAX_DISPATCHES = 3      # a request is sent to a worker at most this often
-
-
-@dataclass(eq=False)
-class Request:
-    params: GenerateRequest
-    sink: Sink
-    stream: int = 0
-    rid: int = field(default_factory=lambda: next(_rids))
-    t_admit: float = field(default_factory=time.monotonic)
-    deadline: float = 0.0
-    worker: str | None = None       # the worker holding it, while it holds it
-    pieces: int = 0                 # TOKEN pieces sent to the client
-    t_first: float | None = None
-    t_last: float | None = None     # the last TOKEN (inter-token latency)
-    finished: bool = False          # the client has had its DONE or ERROR
-    attempts: int = 0
-    owed: int = 0                   # token credits to give back to the worker
-    granted: int = 0                # token credits given back so far
-    stalled_since: float | None = None   # its token window has been spent since
-    parked: bool = False            # its worker keeps it without a slot
-    park_sent: bool = False         # PARK sent, no credit granted since
-    internal: bool = False          # a deep probe, not a client's request
-    prefix: tuple[int, ...] = ()    # prefix hashes of its prompt (dataplane.prefix)
-    model: str = ""                 # the served model (its Scheduler) it was admitted to
-
-    def __post_init__(self) -> None:
-        if not self.deadline:
-            self.deadline = self.t_admit + self.params.deadline_ms / 1000.0
-        if not self.prefix:
-            self.prefix = prefix_hashes(self.params.prompt, self.params.messages)
 
 
 @dataclass(eq=False)
@@ -89,9 +48,9 @@ class WorkerState:
     node: str = ""                  # the machine it runs on
     last_seen: float = field(default_factory=time.monotonic)
     last_dispatch: int = 0
-    inflight: dict[int, Request] = field(default_factory=dict)
-    parked: dict[int, Request] = field(default_factory=dict)   # held without a slot
-    resumes: deque[Request] = field(default_factory=deque)     # parked, client reads again
+    inflight: dict[int, Stream] = field(default_factory=dict)
+    parked: dict[int, Stream] = field(default_factory=dict)   # held without a slot
+    resumes: deque[Stream] = field(default_factory=deque)     # parked, client reads again
     served: int = 0
     draining: bool = False          # finishing what it has; gets nothing new
     last_busy: float = field(default_factory=time.monotonic)
@@ -132,37 +91,37 @@ class Scheduler:
         self.waits = waits
         self.last_used = 0.0            # monotonic time of the last admission (0 = never)
         self.wanted_at = 0.0            # when the supervisor was last asked to load it
-        self.queue: deque[Request] = deque()
+        self.queue: deque[Stream] = deque()
         self.workers: dict[str, WorkerState] = {}
         self.draining = False
         self._tick = itertools.count(1)
         self._done_times: deque[float] = deque(maxlen=64)
 
     # ---- workers --------------------------------------------------------------------
-    def add_worker(self, w: WorkerState) -> tuple[list[Request], list[Request]]:
+    def add_worker(self, w: WorkerState) -> tuple[list[Stream], list[Stream]]:
         """A READY: a new worker, or a known one that restarted (its old work is lost)."""
         orphans = self.remove_worker(w.id)
         self.workers[w.id] = w
         return orphans
 
-    def remove_worker(self, wid: str) -> tuple[list[Request], list[Request]]:
+    def remove_worker(self, wid: str) -> tuple[list[Stream], list[Stream]]:
         """Forget a dead worker.  Returns (requeued, failed): requests that had sent
         nothing go back to the head of the queue; the others have failed."""
         w = self.workers.pop(wid, None)
         if w is None:
             return [], []
         requeued, failed = [], []
-        for req in [*w.inflight.values(), *w.parked.values()]:
-            req.worker = None
-            req.parked = False
-            if req.finished:
+        for s in [*w.inflight.values(), *w.parked.values()]:
+            s.worker = None
+            s.parked = False
+            if s.finished:
                 continue
-            if req.pieces == 0 and req.attempts < MAX_DISPATCHES:
-                requeued.append(req)
+            if s.pieces == 0 and s.attempts < MAX_DISPATCHES:
+                requeued.append(s)
             else:
-                failed.append(req)
-        for req in reversed(requeued):
-            self.queue.appendleft(req)
+                failed.append(s)
+        for s in reversed(requeued):
+            self.queue.appendleft(s)
         return requeued, failed
 
     @property
@@ -170,7 +129,7 @@ class Scheduler:
         return any(not w.draining for w in self.workers.values())
 
     # ---- admission ------------------------------------------------------------------
-    def admit(self, req: Request) -> None:
+    def admit(self, s: Stream) -> None:
         if self.draining:
             raise ShuttingDown("the server is draining for a stop")
         if not self.ready and not self.waits:
@@ -183,9 +142,9 @@ class Scheduler:
             what = f"the admission queue of model {self.model!r}" if self.model \
                 else "the admission queue"
             raise Overloaded(f"{what} is full", retry_after_ms=self.retry_after_ms())
-        req.model = self.model
+        s.model = self.model
         self.last_used = time.monotonic()
-        self.queue.append(req)
+        self.queue.append(s)
 
     def retry_after_ms(self) -> int:
         """How long until a queue place is likely free, from the measured drain rate."""
@@ -196,15 +155,15 @@ class Scheduler:
             per_request = 0.25
         return int(min(60_000, max(10, per_request * 1000)))
 
-    def dequeue(self, req: Request) -> bool:
+    def dequeue(self, s: Stream) -> bool:
         try:
-            self.queue.remove(req)
+            self.queue.remove(s)
             return True
         except ValueError:
             return False
 
     # ---- dispatch -------------------------------------------------------------------
-    def take(self) -> list[tuple[WorkerState, Request]]:
+    def take(self) -> list[tuple[WorkerState, Stream]]:
         """Pair queued requests with workers holding credit: the longest cached
         prefix of the prompt first, then LRU."""
         out = []
@@ -212,80 +171,80 @@ class Scheduler:
             candidates = [w for w in self.workers.values() if w.available > 0]
             if not candidates:
                 break
-            req = self.queue.popleft()
-            if req.finished:
+            s = self.queue.popleft()
+            if s.finished:
                 continue
-            w = min(candidates, key=lambda x: (-matched(req.prefix, x.prefixes), x.last_dispatch))
-            self.assign(w, req)
-            out.append((w, req))
+            w = min(candidates, key=lambda x: (-matched(s.prefix, x.prefixes), x.last_dispatch))
+            self.assign(w, s)
+            out.append((w, s))
         return out
 
-    def take_resumes(self) -> list[tuple[WorkerState, Request]]:
+    def take_resumes(self) -> list[tuple[WorkerState, Stream]]:
         """Parked requests whose clients read again, each with a credit of its worker."""
         out = []
         for w in self.workers.values():
             while w.resumes and w.credits > 0:
-                req = w.resumes.popleft()
-                if req.finished or w.parked.pop(req.rid, None) is None:
+                s = w.resumes.popleft()
+                if s.finished or w.parked.pop(s.rid, None) is None:
                     continue
-                req.parked = False
-                w.inflight[req.rid] = req
+                s.parked = False
+                w.inflight[s.rid] = s
                 w.last_busy = time.monotonic()
-                out.append((w, req))
+                out.append((w, s))
         return out
 
-    def park(self, wid: str, rid: int) -> Request | None:
+    def park(self, wid: str, rid: int) -> Stream | None:
         """The worker parked ``rid``: it keeps the request, its credit comes back."""
         w = self.workers.get(wid)
-        req = w.inflight.pop(rid, None) if w else None
-        if w is None or req is None:
+        s = w.inflight.pop(rid, None) if w else None
+        if w is None or s is None:
             return None
-        req.parked = True
-        w.parked[rid] = req
-        return req
+        s.parked = True
+        w.parked[rid] = s
+        return s
 
-    def want_resume(self, req: Request) -> None:
+    def want_resume(self, s: Stream) -> None:
         """A parked request's client took output: run it again when its worker can."""
-        w = self.workers.get(req.worker or "")
-        if w is not None and req.parked and req not in w.resumes:
-            w.resumes.append(req)
+        w = self.workers.get(s.worker or "")
+        if w is not None and s.parked and s not in w.resumes:
+            w.resumes.append(s)
 
-    def assign(self, w: WorkerState, req: Request) -> None:
-        """Spend one of ``w``'s credits on ``req``."""
+    def assign(self, w: WorkerState, s: Stream) -> None:
+        """Spend one of ``w``'s credits on ``s``."""
         assert w.credits > 0
         w.last_dispatch = next(self._tick)
         w.last_busy = time.monotonic()
-        w.inflight[req.rid] = req
-        req.worker = w.id
-        req.attempts += 1
+        w.inflight[s.rid] = s
+        s.worker = w.id
+        s.attempts += 1
 
-    def complete(self, wid: str, rid: int) -> Request | None:
+    def complete(self, wid: str, rid: int) -> Stream | None:
         """The worker ended ``rid`` (DONE or ERROR): its credit comes back."""
         w = self.workers.get(wid)
         if w is None:
             return None
-        req = w.inflight.pop(rid, None) or w.parked.pop(rid, None)
-        if req is not None:
-            req.parked = False
-            req.worker = None
+        s = w.inflight.pop(rid, None) or w.parked.pop(rid, None)
+        if s is not None:
+            s.parked = False
+            s.worker = None
             w.served += 1
             w.last_busy = time.monotonic()
             self._done_times.append(time.monotonic())
-        return req
+        return s
 
     # ---- deadlines ------------------------------------------------------------------
-    def expire_queued(self, now: float) -> list[Request]:
+    def expire_queued(self, now: float) -> list[Stream]:
         expired = [r for r in self.queue if r.deadline <= now]
         for r in expired:
             self.queue.remove(r)
         return expired
 
-    def held(self) -> list[Request]:
+    def held(self) -> list[Stream]:
         """Every request a worker holds, in a slot or parked."""
         return [r for w in self.workers.values()
                 for r in (*w.inflight.values(), *w.parked.values()) if not r.finished]
 
-    def expired_running(self, now: float) -> list[Request]:
+    def expired_running(self, now: float) -> list[Stream]:
         return [r for r in self.held() if r.deadline <= now]
 
     def inflight_count(self) -> int:
@@ -317,7 +276,7 @@ class Schedulers:
         return {wid: w for s in self.by_model.values() for wid, w in s.workers.items()}
 
     @property
-    def queue(self) -> list[Request]:
+    def queue(self) -> list[Stream]:
         return [r for s in self.by_model.values() for r in s.queue]
 
     @property

@@ -1,4 +1,4 @@
-"""Client connections' output bounds, shared by the TCP and HTTP fronts."""
+"""What every front's connections share: their output bounds, the server's version."""
 from __future__ import annotations
 
 import asyncio
@@ -29,3 +29,17 @@ def limit_output(transport: asyncio.BaseTransport, limit: int) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
     except OSError as exc:       # not Linux, or not TCP: the write buffer still bounds it
         log.debug("cannot limit the kernel's send buffer: %s", exc)
+
+
+def hard_limit(limit: int) -> int:
+    """Bytes a connection may leave unread before it is dropped: token frames stop at
+    the window, so only frames without credit (PONGs, errors) can pile up past this."""
+    return 4 * limit + 64 + 1024
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+    try:
+        return dist_version("llmctl")
+    except PackageNotFoundError:
+        return "0"

@@ -51,3 +51,25 @@ def illegal_transitions() -> Iterator[list[str]]:
         yield seen
     finally:
         logger.removeHandler(handler)
+
+
+class Recorder:
+    """A front's Output that keeps what the core hands it (``dataplane.streams.Output``):
+    tokens, and the end (("done", Finished) or ("error", LlmctlError))."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.logprobs_seen: list[list[dict]] = []
+        self.ends: list[tuple[str, object]] = []
+
+    def token(self, s, text):
+        self.tokens.append(text)
+
+    def logprobs(self, s, content):
+        self.logprobs_seen.append(content)
+
+    def done(self, s, fin):
+        self.ends.append(("done", fin))
+
+    def error(self, s, err):
+        self.ends.append(("error", err))

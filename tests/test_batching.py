@@ -11,15 +11,17 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmctl.common.messages import work_request
 from llmctl.common.prefix import matched, prefix_hashes, request_hashes
-from llmctl.common.protocol import GenerateRequest
-from llmctl.dataplane.scheduler import Request, Scheduler, WorkerState
+from llmctl.common.request import ChatMessage, GenRequest, as_request
+from llmctl.dataplane.scheduler import Scheduler, WorkerState
+from llmctl.dataplane.streams import Stream
+from tests.fakes import Recorder
 from tests.service import MODEL, wait_until
 from llmctl.worker.engine import prefill_chunk, reusable_prefix
 
@@ -62,12 +64,12 @@ def drive(engine, jobs, cancels=None, max_steps=20_000):
         assert ev.error is None, ev.error
         text[ev.rid] += ev.text
         if ev.done is not None:
-            done[ev.rid] = ev.done
+            done[ev.rid] = msgspec.structs.asdict(ev.done)
 
     while pending or engine.active is not None:
         while pending and pending[0][2] <= step and engine.free_slots:
             rid, fields, _ = pending.pop(0)
-            engine.start(engine.prepare(rid, fields))
+            engine.start(engine.prepare(rid, as_request(fields)))
         for rid, at in list(cancels.items()):
             ev = engine.cancel(rid) if at <= step else None
             if ev is not None:
@@ -171,7 +173,7 @@ def test_prompts_of_one_to_three_tokens(single, batch4):
     prefix, and gives the single-slot output.  "The cat" after "Hello world" is two
     tokens with nothing reusable."""
     texts = ["Hi", "Hi there", "Hi there you", "Hello world", "The cat"]
-    lengths = [len(single.tokenize_request({"prompt": t})) for t in texts]
+    lengths = [len(single.tokenize_request(GenRequest(prompt=t))) for t in texts]
     assert lengths == [1, 2, 3, 2, 2], lengths         # what the test is about
     for rnd in range(2):                               # round two: cache hits
         for i, t in enumerate(texts):
@@ -232,7 +234,8 @@ def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored
     assert 0 < stored4.store.bytes <= stored4.store.limit
     # The gateway learns about stored prefixes too (cache-aware routing).
     held = set(stored4.prefixes())
-    assert all(matched(request_hashes(work_request(f)), held) == len(request_hashes(work_request(f))) for f in prompts)
+    assert all(matched(request_hashes(as_request(f)), held) == len(request_hashes(as_request(f)))
+               for f in prompts)
     assert_kv_consistent(stored4)
 
 
@@ -337,8 +340,8 @@ def test_churn_leaves_no_kv_behind(nocache4, batch4):
 def test_a_paused_stream_does_not_hold_up_the_others(single, nocache4):
     a, b = greedy(PROMPTS[0], 12, window=3), greedy(PROMPTS[1], 12)
     e = nocache4
-    e.start(e.prepare(1, a))
-    e.start(e.prepare(2, b))
+    e.start(e.prepare(1, as_request(a)))
+    e.start(e.prepare(2, as_request(b)))
     text: dict[int, str] = defaultdict(str)
     ends: dict[int, dict] = {}
     sent = defaultdict(int)
@@ -362,23 +365,17 @@ def test_a_paused_stream_does_not_hold_up_the_others(single, nocache4):
 
 # ---- cache-aware routing --------------------------------------------------------------
 
-def params(prompt=None, messages=None) -> GenerateRequest:
-    return GenerateRequest(prompt=prompt, messages=messages, max_tokens=1, temperature=0.0,
-                           top_p=1.0, top_k=0, seed=None, stop=(), deadline_ms=10_000)
-
-
-class NullSink:
-    def on_token(self, req, text): ...
-    def on_done(self, req, stats): ...
-    def on_error(self, req, err): ...
+def params(prompt=None, messages=None) -> GenRequest:
+    return GenRequest(prompt=prompt, messages=tuple(ChatMessage(r, c) for r, c in messages)
+                      if messages else None, max_tokens=1, deadline_ms=10_000)
 
 
 def test_prefix_hashes_agree_between_gateway_and_worker():
     msgs = (("system", SYSTEM), ("user", "hi"))
     p = params(messages=msgs)
-    assert prefix_hashes(p.prompt, p.messages) == request_hashes(p.work())
+    assert prefix_hashes(p.prompt, msgs) == request_hashes(p)
     q = params(prompt=LONG)
-    assert prefix_hashes(q.prompt) == request_hashes(q.work())
+    assert prefix_hashes(q.prompt) == request_hashes(q)
     other = prefix_hashes(None, (("system", SYSTEM), ("user", "something else entirely")))
     shared = matched(other, set(prefix_hashes(None, msgs)))
     assert 0 < shared < len(other)                       # the system prompt's blocks
@@ -395,14 +392,14 @@ def test_scheduler_routes_to_the_longest_cached_prefix():
     s.workers["w1"].prefixes = set(prefix_hashes(None, (("system", SYSTEM),)))  # system only
     s.workers["w2"].prefixes = set(prefix_hashes(None, chat_a))                 # whole chat a
     for p in (params(messages=chat_a), params(messages=chat_b), params(prompt="unrelated")):
-        s.admit(Request(params=p, sink=NullSink()))
+        s.admit(Stream(request=p, out=Recorder()))
     order = [w.id for w, _ in s.take()]
     # chat a: w2 holds all of it; chat b: w1 and w2 hold the system prompt, w1 is
     # least recently used; unrelated: no match anywhere, LRU is w0.
     assert order == ["w2", "w1", "w0"]
     # Without credit, the cached worker is passed over.
     for _ in range(3):
-        s.admit(Request(params=params(messages=chat_a), sink=NullSink()))
+        s.admit(Stream(request=params(messages=chat_a), out=Recorder()))
     assert [w.id for w, _ in s.take()] == ["w2", "w1", "w0"]
 
 

@@ -142,7 +142,7 @@ class FakeEngine:
 
     def prepare(self, rid, fields):
         from llmctl.common.errors import BadRequest
-        if fields["prompt"] == "bad":
+        if fields.prompt == "bad":
             raise BadRequest("no")
         return type("Seq", (), {"rid": rid, "fields": fields})()
 
@@ -154,8 +154,9 @@ class FakeEngine:
         from llmctl.worker.engine import Event
         rid = next(iter(self.running))
         del self.running[rid]
-        return [Event(rid, "x"), Event(rid, done={"completion_tokens": 1, "prompt_tokens": 2,
-                                                  "finish_reason": "length"})]
+        from llmctl.common.messages import DoneStats
+        return [Event(rid, "x"), Event(rid, done=DoneStats("length", prompt_tokens=2,
+                                                           completion_tokens=1))]
 
 
 def test_engine_entry_point_runs_a_closed_loop():

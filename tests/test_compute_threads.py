@@ -152,7 +152,7 @@ def test_real_engine_computes_with_one_thread_beside_busy_processes_then_two_aga
     """Two threads on two CPUs with two CPU-bound processes in other sessions: the engine
     drops to one thread; once they are gone it takes the second back. The engine and
     the neighbours are pinned to the same two CPUs, whatever the machine has."""
-    from llmctl.common.messages import WorkRequest
+    from llmctl.common.request import GenRequest
     from llmctl.worker.batch import BatchEngine
     from tests.service import MODEL
 
@@ -172,7 +172,7 @@ def test_real_engine_computes_with_one_thread_beside_busy_processes_then_two_aga
             rid = 0
             while time.monotonic() < end:
                 rid += 1
-                eng.start(eng.prepare(rid, WorkRequest(prompt="The sea is", max_tokens=32)))
+                eng.start(eng.prepare(rid, GenRequest(prompt="The sea is", max_tokens=32)))
                 while eng.running:
                     eng.step()
                     if cond():

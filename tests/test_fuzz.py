@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 
 from llmctl.common import protocol as p
 from llmctl.common.errors import LlmctlError
-from llmctl.common.protocol import Defaults, FrameDecoder, FrameType
+from llmctl.common.config import GenerationConfig
+from llmctl.common.errors import BadRequest
+from llmctl.common.protocol import FrameDecoder, FrameType
+from llmctl.common.request import validate
 from tests.service import Service
 
 # Hypothesis's time-based checks fail on a loaded 2-core machine: timing is no pass/fail
@@ -66,14 +69,20 @@ def test_decoder_raises_only_protocol_errors(chunks, max_frame):
     assert dec.pending <= max_frame + p.HEADER_SIZE
 
 
+def parse_generate(payload: bytes):
+    """A GENERATE payload as the binary front reads it."""
+    return validate(p.parse_json(payload, BadRequest), GenerationConfig())
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=NO_TIMING)
 @given(st.one_of(st.binary(max_size=200), generate_like.map(lambda d: json.dumps(d).encode())))
 def test_generate_validation_raises_only_typed_errors(payload):
     try:
-        req = p.parse_generate(payload, Defaults())
+        req = parse_generate(payload)
     except LlmctlError:
         return
-    for text in (req.prompt or "", *req.stop, *(x for m in req.messages or () for x in m)):
+    for text in (req.prompt or "", *req.stop,
+                 *(x for m in req.messages or () for x in (m.role, m.content))):
         text.encode("utf-8")                  # whatever passes is valid Unicode
 
 
@@ -96,10 +105,10 @@ def test_json_nesting_limit(depth):
     doc = b'{"prompt": "x", "extra": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}" \
         if depth > 1 else b'{"prompt": "x"}'
     if depth <= p.MAX_JSON_DEPTH:
-        assert p.parse_generate(doc, Defaults()).prompt == "x"
+        assert parse_generate(doc).prompt == "x"
     else:
         with pytest.raises(LlmctlError, match="nests deeper"):
-            p.parse_generate(doc, Defaults())
+            parse_generate(doc)
 
 
 # ---- a live connection ------------------------------------------------------------------

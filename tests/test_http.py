@@ -335,7 +335,7 @@ def test_health_is_503_when_not_ready_or_draining():
 
     from llmctl.common.config import Config
     from llmctl.dataplane.gateway import Gateway
-    from llmctl.dataplane.http import build_app
+    from llmctl.dataplane.http.app import build_app
 
     async def main() -> list[tuple[int, dict]]:
         gw = Gateway(Config())         # the core alone: no worker link, no worker ever READY

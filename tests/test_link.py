@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from llmctl.common import messages as m
-from llmctl.dataplane.link import WorkerLink
+from llmctl.dataplane.link import WorkerRouter
 
 
 class FakeGateway:
@@ -46,7 +46,7 @@ def pair(request):
     (``@pytest.mark.sndhwm(N)``: the ROUTER's send high-water mark)."""
     ctx = zmq.asyncio.Context()
     gw = FakeGateway()
-    link = WorkerLink(gw, ctx)  # type: ignore[arg-type]
+    link = WorkerRouter(gw, ctx)  # type: ignore[arg-type]
     link.router = link._router()
     hwm = request.node.get_closest_marker("sndhwm")
     if hwm is not None:

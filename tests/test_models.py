@@ -15,11 +15,14 @@ from hypothesis import strategies as st
 from llmctl.common import admin, messages as m
 from llmctl.common.config import Config, ModelEntry
 from llmctl.common.errors import ModelNotFound, NotReady, Overloaded
-from llmctl.common.protocol import Defaults, parse_generate
+from llmctl.common.config import GenerationConfig
+from llmctl.common.protocol import parse_json
+from llmctl.common.request import validate
 from llmctl.control.models import ModelManager, check_plan, worker_names
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.scheduler import Request
-from tests.fakes import illegal_transitions
+from llmctl.dataplane import clock
+from llmctl.dataplane.supervisor_link import models as model_view
+from tests.fakes import Recorder as Sink, illegal_transitions
 
 
 def entry(name: str, load: str = "on_demand", workers: int = 1, keep_alive_s: float = 0.0,
@@ -34,24 +37,9 @@ def config(*entries: ModelEntry, max_queue: int = 2) -> Config:
         c.gateway, max_queue=max_queue))
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-        self.ends: list[tuple[str, Any]] = []
-
-    def on_token(self, req: Request, text: str) -> None:
-        self.tokens.append(text)
-
-    def on_done(self, req: Request, stats: dict[str, Any]) -> None:
-        self.ends.append(("done", stats))
-
-    def on_error(self, req: Request, err: Exception) -> None:
-        self.ends.append(("error", err))
-
-
 def params(model: str | None = None, prompt: str = "hi"):
     body = f'{{"prompt": "{prompt}", "max_tokens": 2' + (f', "model": "{model}"}}' if model else "}")
-    return parse_generate(body.encode(), Defaults())
+    return validate(parse_json(body.encode()), GenerationConfig())
 
 
 def ready(gw: Gateway, wid: str, served: str, slots: int = 1) -> None:
@@ -80,13 +68,13 @@ def loop():
 def test_protocol_model_key_is_optional_text():
     assert params().model is None and params("b").model == "b"
     with pytest.raises(Exception, match="model must be a string"):
-        parse_generate(b'{"prompt": "x", "model": 3}', Defaults())
+        validate({"prompt": "x", "model": 3}, GenerationConfig())
 
 
 def test_unknown_model_is_bad_request_naming_it(loop):
     gw = Gateway(config(entry("a", "always"), entry("b")))
     with pytest.raises(ModelNotFound) as exc:
-        gw.submit(params("zz"), Sink())
+        gw.open(params("zz"), Sink())
     assert exc.value.code.value == "bad_request" and "'zz'" in exc.value.message
     assert exc.value.http_status == 404 and exc.value.openai_code == "model_not_found"
 
@@ -107,30 +95,30 @@ def test_a_flood_on_one_model_does_not_delay_another(loop):
     ready(gw, "w1.2", "b")
     a_sinks = [Sink() for _ in range(3)]
     for s in a_sinks:                       # 1 runs (its credit), 2 queue: a is full
-        gw.submit(params("a"), s)
+        gw.open(params("a"), s)
     with pytest.raises(Overloaded) as exc:
-        gw.submit(params("a"), Sink())
+        gw.open(params("a"), Sink())
     assert "'a'" in exc.value.message and exc.value.retry_after_ms
     out = gw.outgoing()
     assert [w for w, _ in out] == ["w0.1"]         # one dispatch for a; two wait
-    b = gw.submit(params("b"), Sink())             # b is not behind a's queue
+    b = gw.open(params("b"), Sink())             # b is not behind a's queue
     out = gw.outgoing()
     assert [w for w, _ in out] == ["w1.2"] and b.worker == "w1.2"
     assert len(gw.sched.get("a").queue) == 2 and not gw.sched.get("b").queue
     with pytest.raises(Overloaded):
-        gw.submit(params("a"), Sink())             # still full for a
-    gw.submit(params("b"), Sink())                 # b queues behind its own running one
-    assert gw.models()["a"]["queue"] == 2 and gw.models()["b"]["queue"] == 1
+        gw.open(params("a"), Sink())             # still full for a
+    gw.open(params("b"), Sink())                 # b queues behind its own running one
+    assert model_view(gw)["a"]["queue"] == 2 and model_view(gw)["b"]["queue"] == 1
 
 
 def test_on_demand_request_waits_and_asks_for_its_model(loop):
     gw = Gateway(config(entry("a", "always"), entry("b")))
     ready(gw, "w0.1", "a")
     with pytest.raises(NotReady):                       # an always model has no waiting
-        Gateway(config(entry("a", "always"))).submit(params("a"), Sink())
+        Gateway(config(entry("a", "always"))).open(params("a"), Sink())
     sink = Sink()
     events(gw)
-    req = gw.submit(params("b"), sink)
+    req = gw.open(params("b"), sink)
     assert events(gw) == [admin.ModelWanted(model="b")]
     assert gw.outgoing() == [] and not sink.ends
     ready(gw, "w1.3", "b")                              # it loaded: the queue is served
@@ -143,9 +131,9 @@ def test_model_unavailable_answers_its_queue_once(loop):
     ready(gw, "w0.1", "a", slots=0)                      # a: ready, no credit free
     sinks = [Sink() for _ in range(2)]
     for s in sinks:
-        gw.submit(params("b"), s)
+        gw.open(params("b"), s)
     a = Sink()
-    gw.submit(params("a"), a)                            # a's queue is not b's
+    gw.open(params("a"), a)                            # a's queue is not b's
     n = gw.model_unavailable("b", Overloaded("no room", retry_after_ms=1000))
     assert n == 2
     for s in sinks:
@@ -158,8 +146,8 @@ def test_model_unavailable_answers_its_queue_once(loop):
 def test_deadline_counts_while_a_model_loads(loop):
     gw = Gateway(config(entry("a", "always"), entry("b")))
     sink = Sink()
-    req = gw.submit(params("b"), sink)
-    gw.tick(req.deadline + 0.01)
+    req = gw.open(params("b"), sink)
+    clock.tick(gw, req.deadline + 0.01)
     assert sink.ends[0][0] == "error" and sink.ends[0][1].code.value == "timeout"
     assert "'b' was not loaded" in sink.ends[0][1].message
 
@@ -169,7 +157,7 @@ def test_worker_of_each_model_goes_to_its_own_scheduler(loop):
     ready(gw, "w0.1", "a")
     ready(gw, "w1.2", "b")
     assert set(gw.sched.get("a").workers) == {"w0.1"} and set(gw.sched.get("b").workers) == {"w1.2"}
-    gw.submit(params("b"), Sink())
+    gw.open(params("b"), Sink())
     gw.outgoing()
     gw.worker_lost("w1.2", "test", tell=False)      # its request goes back to b's queue
     assert len(gw.sched.get("b").queue) == 1 and not gw.sched.get("a").queue

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from llmctl.common import protocol as p
 from llmctl.common.errors import BadRequest, Code, FrameTooLarge, ProtocolError
-from llmctl.common.protocol import Defaults, FrameDecoder, FrameType
+from llmctl.common.protocol import FrameDecoder, FrameType
 
 ALL_TYPES = p.CLIENT_TYPES | p.SERVER_TYPES
 
@@ -73,38 +73,6 @@ def test_hello_version_and_token():
     for bad in (b'{"version": 2}', b'{"version": true}', b"[]", b"\xff", b'{"version":1,"token":3}'):
         with pytest.raises(ProtocolError):
             p.parse_hello(bad)
-
-
-D = Defaults(max_tokens=16, temperature=0.5, top_p=0.9, top_k=10, deadline_ms=1000,
-             max_deadline_ms=5000)
-
-
-def test_generate_defaults_and_fields():
-    r = p.parse_generate(b'{"prompt": "hi", "unknown_key": 1}', D)
-    assert (r.prompt, r.max_tokens, r.temperature, r.top_p, r.top_k, r.deadline_ms, r.stop) == \
-        ("hi", 16, 0.5, 0.9, 10, 1000, ())
-    r = p.parse_generate(json.dumps({"messages": [{"role": "user", "content": "x"}],
-                                     "max_tokens": 3, "stop": "\n", "seed": 7}).encode(), D)
-    assert r.messages == (("user", "x"),) and r.stop == ("\n",) and r.seed == 7
-    assert r.worker_fields()["messages"] == [{"role": "user", "content": "x"}]
-
-
-@pytest.mark.parametrize("body", [
-    {}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, {"prompt": 5},
-    {"messages": []}, {"messages": [{"role": "user"}]}, {"prompt": "a", "max_tokens": 0},
-    {"prompt": "a", "max_tokens": True}, {"prompt": "a", "temperature": -1},
-    {"prompt": "a", "top_p": 2}, {"prompt": "a", "stop": [""]}, {"prompt": "a", "seed": -1},
-    {"prompt": "a", "deadline_ms": 5001}, {"prompt": "a", "stop": ["x"] * 17},
-])
-def test_generate_rejects(body):
-    with pytest.raises(BadRequest):
-        p.parse_generate(json.dumps(body).encode(), D)
-
-
-def test_generate_rejects_non_json():
-    for raw in (b"not json", b"[1]", b"\xc3\x28"):
-        with pytest.raises(BadRequest):
-            p.parse_generate(raw, D)
 
 
 def test_error_frame_shape():

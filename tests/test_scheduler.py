@@ -8,21 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmctl.common.errors import NotReady, Overloaded, ShuttingDown
-from llmctl.common.protocol import GenerateRequest
-from llmctl.dataplane.scheduler import Request, Scheduler, WorkerState
+from llmctl.common.request import GenRequest
+from llmctl.dataplane.scheduler import Scheduler, WorkerState
+from llmctl.dataplane.streams import Stream
+from tests.fakes import Recorder
 
-PARAMS = GenerateRequest(prompt="x", messages=None, max_tokens=1, temperature=0.0, top_p=1.0,
-                         top_k=0, seed=None, stop=(), deadline_ms=10_000)
-
-
-class NullSink:
-    def on_token(self, req: Request, text: str) -> None: ...
-    def on_done(self, req: Request, stats: dict[str, Any]) -> None: ...
-    def on_error(self, req: Request, err: Exception) -> None: ...
+REQUEST = GenRequest(prompt="x", max_tokens=1, deadline_ms=10_000)
 
 
-def req() -> Request:
-    return Request(params=PARAMS, sink=NullSink())
+def req() -> Stream:
+    return Stream(request=REQUEST, out=Recorder())
 
 
 def test_admission_limits():
@@ -80,9 +75,9 @@ def test_credit_accounting_invariants(script):
     s = Scheduler(max_queue=5)
     slots = {"w0": 1, "w1": 2, "w2": 3}
     ended: dict[int, int] = {}
-    admitted: list[Request] = []
+    admitted: list[Stream] = []
 
-    def end(r: Request) -> None:
+    def end(r: Stream) -> None:
         assert not r.finished
         r.finished = True
         ended[r.rid] = ended.get(r.rid, 0) + 1

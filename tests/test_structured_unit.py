@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from llmctl.common.errors import BadRequest
-from llmctl.common.protocol import Defaults, validate_generate
+from llmctl.common import messages as m
+from llmctl.common.config import GenerationConfig
+from llmctl.common.request import validate
 from llmctl.common.structured import constraint, logprobs_fields
 from llmctl.worker.constrain import grammar_text, strict_json_chars
 from llmctl.worker.engine import token_logprobs
@@ -45,13 +47,12 @@ def test_logprobs_fields():
 
 
 def test_generate_carries_the_fields_to_the_worker():
-    req = validate_generate({"prompt": "x", "grammar": 'root ::= "a"', "logprobs": True,
-                             "top_logprobs": 3}, Defaults())
-    work = req.work()
-    assert (work.grammar, work.json_schema, work.logprobs, work.top_logprobs) == \
+    req = validate({"prompt": "x", "grammar": 'root ::= "a"', "logprobs": True,
+                    "top_logprobs": 3}, GenerationConfig())
+    assert (req.grammar, req.json_schema, req.logprobs, req.top_logprobs) == \
         ('root ::= "a"', None, True, 3)
-    # a plain request's GENERATE to the worker has none of the new keys (old shape)
-    plain = validate_generate({"prompt": "x"}, Defaults()).worker_fields()
+    # a plain request's GENERATE to the worker carries none of these keys
+    plain = json.loads(m.body(validate({"prompt": "x"}, GenerationConfig())))
     assert not {"grammar", "json_schema", "logprobs", "top_logprobs"} & set(plain)
 
 
@@ -81,7 +82,7 @@ def test_token_logprobs_is_a_log_softmax_with_sorted_alternatives():
 def test_text_that_cannot_travel_is_refused():
     """A lone surrogate in a schema (JSON allows the escape) could not be encoded for the
     worker: refused at the door, in a response_format and in a tool's parameters."""
-    from llmctl.dataplane.tools import tool_mode
+    from llmctl.dataplane.http.tool_calls import tool_mode
 
     with pytest.raises(BadRequest, match="not valid Unicode"):
         constraint({"response_format": {"type": "json_schema", "json_schema": {

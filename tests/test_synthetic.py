@@ -11,11 +11,12 @@ import subprocess
 import sys
 import urllib.request
 
+import msgspec
 import pytest
 from llmctl.common import protocol as p
 from llmctl.common.config import SyntheticConfig
 from llmctl.common.errors import BadRequest
-from llmctl.common.messages import ChatMessage, WorkRequest
+from llmctl.common.request import ChatMessage, GenRequest
 from llmctl.worker.synthetic import SyntheticEngine
 
 from tests.service import ROOT, Service, wait_until
@@ -36,14 +37,14 @@ def run(e: SyntheticEngine, steps: int = 10_000) -> tuple[dict[int, str], dict[i
             text[ev.rid] = text.get(ev.rid, "") + ev.text
             if ev.done is not None:
                 assert ev.rid not in done, "a request ended twice"
-                done[ev.rid] = ev.done
+                done[ev.rid] = msgspec.structs.asdict(ev.done)
     return text, done
 
 
 def test_tokens_until_max_tokens_then_done_with_stats():
     e = engine()
-    e.start(e.prepare(1, WorkRequest(prompt="x" * 40, max_tokens=7)))
-    e.start(e.prepare(2, WorkRequest(prompt="hello", max_tokens=3)))
+    e.start(e.prepare(1, GenRequest(prompt="x" * 40, max_tokens=7)))
+    e.start(e.prepare(2, GenRequest(prompt="hello", max_tokens=3)))
     text, done = run(e)
     assert text == {1: " tok" * 7, 2: " tok" * 3}
     assert done[1]["finish_reason"] == "length" and done[1]["completion_tokens"] == 7
@@ -54,21 +55,21 @@ def test_tokens_until_max_tokens_then_done_with_stats():
 
 def test_stop_string_ends_the_sequence_and_is_not_sent():
     e = engine(piece="ab")
-    e.start(e.prepare(1, WorkRequest(prompt="p", max_tokens=50, stop=["ba"])))
+    e.start(e.prepare(1, GenRequest(prompt="p", max_tokens=50, stop=("ba",))))
     text, done = run(e)
     assert text[1] == "a" and done[1]["finish_reason"] == "stop"
 
 
 def test_chat_messages_are_a_prompt():
     e = engine()
-    seq = e.prepare(1, WorkRequest(messages=[ChatMessage(role="user", content="hi " * 20)],
+    seq = e.prepare(1, GenRequest(messages=(ChatMessage(role="user", content="hi " * 20),),
                                    max_tokens=2))
     assert seq.n_prompt > 1
 
 
 def test_the_token_window_pauses_a_sequence_until_credit_comes():
     e = engine()
-    e.start(e.prepare(1, WorkRequest(prompt="p", max_tokens=10, window=3)))
+    e.start(e.prepare(1, GenRequest(prompt="p", max_tokens=10, window=3)))
     tokens = [ev for _ in range(20) for ev in e.step() if ev.text]
     assert len(tokens) == 3 and not e.runnable
     e.grant(1, 2)
@@ -79,7 +80,7 @@ def test_the_token_window_pauses_a_sequence_until_credit_comes():
 
 def test_cancel_in_decode_and_park_resume():
     e = engine(slots=1)
-    e.start(e.prepare(1, WorkRequest(prompt="p", max_tokens=100, window=2)))
+    e.start(e.prepare(1, GenRequest(prompt="p", max_tokens=100, window=2)))
     for _ in range(5):
         e.step()
     assert e.park(1) and e.free_slots == 1 and not e.running
@@ -87,14 +88,14 @@ def test_cancel_in_decode_and_park_resume():
     e.grant(1, 1)
     assert [ev.text for ev in e.step()] == [" tok"]
     end = e.cancel(1)
-    assert end is not None and end.done["finish_reason"] == "cancelled"
-    assert end.done["completion_tokens"] == 3
+    assert end is not None and end.done.finish_reason == "cancelled"
+    assert end.done.completion_tokens == 3
     assert e.cancel(1) is None and e.free_slots == 1
 
 
 def test_stamped_tokens_carry_their_time():
     e = engine(stamp=True)
-    e.start(e.prepare(1, WorkRequest(prompt="p", max_tokens=3)))
+    e.start(e.prepare(1, GenRequest(prompt="p", max_tokens=3)))
     text, _ = run(e)
     stamps = [int(w) for w in text[1].split()]
     assert len(stamps) == 3 and stamps == sorted(stamps)
@@ -102,7 +103,7 @@ def test_stamped_tokens_carry_their_time():
 
 def test_a_prompt_longer_than_the_context_is_a_bad_request():
     with pytest.raises(BadRequest):
-        engine().prepare(1, WorkRequest(prompt="x" * 4 * 600, max_tokens=1))
+        engine().prepare(1, GenRequest(prompt="x" * 4 * 600, max_tokens=1))
 
 
 # ---- the service on synthetic workers --------------------------------------------------

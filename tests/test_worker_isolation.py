@@ -6,6 +6,7 @@ only the request fails (ERROR), never the worker."""
 from __future__ import annotations
 
 
+import msgspec
 import pytest
 
 from llmctl.common.config import Config
@@ -22,13 +23,17 @@ def worker():
 
 
 def records(outs: list[list[bytes]]) -> list[tuple[m.Kind, int, dict | str]]:
-    """The (kind, rid, body) of what the worker would send."""
-    got = []
+    """The (kind, rid, body) of what the worker would send, as the gateway reads it."""
+    got: list[tuple[m.Kind, int, dict | str]] = []
     for frames in outs:
-        msg = m.decode(frames)
-        for sub in m.decode_batch(msg.body) if msg.kind is m.Kind.BATCH else [msg]:
-            body = sub.text() if sub.kind is m.Kind.TOKEN else sub.json()
-            got.append((sub.kind, sub.rid, body))
+        msg = m.from_worker(frames)
+        for item in msg.items if isinstance(msg, m.Batch) else [msg]:
+            if isinstance(item, m.Token):
+                got.append((m.Kind.TOKEN, item.rid, item.text))
+            elif isinstance(item, m.Done):
+                got.append((m.Kind.DONE, item.rid, msgspec.to_builtins(item.stats)))
+            elif isinstance(item, m.Error):
+                got.append((m.Kind.ERROR, item.rid, msgspec.to_builtins(item.error)))
     return got
 
 

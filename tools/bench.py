@@ -19,7 +19,8 @@ CPU-bound processes beside the targets and measures sequential latency, tokens/s
 ``--engine MODEL.gguf`` drives
 the batching engine directly in a worker-side process, no gateway (tools/bench_engine.py).
 Each point first runs ``--warmup`` requests at its concurrency, left out of the figures.
-Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``http://HOST:PORT/v1`` (OpenAI API),
+Targets: ``tcp://HOST:PORT`` (llmctl's wire protocol), ``cc50://HOST:PORT`` (the seed's CC50
+framing on the same port), ``http://HOST:PORT/v1`` (OpenAI API),
 ``bare:MODEL.gguf?threads=N`` (llama-cpp-python in this process, see tools/bare_llama.py).
 Percentiles are nearest-rank (``common.stats``).
 """
@@ -46,7 +47,7 @@ from llmctl.tools.bench_neighbours import print_neighbours, run_neighbours
 from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
 from llmctl.tools.bench_stats import RequestRecord, compare, summarize, wall_time
-from llmctl.tools.bench_targets import HttpTarget, Target, TcpTarget
+from llmctl.tools.bench_targets import Cc50Target, HttpTarget, Target, TcpTarget
 from llmctl.tools.service_status import status as service_status
 
 __all__ = ["BUILTIN_PROMPTS", "Workload", "closed_loop", "open_loop", "load_prompts", "main",
@@ -61,10 +62,12 @@ def make_target(url: str, **options: Any) -> Target:
     if scheme in ("http", "https"):
         return HttpTarget(url, model=options.get("model"), timeout=options.get("timeout", 300.0),
                           api_key=options.get("api_key"), stamped=options.get("stamped", False))
+    if scheme == "cc50":
+        return Cc50Target(url, timeout=options.get("timeout", 300.0))
     if scheme == "bare":
         return BareLlamaTarget.from_url(url)      # imports llama_cpp only when opened
-    raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, http://HOST:PORT/v1 "
-                     "or bare:MODEL.gguf")
+    raise ValueError(f"unsupported target {url!r}: use tcp://HOST:PORT, cc50://HOST:PORT, "
+                     "http://HOST:PORT/v1 or bare:MODEL.gguf")
 
 
 # ---- running a point --------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What tools/bench.py sends requests to: llmctl's wire protocol, or an OpenAI-compatible HTTP API
-(``bare:`` targets are in tools/bare_llama.py; ``bench.make_target`` picks one for a URL).
+"""What tools/bench.py sends requests to: llmctl's wire protocol, the seed's CC50 framing, or an
+OpenAI-compatible HTTP API (``bare:`` targets are in tools/bare_llama.py; ``bench.make_target``
+picks one for a URL).
 
 A target turns one request spec (``{"prompt": ...}`` or ``{"messages": [...]}`` plus
 ``max_tokens``, ``temperature``...) into a ``RequestRecord``, timestamping every piece of output
@@ -7,6 +8,7 @@ as it arrives. Failures are recorded (``record.error``), never raised.
 
 - ``tcp://HOST:PORT``: the project's client of PROTOCOL v1 (``common.client.Connection``);
   one connection per in-flight request (a closed-loop client = a connection), reused.
+- ``cc50://HOST:PORT``: the CC50 framing (``common.cc50.Client``), a prompt and max_tokens.
 - ``http://HOST:PORT/v1``: ``POST /v1/completions`` (``/v1/chat/completions`` for messages)
   with ``"stream": true``; SSE ``data:`` lines until ``data: [DONE]``. HTTP 429 is ``overloaded``.
 """
@@ -240,3 +242,62 @@ class HttpTarget(Target):
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+# ---- the seed's CC50 framing ---------------------------------------------------------------
+
+class Cc50Target(Target):
+    """``cc50://HOST:PORT``: ``common.cc50.Client``s, one per request in flight, reused.
+    CC50 carries a prompt and max_tokens only: a chat spec's messages are sent as their
+    contents, one a line, and the server's sampling defaults apply."""
+
+    def __init__(self, url: str, timeout: float = 300.0) -> None:
+        u = urlsplit(url)
+        if not u.hostname or not u.port:
+            raise ValueError(f"cc50 target needs a host and a port: {url!r}")
+        self.url, self.host, self.port, self.timeout = url, u.hostname, u.port, timeout
+        self.idle: list[Any] = []
+        self.all: list[Any] = []
+        self.info: dict[str, Any] = {"protocol": "cc50/1"}
+
+    async def _acquire(self) -> Any:
+        from llmctl.common.cc50 import Client
+
+        while self.idle:
+            c = self.idle.pop()
+            if not c.closed.is_set():
+                return c
+        c = await asyncio.wait_for(Client(self.host, self.port).connect(), CONNECT_TIMEOUT)
+        self.all.append(c)
+        return c
+
+    async def open(self) -> None:
+        self.idle.append(await self._acquire())
+
+    async def request(self, index: int, spec: dict[str, Any]) -> RequestRecord:
+        prompt = spec.get("prompt") or "\n".join(m["content"] for m in spec["messages"])
+        t0 = now()
+        try:
+            conn = await self._acquire()
+        except (OSError, asyncio.TimeoutError) as exc:
+            return RequestRecord(index, t0, now(), error="connect_failed", message=str(exc))
+        t0 = now()
+        _, ans = conn.submit(prompt, max_tokens=spec.get("max_tokens", 0))
+        try:
+            await asyncio.wait_for(ans.done.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            await conn.close()
+            return RequestRecord(index, t0, now(), error="client_timeout",
+                                 message=f"no end within {self.timeout:g}s")
+        rec = RequestRecord(index, t0, now(), piece_times=list(ans.chunk_times))
+        if ans.error is not None:
+            rec.error, _, rec.message = ans.error.partition(": ")
+        else:
+            rec.completion_tokens = ans.tokens
+        if not conn.closed.is_set():
+            self.idle.append(conn)
+        return rec
+
+    async def close(self) -> None:
+        for c in self.all:
+            await c.close()

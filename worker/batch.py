@@ -58,8 +58,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from llmctl.common.errors import BadRequest, InternalError, LlmctlError
-from llmctl.common.messages import work_request
+from llmctl.common.messages import ComputeThreads, KvStoreStats
+from llmctl.common.request import GenRequest
 from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
@@ -179,8 +182,7 @@ class BatchEngine(Prompting):
         if seq is not None:
             seq.window += n
 
-    def prepare(self, rid: int, request: Any) -> Any:
-        req = work_request(request)
+    def prepare(self, rid: int, req: GenRequest) -> Any:
         if req.embed is None:
             return super().prepare(rid, req)
         if self.embedder is None:
@@ -307,8 +309,8 @@ class BatchEngine(Prompting):
         for job in finished:
             del self.embedding[job.rid]
             job.t_prefill_done = time.monotonic()
-            events.append(Event(job.rid, done={**done_stats(job, "stop"),
-                                               "embeddings": job.vectors}))
+            events.append(Event(job.rid, done=msgspec.structs.replace(
+                done_stats(job, "stop"), embeddings=job.vectors)))
         return events
 
     def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
@@ -510,9 +512,9 @@ class BatchEngine(Prompting):
             if not self.prompt_cache:
                 self._clear(slot)
         tail = seq.stream.finish() if flush else ""
-        stats = {**done_stats(seq, reason), "prefix_hashes": self.prefixes()}
-        if self.store is not None:
-            stats["kv_store"] = self.store.stats()
-        stats["threads"] = self.threads.info()
+        stats = msgspec.structs.replace(
+            done_stats(seq, reason), prefix_hashes=self.prefixes(),
+            kv_store=KvStoreStats(**self.store.stats()) if self.store is not None else None,
+            threads=ComputeThreads(**self.threads.info()))
         return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \
             else Event(seq.rid, tail, stats)

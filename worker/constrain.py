@@ -1,6 +1,6 @@
 """Constrained sampling: a request's JSON schema or GBNF grammar as a llama.cpp sampler.
 
-``grammar_text`` turns a WorkRequest's ``json_schema`` into GBNF with the converter
+``grammar_text`` turns a GenRequest's ``json_schema`` into GBNF with the converter
 llama-cpp-python ships (``llama_cpp.llama_grammar.json_schema_to_gbnf``) or takes its
 ``grammar`` as is; ``grammar_sampler`` compiles it with ``llama_sampler_init_grammar``.
 Both run in ``prepare()``, before the request takes a slot, and raise ``BadRequest``

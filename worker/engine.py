@@ -14,10 +14,11 @@ import codecs
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from llmctl.common.errors import BadRequest
-from llmctl.common.messages import WorkRequest, work_request
+from llmctl.common.messages import DoneStats
+from llmctl.common.request import GenRequest
 from llmctl.common.prefix import request_hashes
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed
 class Event:
     rid: int
     text: str = ""                         # a TOKEN piece, if non-empty
-    done: dict[str, Any] | None = None     # the DONE stats, when the sequence ended
+    done: DoneStats | None = None          # the DONE stats, when the sequence ended
     error: Exception | None = None         # an LlmctlError: the sequence failed (ERROR)
     logprobs: list[dict[str, Any]] | None = None   # entries of the tokens behind ``text``
 
@@ -85,26 +86,56 @@ class Prompting:
     n_ctx: int
     seq_class: type = Sequence
 
-    def tokenize_request(self, request: WorkRequest | Mapping[str, Any]) -> list[int]:
-        model, req = self._model, work_request(request)
+    def tokenize_request(self, req: GenRequest) -> list[int]:
+        model = self._model
         if req.messages:
-            if self._formatter is None:
-                raise BadRequest("this model has no chat template: send a prompt instead")
-            try:
-                rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
-                                                     for m in req.messages])
-            except Exception as exc:  # jinja raises many types for bad conversations
-                raise BadRequest(f"chat template rejected the messages: {exc}") from None
-            add_bos = not getattr(rendered, "added_special", False)
-            return model.tokenize(rendered.prompt.encode("utf-8"), add_bos=add_bos, special=True)
+            return self._render(req)[1]
         if req.prompt is None:
             raise BadRequest("exactly one of prompt and messages is required")
         return model.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False)
 
-    def prepare(self, rid: int, request: WorkRequest | Mapping[str, Any]) -> Any:
-        """Validate against the model and build a sequence; raises BadRequest.  A mapping
-        (an in-process driver's fields) is validated into a WorkRequest first."""
-        req = work_request(request)
+    def utility(self, req: GenRequest) -> DoneStats:
+        """A ``tokenize`` or ``detokenize`` request, answered at once (no slot)."""
+        model = self._model
+        if req.detokenize is not None:
+            n = model.n_vocab()
+            if any(t < 0 or t >= n for t in req.detokenize):
+                raise BadRequest(f"tokens must be in [0, {n})")
+            text = model.detokenize(list(req.detokenize)).decode("utf-8", "replace")
+            return DoneStats(finish_reason="stop", phase="", text=text)
+        if req.messages:
+            text, tokens = self._render(req)
+        else:
+            text = req.prompt or ""
+            tokens = model.tokenize(text.encode("utf-8"), add_bos=req.add_special,
+                                    special=False)
+        pieces = None
+        if req.with_pieces:
+            pieces = []
+            for t in tokens:
+                b = model.detokenize([t])
+                try:
+                    pieces.append(b.decode("utf-8"))
+                except UnicodeDecodeError:
+                    pieces.append(list(b))
+        return DoneStats(finish_reason="stop", prompt_tokens=len(tokens), phase="",
+                         tokens=tokens, text=text, pieces=pieces)
+
+    def _render(self, req: GenRequest) -> tuple[str, list[int]]:
+        """A chat's prompt after the model's template, and its tokens."""
+        if self._formatter is None:
+            raise BadRequest("this model has no chat template: send a prompt instead")
+        try:
+            rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
+                                                 for m in req.messages or ()])
+        except Exception as exc:  # jinja raises many types for bad conversations
+            raise BadRequest(f"chat template rejected the messages: {exc}") from None
+        add_bos = not getattr(rendered, "added_special", False)
+        return rendered.prompt, self._model.tokenize(rendered.prompt.encode("utf-8"),
+                                                     add_bos=add_bos, special=True)
+
+    def prepare(self, rid: int, req: GenRequest) -> Any:
+        """Validate against the model and build a sequence; raises BadRequest."""
         tokens = self.tokenize_request(req)
         if not tokens:
             raise BadRequest("the prompt is empty")
@@ -136,7 +167,7 @@ def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
                                bos_token=text_of(model.token_bos()))
 
 
-def make_grammar(req: WorkRequest, vocab: Any) -> Any:
+def make_grammar(req: GenRequest, vocab: Any) -> Any:
     """The request's compiled grammar (``constrain.Grammar``), or None if it is free.
     Raises BadRequest for a schema or grammar that does not convert or compile."""
     import llama_cpp
@@ -147,7 +178,7 @@ def make_grammar(req: WorkRequest, vocab: Any) -> Any:
     return Grammar(llama_cpp, grammar_sampler(llama_cpp, vocab, gbnf)) if gbnf else None
 
 
-def make_sampler(req: WorkRequest) -> Any:
+def make_sampler(req: GenRequest) -> Any:
     """A sampler chain: greedy at temperature 0, else top-k, top-p, temperature, dist(seed)."""
     from llama_cpp._internals import LlamaSampler
 
@@ -163,19 +194,15 @@ def make_sampler(req: WorkRequest) -> Any:
     return sampler
 
 
-def done_stats(seq: Any, reason: str) -> dict[str, Any]:
+def done_stats(seq: Any, reason: str) -> DoneStats:
     """The DONE statistics of a sequence (either engine's)."""
     now = time.monotonic()
     prefill_end = seq.t_prefill_done or now
-    return {
-        "finish_reason": reason,
-        "prompt_tokens": seq.n_prompt,
-        "completion_tokens": seq.generated,
-        "cached_tokens": seq.cached,
-        "phase": "prefill" if seq.t_prefill_done is None else "decode",
-        "prefill_ms": round((prefill_end - seq.t_start) * 1000, 3),
-        "decode_ms": round((now - prefill_end) * 1000, 3),
-    }
+    return DoneStats(
+        finish_reason=reason, prompt_tokens=seq.n_prompt, completion_tokens=seq.generated,
+        cached_tokens=seq.cached, phase="prefill" if seq.t_prefill_done is None else "decode",
+        prefill_ms=round((prefill_end - seq.t_start) * 1000, 3),
+        decode_ms=round((now - prefill_end) * 1000, 3))
 
 
 # ---- text: bytes -> whole code points -> stop strings ----------------------------------

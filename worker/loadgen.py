@@ -21,11 +21,13 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-from llmctl.common.config import ModelConfig, WorkersConfig
+from llmctl.common.config import GenerationConfig, ModelConfig, WorkersConfig
 from llmctl.common.errors import LlmctlError
-from llmctl.common.protocol import Defaults, validate_generate
+from llmctl.common.request import validate
 from llmctl.worker.batch import BatchEngine
 from llmctl.worker.engine import ModelLoadError
+
+GENERATION = GenerationConfig()       # what a request leaves out, as the gateway's defaults
 
 now = time.perf_counter
 
@@ -53,8 +55,7 @@ def run(engine: BatchEngine, requests: list[tuple[int, dict[str, Any]]], clients
         while queued and engine.free_slots:
             rec = queued.popleft()
             try:
-                fields = validate_generate(rec["fields"], Defaults()).worker_fields()
-                seq = engine.prepare(rec["index"], fields)
+                seq = engine.prepare(rec["index"], validate(rec["fields"], GENERATION))
                 engine.start(seq)
             except LlmctlError as exc:
                 end(rec, error=exc.code.value, message=exc.message)
@@ -66,8 +67,8 @@ def run(engine: BatchEngine, requests: list[tuple[int, dict[str, Any]]], clients
                 rec["piece_times"].append(now())
             if ev.done is not None:
                 del running[ev.rid]
-                end(rec, completion_tokens=ev.done["completion_tokens"],
-                    prompt_tokens=ev.done["prompt_tokens"], finish_reason=ev.done["finish_reason"])
+                end(rec, completion_tokens=ev.done.completion_tokens,
+                    prompt_tokens=ev.done.prompt_tokens, finish_reason=ev.done.finish_reason)
             elif ev.error is not None:
                 del running[ev.rid]
                 err = ev.error.to_dict() if isinstance(ev.error, LlmctlError) else {}

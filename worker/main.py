@@ -33,6 +33,7 @@ from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
 from llmctl.common import messages as m
 from llmctl.common.errors import InternalError, LlmctlError
+from llmctl.common.request import GenRequest
 from llmctl.worker.engine import Event, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -257,11 +258,13 @@ class Worker:
                 self.draining = True
         return []  # HEARTBEAT: liveness already noted
 
-    def _generate(self, rid: int, req: m.WorkRequest) -> list[list[bytes]]:
+    def _generate(self, rid: int, req: GenRequest) -> list[list[bytes]]:
         """Start a request.  Whatever goes wrong with it ends it alone, with an ERROR
         (``bad_request`` for what the model refuses, ``internal`` for anything else):
         no request can take the worker down."""
         try:
+            if req.tokenize or req.detokenize is not None:    # answered at once, no slot
+                return [m.encode_batch([(m.Kind.DONE, rid, m.body(self.engine.utility(req)))])]
             self.engine.start(self.engine.prepare(rid, req))
         except LlmctlError as exc:
             return [m.error(rid, exc)]
@@ -282,7 +285,7 @@ class Worker:
         if ev.error is not None:
             out.append((m.Kind.ERROR, ev.rid, m.error(ev.rid, ev.error)[2]))
         elif ev.done is not None:
-            out.append((m.Kind.DONE, ev.rid, m.dumps(ev.done)))
+            out.append((m.Kind.DONE, ev.rid, m.body(ev.done)))
         return out
 
 
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     # Warm-up: one real token, so READY means "serves", not only "loaded".
-    warm = engine.prepare(0, m.WorkRequest(prompt="Hello", max_tokens=1))
+    warm = engine.prepare(0, GenRequest(prompt="Hello", max_tokens=1))
     engine.start(warm)
     while engine.active is not None:
         engine.step()

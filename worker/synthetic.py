@@ -17,13 +17,14 @@ Stop strings apply as usual; there is no end-of-generation token: a sequence end
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from llmctl.common.config import SyntheticConfig
 from llmctl.common.errors import BadRequest, InternalError
-from llmctl.common.messages import WorkRequest, work_request
+from llmctl.common.request import GenRequest
 from llmctl.common.prefix import request_hashes
 from llmctl.worker.engine import Event, Sequence, TextStream, done_stats
 
@@ -61,8 +62,10 @@ class SyntheticEngine:
     def runnable(self) -> bool:
         return any(s.prefilled < s.n_prompt or s.window > 0 for s in self.running.values())
 
-    def prepare(self, rid: int, request: WorkRequest | Mapping[str, Any]) -> SynthSeq:
-        req = work_request(request)
+    def utility(self, req: GenRequest) -> Any:
+        raise BadRequest("the synthetic engine has no tokenizer: use [model] engine = \"llama\"")
+
+    def prepare(self, rid: int, req: GenRequest) -> SynthSeq:
         if req.grammar is not None or req.json_schema is not None or req.logprobs or req.embed:
             raise BadRequest("the synthetic engine has no grammar sampler and no logprobs: "
                              "use [model] engine = \"llama\"")
@@ -144,4 +147,5 @@ class SyntheticEngine:
         self.running.pop(seq.rid, None)
         self.parked.pop(seq.rid, None)
         tail = seq.stream.finish() if flush else ""
-        return Event(seq.rid, tail, {**done_stats(seq, reason), "prefix_hashes": []})
+        return Event(seq.rid, tail, msgspec.structs.replace(done_stats(seq, reason),
+                                                            prefix_hashes=[]))

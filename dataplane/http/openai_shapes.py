@@ -6,6 +6,8 @@ import time
 import uuid
 from typing import Any
 
+from llmctl.common.messages import Finished
+
 
 def dumps(obj: Any) -> str:
     """JSON as the HTTP front writes it (compact, UTF-8)."""
@@ -28,13 +30,13 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     @staticmethod
-    def usage(stats: dict[str, Any]) -> dict[str, int]:
-        p, c = int(stats.get("prompt_tokens", 0)), int(stats.get("completion_tokens", 0))
+    def usage(fin: Finished) -> dict[str, int]:
+        p, c = fin.prompt_tokens, fin.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @staticmethod
-    def finish_reason(stats: dict[str, Any]) -> str:
-        return str(stats.get("finish_reason", "stop"))   # the worker's stop / length
+    def finish_reason(fin: Finished) -> str:
+        return fin.finish_reason           # the worker's stop / length
 
     def logprobs(self, entries: list[dict[str, Any]] | None,
                  offset: int = 0) -> dict[str, Any] | None:
@@ -55,16 +57,16 @@ class Reply:
                                  for e in entries],
                 "text_offset": offsets}
 
-    def full(self, text: str, stats: dict[str, Any],
+    def full(self, text: str, fin: Finished,
              logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        fr = self.finish_reason(stats)
+        fr = self.finish_reason(fin)
         lp = self.logprobs(logprobs)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "logprobs": lp, "finish_reason": fr}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
               role: bool = False, logprobs: list[dict[str, Any]] | None = None,
@@ -92,16 +94,16 @@ class Reply:
         head, tail = self._event
         return head + dumps(text).encode("utf-8") + tail
 
-    def usage_chunk(self, stats: dict[str, Any]) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self.usage(stats)}
+    def usage_chunk(self, fin: Finished) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": self.usage(fin)}
 
 
-    def tool_full(self, call: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    def tool_full(self, call: dict[str, Any], fin: Finished) -> dict[str, Any]:
         """A chat answer that is a tool call."""
         choice = {"index": 0, "message": {"role": "assistant", "content": None,
                                           "tool_calls": [call]},
                   "logprobs": None, "finish_reason": "tool_calls"}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(stats)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
 
     def tool_chunk(self, call: dict[str, Any]) -> dict[str, Any]:
         """A streamed tool call, whole in one chunk (its arguments in one piece)."""

@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 from llmctl.common.errors import BadRequest
-from llmctl.dataplane.tools import parse_call, render_messages, tool_mode
+from llmctl.dataplane.http.tool_calls import parse_call, render_messages, tool_mode
 
 from tests.service import Service, free_port, openai_client, running
 

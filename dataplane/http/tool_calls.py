@@ -37,12 +37,6 @@ MAX_TOOLS = 128
 NO_PARAMETERS = {"type": "object", "properties": {}}
 
 
-def _bad(message: str, param: str) -> BadRequest:
-    err = BadRequest(message)
-    err.param = param  # type: ignore[attr-defined]
-    return err
-
-
 @dataclass(frozen=True)
 class ToolMode:
     names: tuple[str, ...]        # the tools the answer may call
@@ -53,25 +47,24 @@ class ToolMode:
 
 def _tools(v: Any) -> list[dict[str, Any]]:
     if not isinstance(v, list) or not v or len(v) > MAX_TOOLS:
-        raise _bad(f"tools must be a list of 1 to {MAX_TOOLS} tools", "tools")
+        raise BadRequest(f"tools must be a list of 1 to {MAX_TOOLS} tools", param="tools")
     out, seen = [], set()
     for i, t in enumerate(v):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(fn, dict):
-            raise _bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}",
-                       "tools")
+            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", param="tools")
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name):
-            raise _bad(f"tools[{i}].function.name must match {NAME.pattern}", "tools")
+            raise BadRequest(f"tools[{i}].function.name must match {NAME.pattern}", param="tools")
         if name in seen:
-            raise _bad(f"tools[{i}]: a second tool named {name!r}", "tools")
+            raise BadRequest(f"tools[{i}]: a second tool named {name!r}", param="tools")
         seen.add(name)
         params = fn.get("parameters", NO_PARAMETERS)
         if not isinstance(params, dict):
-            raise _bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
         desc = fn.get("description", "")
         if not isinstance(desc, str):
-            raise _bad(f"tools[{i}].function.description must be a string", "tools")
+            raise BadRequest(f"tools[{i}].function.description must be a string", param="tools")
         out.append({"name": name, "description": desc, "parameters": params})
     return out
 
@@ -80,14 +73,14 @@ def tool_mode(body: dict[str, Any]) -> ToolMode | None:
     """The tool calling a chat request asks for (None: none, answer in words)."""
     for key in ("functions", "function_call"):
         if body.get(key) is not None:
-            raise _bad(f"{key} is not supported: use tools and tool_choice", key)
+            raise BadRequest(f"{key} is not supported: use tools and tool_choice", param=key)
     tools, choice = body.get("tools"), body.get("tool_choice")
     ptc = body.get("parallel_tool_calls")
     if ptc is not None and not isinstance(ptc, bool):
-        raise _bad("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+        raise BadRequest("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
     if tools is None:
         if choice not in (None, "none"):
-            raise _bad("tool_choice needs tools", "tool_choice")
+            raise BadRequest("tool_choice needs tools", param="tool_choice")
         return None
     fns = _tools(tools)
     if choice is None:
@@ -98,17 +91,15 @@ def tool_mode(body: dict[str, Any]) -> ToolMode | None:
         fn = choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if choice.get("type") != "function" or not isinstance(name, str):
-            raise _bad('tool_choice must be "none", "auto", "required" or '
-                       '{"type": "function", "function": {"name": ...}}', "tool_choice")
+            raise BadRequest('tool_choice must be "none", "auto", "required" or '
+                       '{"type": "function", "function": {"name": ...}}', param="tool_choice")
         fns_called = [f for f in fns if f["name"] == name]
         if not fns_called:
-            raise _bad(f"tool_choice names {name!r}, which is not among the tools",
-                       "tool_choice")
+            raise BadRequest(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
     elif choice in ("auto", "required"):
         fns_called = fns
     else:
-        raise _bad('tool_choice must be "none", "auto", "required" or a named function',
-                   "tool_choice")
+        raise BadRequest('tool_choice must be "none", "auto", "required" or a named function', param="tool_choice")
     branches = [{"type": "object", "properties": {
         "name": {"const": f["name"]}, "arguments": f["parameters"]},
         "required": ["name", "arguments"], "additionalProperties": False} for f in fns_called]
@@ -128,13 +119,12 @@ def tool_mode(body: dict[str, Any]) -> ToolMode | None:
 def _call_text(call: Any, i: int) -> str:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise _bad(f"messages[{i}].tool_calls: each needs function.name", "messages")
+        raise BadRequest(f"messages[{i}].tool_calls: each needs function.name", param="messages")
     args = fn.get("arguments", "{}")
     try:
         parsed = json.loads(args) if isinstance(args, str) else args
     except ValueError:
-        raise _bad(f"messages[{i}].tool_calls: arguments must be a JSON string",
-                   "messages") from None
+        raise BadRequest(f"messages[{i}].tool_calls: arguments must be a JSON string", param="messages") from None
     return json.dumps({"name": fn["name"], "arguments": parsed}, ensure_ascii=False)
 
 
@@ -146,7 +136,7 @@ def render_messages(messages: list[Any], mode: ToolMode | None) -> list[Any]:
         if isinstance(m, dict) and m.get("tool_calls") is not None:
             calls = m["tool_calls"]
             if not isinstance(calls, list):
-                raise _bad(f"messages[{i}].tool_calls must be a list", "messages")
+                raise BadRequest(f"messages[{i}].tool_calls must be a list", param="messages")
             text = "\n".join(_call_text(c, i) for c in calls)
             content = m.get("content")
             if isinstance(content, str) and content:

@@ -18,8 +18,8 @@ import zmq
 import zmq.asyncio
 
 from llmctl.common import admin
+from llmctl.common.config import GenerationConfig
 from llmctl.common.errors import from_code
-from llmctl.common.protocol import Defaults
 from llmctl.dataplane.gateway import Gateway
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,19 @@ def status(gw: Gateway) -> dict[str, Any]:
         "workers": [w.snapshot(now) for w in s.workers.values()],
         "metrics": gw.metrics.snapshot(now),
         "free_credits": sum(w.available for w in s.workers.values()),
-        "models": gw.models(),
+        "models": models(gw),
     }
+
+
+def models(gw: Gateway) -> dict[str, dict[str, Any]]:
+    """Per model: what the supervisor's eviction and ``llmctl models`` need."""
+    now = time.monotonic()
+    return {s.model: {"queue": len(s.queue), "inflight": s.inflight_count(),
+                      "parked": s.parked_count(), "open": s.open_count(),
+                      "workers_ready": sum(1 for w in s.workers.values() if not w.draining),
+                      "idle_s": round(now - s.last_used, 3) if s.last_used else None,
+                      "served": sum(w.served for w in s.workers.values())}
+            for s in gw.sched}
 
 
 class SupervisorLink:
@@ -103,14 +114,16 @@ class SupervisorLink:
                 gw.procs = procs
                 return admin.Reply(id=cmd.id)
             case admin.Models():
-                return admin.Reply(id=cmd.id, data=gw.models())
+                return admin.Reply(id=cmd.id, data=models(gw))
             case admin.ModelUnavailable():
                 n = gw.model_unavailable(cmd.model, from_code(cmd.code, cmd.message,
                                                               cmd.retry_after_ms))
                 return admin.Reply(id=cmd.id, data={"failed": n})
             case admin.SetDefaults():
-                gw.defaults = Defaults(cmd.max_tokens, cmd.temperature, cmd.top_p, cmd.top_k,
-                                       cmd.deadline_ms, cmd.max_deadline_ms)
+                gw.generation = GenerationConfig(
+                    max_tokens=cmd.max_tokens, temperature=cmd.temperature, top_p=cmd.top_p,
+                    top_k=cmd.top_k, deadline_ms=cmd.deadline_ms,
+                    max_deadline_ms=cmd.max_deadline_ms)
                 return admin.Reply(id=cmd.id)
         return admin.Reply(id=cmd.id, ok=False, error=f"{type(cmd).__name__} is not for the gateway")
 

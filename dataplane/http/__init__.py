@@ -1,0 +1,1 @@
+"""The HTTP fronts: one aiohttp server (``app.py``), a module per API dialect."""
