@@ -2,7 +2,8 @@
 cache-aware routing.
 
 In-process tests drive the engines directly on the real model; one end-to-end test
-runs a real service with 4 slots per worker."""
+runs a real service with 4 slots per worker.  All of them are ``integration`` tests
+(they need the model); the prefill rules and the routing are unit tests."""
 from __future__ import annotations
 
 import gc
@@ -144,6 +145,7 @@ def assert_kv_consistent(engine) -> None:
 
 # ---- determinism against the single-slot path -----------------------------------------
 
+@pytest.mark.integration
 def test_greedy_batched_equals_single_slot(single, batch4):
     want = {i: reference(single, greedy(p)) for i, p in enumerate(PROMPTS)}
     # Six requests on four slots, joining while others decode; the long prompt is
@@ -158,6 +160,7 @@ def test_greedy_batched_equals_single_slot(single, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_seeded_sampling_batched_equals_single_slot(single, nocache4):
     sampled = [{**p, "max_tokens": 20, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
                 "seed": 1234 + i} for i, p in enumerate(PROMPTS[:4])]
@@ -166,6 +169,7 @@ def test_seeded_sampling_batched_equals_single_slot(single, nocache4):
     assert {i: got[i][0] for i in want} == want
 
 
+@pytest.mark.integration
 def test_prompts_of_one_to_three_tokens(single, batch4):
     """The shortest prompts leave no room for the usual prefill rules (the last token
     decoded apart, no 1-token chunk): each still runs, with and without a cached
@@ -190,6 +194,7 @@ def chat(question: str) -> dict[str, Any]:
                                 {"role": "user", "content": question}]}, max_tokens=16)
 
 
+@pytest.mark.integration
 def test_prefix_cache_hit_equals_miss(nocache4, batch4):
     q1, q2 = chat("Do you sell saws?"), chat("When do you open on Saturday?")
     miss = drive(nocache4, [(1, q2, 0)])[1]
@@ -201,6 +206,7 @@ def test_prefix_cache_hit_equals_miss(nocache4, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_prefix_copied_from_a_running_sequence(nocache4, batch4):
     """A new request whose prefix is only in a slot that is busy gets a copy of it."""
     q1 = {**chat("Describe every item in detail."), "max_tokens": 40}
@@ -214,6 +220,7 @@ def test_prefix_copied_from_a_running_sequence(nocache4, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored4):
     """Six distinct prompts cycled through four slots.  With slots alone, LRU evicts
     each prompt just before it comes back; the store keeps the evicted KV, so round
@@ -237,6 +244,7 @@ def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored
     assert_kv_consistent(stored4)
 
 
+@pytest.mark.integration
 def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4):
     """Streams: a prefix held by a busy slot is copied as that sequence's state (its
     used cells), and the copy computes what a miss computes."""
@@ -252,6 +260,7 @@ def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4
     assert_kv_consistent(stored4)
 
 
+@pytest.mark.integration
 def test_default_chunking_makes_a_cached_prompt_bit_identical(single):
     """With the default ``n_batch``, a ~300-token prompt evaluated from scratch and the
     same prompt evaluated after its first ~290 tokens came from the cache leave the
@@ -310,6 +319,7 @@ def churn(engine, seed: int) -> dict[int, tuple[str, dict]]:
     return drive(Granting(engine), jobs, cancels)
 
 
+@pytest.mark.integration
 def test_churn_leaves_no_kv_behind(nocache4, batch4):
     proc = psutil.Process()
     for engine in (nocache4, batch4):
@@ -335,6 +345,7 @@ def test_churn_leaves_no_kv_behind(nocache4, batch4):
     assert growth < 16 * 1024 * 1024, f"RSS grew by {growth} bytes over a churn round"
 
 
+@pytest.mark.integration
 def test_a_paused_stream_does_not_hold_up_the_others(single, nocache4):
     a, b = greedy(PROMPTS[0], 12, window=3), greedy(PROMPTS[1], 12)
     e = nocache4
