@@ -24,33 +24,29 @@ class Code(str, Enum):
     INTERNAL = "internal"
 
 
-# code -> (closes the connection?, HTTP status, OpenAI error type)
-_TABLE: dict[Code, tuple[bool, int, str]] = {
-    Code.PROTOCOL: (True, 400, "invalid_request_error"),
-    Code.TOO_LARGE: (True, 413, "invalid_request_error"),
-    Code.UNAUTHORIZED: (True, 401, "authentication_error"),
-    Code.BAD_REQUEST: (False, 400, "invalid_request_error"),
-    Code.TOO_MANY_STREAMS: (False, 429, "rate_limit_error"),
-    Code.OVERLOADED: (False, 429, "rate_limit_error"),
-    Code.NOT_READY: (False, 503, "service_unavailable"),
-    Code.SHUTTING_DOWN: (False, 503, "service_unavailable"),
-    Code.TIMEOUT: (False, 504, "timeout"),
-    Code.WORKER_FAILED: (False, 502, "server_error"),
-    Code.SLOW_CLIENT: (False, 408, "timeout"),
-    Code.INTERNAL: (False, 500, "server_error"),
+# code -> (HTTP status, OpenAI error type)
+_TABLE: dict[Code, tuple[int, str]] = {
+    Code.PROTOCOL: (400, "invalid_request_error"),
+    Code.TOO_LARGE: (413, "invalid_request_error"),
+    Code.UNAUTHORIZED: (401, "authentication_error"),
+    Code.BAD_REQUEST: (400, "invalid_request_error"),
+    Code.TOO_MANY_STREAMS: (429, "rate_limit_error"),
+    Code.OVERLOADED: (429, "rate_limit_error"),
+    Code.NOT_READY: (503, "service_unavailable"),
+    Code.SHUTTING_DOWN: (503, "service_unavailable"),
+    Code.TIMEOUT: (504, "timeout"),
+    Code.WORKER_FAILED: (502, "server_error"),
+    Code.SLOW_CLIENT: (408, "timeout"),
+    Code.INTERNAL: (500, "server_error"),
 }
 
 
-def closes_connection(code: Code) -> bool:
+def http_status(code: Code) -> int:
     return _TABLE[code][0]
 
 
-def http_status(code: Code) -> int:
-    return _TABLE[code][1]
-
-
 def openai_type(code: Code) -> str:
-    return _TABLE[code][2]
+    return _TABLE[code][1]
 
 
 def _text(message: str) -> str:

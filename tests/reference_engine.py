@@ -66,7 +66,7 @@ class Engine(Prompting):
         llm = self.llm
         # Reuse the KV cache of the common prefix; the last prompt token is always
         # evaluated alone, like a decoded one, and no 1-token chunk is left before it
-        # (worker/batch.py, "Exactness").
+        # (worker/slots.py, "Exactness").
         common = 0
         last = len(seq.tokens) - 1
         limit = min(llm.n_tokens, last)

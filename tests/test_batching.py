@@ -1,7 +1,9 @@
-"""Continuous batching and the prompt cache (worker/batch.py), cache-aware routing.
+"""Continuous batching (worker/batch.py) and the prompt cache (worker/slots.py),
+cache-aware routing.
 
 In-process tests drive the engines directly on the real model; one end-to-end test
-runs a real service with 4 slots per worker."""
+runs a real service with 4 slots per worker.  All of them are ``integration`` tests
+(they need the model); the prefill rules and the routing are unit tests."""
 from __future__ import annotations
 
 import gc
@@ -140,11 +142,12 @@ def stored4():
 
 def assert_kv_consistent(engine) -> None:
     """llama.cpp's KV holds exactly what the engine's bookkeeping says, per slot."""
-    assert engine.kv_positions() == [len(s.tokens) - 1 for s in engine.slots]
+    assert engine.cache.positions() == [len(s.tokens) - 1 for s in engine.cache.slots]
 
 
 # ---- determinism against the single-slot path -----------------------------------------
 
+@pytest.mark.integration
 def test_greedy_batched_equals_single_slot(single, batch4):
     want = {i: reference(single, greedy(p)) for i, p in enumerate(PROMPTS)}
     # Six requests on four slots, joining while others decode; the long prompt is
@@ -159,6 +162,7 @@ def test_greedy_batched_equals_single_slot(single, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_seeded_sampling_batched_equals_single_slot(single, nocache4):
     sampled = [{**p, "max_tokens": 20, "temperature": 0.9, "top_k": 40, "top_p": 0.9,
                 "seed": 1234 + i} for i, p in enumerate(PROMPTS[:4])]
@@ -167,6 +171,7 @@ def test_seeded_sampling_batched_equals_single_slot(single, nocache4):
     assert {i: got[i][0] for i in want} == want
 
 
+@pytest.mark.integration
 def test_prompts_of_one_to_three_tokens(single, batch4):
     """The shortest prompts leave no room for the usual prefill rules (the last token
     decoded apart, no 1-token chunk): each still runs, with and without a cached
@@ -191,6 +196,7 @@ def chat(question: str) -> dict[str, Any]:
                                 {"role": "user", "content": question}]}, max_tokens=16)
 
 
+@pytest.mark.integration
 def test_prefix_cache_hit_equals_miss(nocache4, batch4):
     q1, q2 = chat("Do you sell saws?"), chat("When do you open on Saturday?")
     miss = drive(nocache4, [(1, q2, 0)])[1]
@@ -202,6 +208,7 @@ def test_prefix_cache_hit_equals_miss(nocache4, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_prefix_copied_from_a_running_sequence(nocache4, batch4):
     """A new request whose prefix is only in a slot that is busy gets a copy of it."""
     q1 = {**chat("Describe every item in detail."), "max_tokens": 40}
@@ -215,6 +222,7 @@ def test_prefix_copied_from_a_running_sequence(nocache4, batch4):
     assert_kv_consistent(batch4)
 
 
+@pytest.mark.integration
 def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored4):
     """Six distinct prompts cycled through four slots.  With slots alone, LRU evicts
     each prompt just before it comes back; the store keeps the evicted KV, so round
@@ -222,7 +230,7 @@ def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored
     prompts = [greedy({"prompt": f"{uuid.uuid4().hex} The {c} box number {i} holds"}, 8)
                for i, c in enumerate(["red", "blue", "green", "white", "black", "pink"])]
     miss = {i: drive(nocache4, [(i, f, 0)])[i] for i, f in enumerate(prompts)}
-    hits_before = stored4.store.hits
+    hits_before = stored4.cache.store.hits
     for rnd in (0, 1):
         for i, f in enumerate(prompts):
             rid = 100 * rnd + i
@@ -230,15 +238,16 @@ def test_more_prompts_than_slots_are_served_from_the_host_store(nocache4, stored
             assert text == miss[i][0], f"round {rnd}, prompt {i}: output differs from a miss"
             if rnd == 1:
                 assert done["cached_tokens"] == done["prompt_tokens"] - 1, (i, done)
-    assert stored4.store.hits - hits_before >= 2      # at least the two evicted ones
-    assert 0 < stored4.store.bytes <= stored4.store.limit
+    assert stored4.cache.store.hits - hits_before >= 2      # at least the two evicted ones
+    assert 0 < stored4.cache.store.bytes <= stored4.cache.store.limit
     # The gateway learns about stored prefixes too (cache-aware routing).
-    held = set(stored4.prefixes())
+    held = set(stored4.cache.prefixes())
     assert all(matched(request_hashes(as_request(f)), held) == len(request_hashes(as_request(f)))
                for f in prompts)
     assert_kv_consistent(stored4)
 
 
+@pytest.mark.integration
 def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4):
     """Streams: a prefix held by a busy slot is copied as that sequence's state (its
     used cells), and the copy computes what a miss computes."""
@@ -246,14 +255,15 @@ def test_a_running_prefix_is_copied_through_the_sequence_state(nocache4, stored4
     q2 = chat(f"Is the {uuid.uuid4().hex[:6]} box in stock?")
     miss = drive(nocache4, [(2, q2, 0)])[2]
     drive(stored4, [(10 + i, greedy({"prompt": f"{i} {uuid.uuid4()}"}, 2), 0) for i in range(4)])
-    restores = stored4.store.hits
+    restores = stored4.cache.store.hits
     got = drive(stored4, [(1, q1, 0), (2, q2, 20)])
     assert got[2][1]["cached_tokens"] > 300, got[2][1]
-    assert stored4.store.hits == restores             # from q1's slot, not the store
+    assert stored4.cache.store.hits == restores             # from q1's slot, not the store
     assert got[2][0] == miss[0]
     assert_kv_consistent(stored4)
 
 
+@pytest.mark.integration
 def test_default_chunking_makes_a_cached_prompt_bit_identical(single):
     """With the default ``n_batch``, a ~300-token prompt evaluated from scratch and the
     same prompt evaluated after its first ~290 tokens came from the cache leave the
@@ -271,8 +281,8 @@ def test_default_chunking_makes_a_cached_prompt_bit_identical(single):
     drive(hit_e, [(1, greedy({"prompt": shared + " Which box is green?"}, 1), 0)])
     done = drive(hit_e, [(2, prompt, 0)])[2][1]
     assert done["cached_tokens"] > 250, done
-    assert hit_e.slots[0].tokens == miss_e.slots[0].tokens
-    assert bytes(hit_e._state_get(0)) == bytes(miss_e._state_get(0))
+    assert hit_e.cache.slots[0].tokens == miss_e.cache.slots[0].tokens
+    assert bytes(hit_e.cache.state_get(0)) == bytes(miss_e.cache.state_get(0))
 
 
 # ---- churn: cancels, paused streams, no KV left behind ---------------------------------
@@ -312,6 +322,7 @@ def churn(engine, seed: int) -> dict[int, tuple[str, dict]]:
     return drive(Granting(engine), jobs, cancels)
 
 
+@pytest.mark.integration
 def test_churn_leaves_no_kv_behind(nocache4, batch4):
     proc = psutil.Process()
     for engine in (nocache4, batch4):
@@ -324,19 +335,20 @@ def test_churn_leaves_no_kv_behind(nocache4, batch4):
         assert engine.free_slots == engine.capacity and not engine.running
         assert not engine.runnable
         assert_kv_consistent(engine)
-    assert nocache4.kv_positions() == [-1] * 4                   # nothing kept
-    assert all(s.seq is None for s in batch4.slots)
+    assert nocache4.cache.positions() == [-1] * 4                   # nothing kept
+    assert all(s.seq is None for s in batch4.cache.slots)
     gc.collect()
     rss = proc.memory_info().rss
     churn(nocache4, 2)
     churn(batch4, 2)
     gc.collect()
-    assert nocache4.kv_positions() == [-1] * 4
+    assert nocache4.cache.positions() == [-1] * 4
     assert_kv_consistent(batch4)
     growth = proc.memory_info().rss - rss
     assert growth < 16 * 1024 * 1024, f"RSS grew by {growth} bytes over a churn round"
 
 
+@pytest.mark.integration
 def test_a_paused_stream_does_not_hold_up_the_others(single, nocache4):
     a, b = greedy(PROMPTS[0], 12, window=3), greedy(PROMPTS[1], 12)
     e = nocache4

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from llmctl.common import config
+from llmctl.common import config, config_explain
 from llmctl.common.config import Config, ConfigError
 
 
@@ -80,19 +80,19 @@ def test_readme_config_reference_is_current():
     from llmctl.tools import config_doc
     text = config_doc.README.read_text()
     assert config_doc.updated(text) == text, "run `python -m llmctl.tools.config_doc`"
-    for _, key, _, _ in config.reference():
+    for _, key, _, _ in config_explain.reference(Config):
         assert f"`{key}`" in text
 
 
 # ---- what msgspec does for the tree --------------------------------------------------------
 
 SECTIONS = [f.name for f in msgspec.structs.fields(Config) if f.name not in ("source", "models")]
-KEYS = [(sec, key, default, doc) for sec, key, default, doc in config.reference()
+KEYS = [(sec, key, default, doc) for sec, key, default, doc in config_explain.reference(Config)
         if sec != "[models]"]                  # the [[models]] entries: tested below
 
 
 def keys_of(section: str) -> list[str]:
-    return [key for sec, key, _, _ in config.reference() if sec == section]
+    return [key for sec, key, _, _ in config_explain.reference(Config) if sec == section]
 
 
 def test_every_section_is_a_frozen_strict_keyword_only_struct():
@@ -161,7 +161,7 @@ def test_every_range_bound_is_enforced_as_written():
     """msgspec enforces exactly the [lo, hi] that the messages (and _keys) report."""
     cfg = Config()
     for section, key, _, _ in KEYS:
-        k, typ = config._keys()[section][key], type(getattr(cfg, section))
+        k, typ = config_explain.keys(Config)[section][key], type(getattr(cfg, section))
         if k.lo is None:
             continue
         step = 1 if k.kind is int else 1e-9
@@ -223,8 +223,8 @@ def test_from_json_errors_are_config_errors():
 
 def test_choices_are_the_estimators_vocabulary():
     assert config.ON_BREACH == ("alert", "restart_largest")
-    assert config._keys()["gpu"]["kv_type"].choices == tuple(config.KV_TYPES)
-    assert config._keys()["gpu"]["on_breach"].choices == config.ON_BREACH
+    assert config_explain.keys(Config)["gpu"]["kv_type"].choices == tuple(config.KV_TYPES)
+    assert config_explain.keys(Config)["gpu"]["on_breach"].choices == config.ON_BREACH
 
 
 def test_replace_and_fields_work_on_the_tree():

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from llmctl.common import config
+from llmctl.common import config, config_explain
 
 from llmctl.control import gpu
 from llmctl.common.config import GpuConfig
@@ -372,7 +372,7 @@ def test_nvml_reader_library_missing_or_gpu_lost(monkeypatch):
 # ---- config and `llmctl check` ----------------------------------------------------------------
 
 def test_gpu_config_follows_config_conventions():
-    rows = [row for row in config.reference() if row[0] == "gpu"]
+    rows = [row for row in config_explain.reference(config.Config) if row[0] == "gpu"]
     assert [key for _, key, _, _ in rows] == [f.name for f in msgspec.structs.fields(GpuConfig)]
     for _, key, default, doc in rows:
         assert doc

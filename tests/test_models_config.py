@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llmctl.common import config
+from llmctl.common import config, config_explain
 from llmctl.common.config import Config, ConfigError
 
 TWO = """
@@ -96,7 +96,7 @@ def test_shared_keys_stay_in_their_sections(tmp_path):
 
 
 def test_reference_documents_the_entry_keys():
-    keys = {key: (default, doc) for sec, key, default, doc in config.reference()
+    keys = {key: (default, doc) for sec, key, default, doc in config_explain.reference(Config)
             if sec == "[models]"}
     assert list(keys) == ["name", "path", "n_ctx", "n_gpu_layers", "workers", "slots",
                           "threads", "load", "keep_alive_s"]

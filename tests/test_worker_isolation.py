@@ -14,6 +14,8 @@ from llmctl.common import messages as m
 from tests.service import MODEL
 from llmctl.worker.main import Worker
 
+pytestmark = pytest.mark.integration         # the real model, loaded in-process
+
 
 @pytest.fixture(scope="module")
 def worker():

@@ -1,4 +1,4 @@
-"""Regenerate the configuration reference in README.md from common/config.py.
+"""Regenerate the configuration reference in README.md from the config tree's annotations.
 
     python -m llmctl.tools.config_doc          # rewrite README.md between the markers
     python -m llmctl.tools.config_doc --check  # exit 1 if README.md is out of date
@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from llmctl.common import config
+from llmctl.common.config import Config
+from llmctl.common.config_explain import reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
@@ -16,7 +17,7 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 def render() -> str:
     out, section = [], None
-    for sec, key, default, doc in config.reference():
+    for sec, key, default, doc in reference(Config):
         if sec != section:
             out += ["", f"**[{sec}]**", "", "| key | default | meaning |", "|---|---|---|"]
             section = sec

@@ -1,4 +1,4 @@
-"""Continuous batching: many sequences on one llama_context, with a prompt cache.
+"""Continuous batching: many sequences on one llama_context, stepped together.
 
 One ``llama_context`` holds ``slots`` sequences (``n_seq_max = slots``); sequence id
 ``i`` is slot ``i``.  KV layout: ``kv_unified = false`` (the default) gives every slot
@@ -13,49 +13,22 @@ but every token's attention spans all used cells, interleaved with the others', 
 the attention of k decoding sequences is one k-column product.  Measured on this CPU
 build (8 slots, 8 clients x 64 tokens): as fast as streams (131 vs 133 tok/s), but
 greedy output drifts from the single-slot path (4 of 6 test prompts differ within 48
-tokens; see "Exactness"), so streams are the default.
+tokens; see worker/slots.py, "Exactness"), so streams are the default.
 
 A ``step()`` is one ``llama_decode`` of one token for each decoding sequence that
 has token credit (``window``), then one ``llama_decode`` of at most ``n_batch``
 prompt tokens of the oldest sequence in prefill; so new requests join between steps
 and a long prompt never stalls the running streams for more than one chunk.
 
-Exactness.  On the CPU ggml picks kernels by shape, and they round differently.
-Flash attention: a chunk of 64 or more query rows goes through a tiled kernel, a
-single query row over 512 or more KV cells (more than 256 in use) through a KV-split
-kernel, anything else through a per-row kernel whose result for a row does not
-depend on the other rows.  The Q8_0 output matrix: one column uses ggml's dot
-products, two or more llamafile's tinyBLAS.  Measured on SmolLM2 (150 and 400-token
-prompts): any chunking into pieces of 2..63 tokens leaves the same KV bytes; pieces
-of 64+, or a last piece of one token past 256 cells, move the last logits by up to
-0.8.  So prompt chunks are 2..``n_batch`` tokens with ``n_batch`` below 64 by
-default, no 1-token chunk is left, and the last prompt token is not prefilled: it is
-decoded in the next step with the decoding sequences, like a generated token (a
-full cache hit costs one token of a step, not a ``llama_decode`` of its own).  Then
-a prompt's KV, but for its last token, does not depend on chunking, concurrency or
-cache hits (tests compare the bytes).  What remains: a token decoded in a batch
-with other sequences goes through the per-row kernel and a shared tinyBLAS output
-product, where the same token decoded alone past 256 cells goes through the
-KV-split kernel; batched and single-slot greedy output can then differ where two
-logits are nearly equal.
-
-Prompt cache, two levels.  A slot whose sequence ended keeps its KV (prompt and
-generated tokens); it stays a free slot.  Before a slot's KV is cut to make room for
-a new sequence, its state is saved to a host-memory store (``worker/kvstore.py``,
-``[workers] prompt_cache_mib``).  A new sequence takes the free slot holding its
-longest common prefix, or the least recently used one; if another slot (free or
-running) or the store holds a longer prefix, that KV is written into the slot
-(``llama_state_seq_get/set_data``: only the cells used, where ``seq_cp`` between
-streams copies a whole stream buffer).  Everything past the common prefix is
-dropped (``seq_rm``) before the new sequence is written.  With ``prompt_cache =
-False`` a slot's KV is dropped as soon as its sequence ends and nothing is stored.
+The slots, their KV and the prompt cache behind them are ``worker/slots.py``'s
+(``SlotCache``); which token of a prompt is prefilled when is explained there
+("Exactness").
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -66,14 +39,11 @@ from llmctl.common.request import GenRequest
 from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
-from llmctl.worker.kvstore import KVStore, common_prefix
+from llmctl.worker.slots import Slot, SlotCache
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats, prefill_chunk, reusable_prefix, token_logprobs)
+                           done_stats, prefill_chunk, token_logprobs)
 
 log = logging.getLogger(__name__)
-
-COPY_MIN = 4           # a gain of fewer tokens is evaluated again rather than copied in
-MAX_REPORTED = 512     # prefix hashes reported to the gateway in a DONE
 
 
 @dataclass(eq=False)
@@ -81,15 +51,6 @@ class Seq(Sequence):
     slot: "Slot | None" = None
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
-
-
-@dataclass(eq=False)
-class Slot:
-    id: int                                # the llama sequence id
-    tokens: list[int] = field(default_factory=list)    # what its KV holds, positions 0..n-1
-    seq: Seq | None = None                 # the sequence running in it
-    hashes: tuple[int, ...] = ()           # prefix hashes of the prompt its KV holds
-    used: int = 0                          # LRU tick
 
 
 class BatchEngine(Prompting):
@@ -130,10 +91,7 @@ class BatchEngine(Prompting):
             raise ModelLoadError(f"cannot create a context of {slots} x {n_ctx}: {exc}") from exc
         self._pool = threadpool.attach(self._ctx.ctx, threads)
         self._batch = _internals.LlamaBatch(n_tokens=cp.n_batch, embd=0, n_seq_max=1)
-        self._mem = self._ctx.memory
-        self.unified = kv_unified
-        self.prompt_cache = prompt_cache
-        self.store = KVStore(prompt_cache_bytes) if prompt_cache and prompt_cache_bytes else None
+        self.cache = SlotCache(ll, self._ctx, slots, kv_unified, prompt_cache, prompt_cache_bytes)
         self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
         self.n_ctx = ll.llama_n_ctx_seq(self._ctx.ctx) if not kv_unified else n_ctx
         self.n_batch = n_batch
@@ -142,7 +100,6 @@ class BatchEngine(Prompting):
         self._vocab = self._model.vocab
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
-        self.slots = [Slot(i) for i in range(slots)]
         self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
             if embeddings else None
         adaptive = threads_policy == "adaptive"
@@ -154,16 +111,15 @@ class BatchEngine(Prompting):
         self.embedding: dict[int, EmbedJob] = {}   # rid -> embedding request
         self.running: dict[int, Seq] = {}          # rid -> sequence, in start order
         self.parked: dict[int, Seq] = {}           # rid -> sequence without a slot
-        self._tick = 0
 
     # ---- the Engine interface ---------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return len(self.slots)
+        return len(self.cache.slots)
 
     @property
     def free_slots(self) -> int:
-        return len(self.slots) - len(self.running) - len(self.embedding)
+        return len(self.cache.slots) - len(self.running) - len(self.embedding)
 
     @property
     def active(self) -> Seq | None:
@@ -201,33 +157,12 @@ class BatchEngine(Prompting):
         seq.cached = seq.prefilled = self._place(seq)
 
     def _place(self, seq: Seq) -> int:
-        """Put ``seq`` in a free slot holding as much of ``seq.tokens`` as the caches
-        allow; returns how many tokens (at most all but the last) its KV holds."""
-        # The last prompt token is always decoded like a generated one (see the module
-        # docstring); the rest is reused or prefilled, never leaving a 1-token chunk.
-        last = len(seq.tokens) - 1
-        match = {s.id: reusable_prefix(common_prefix(s.tokens, seq.tokens, last), last)
-                 if self.prompt_cache else 0 for s in self.slots}
-        free = [s for s in self.slots if s.seq is None]
-        target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
-        source = max(self.slots, key=lambda s: match[s.id])
-        n = match[target.id]
-        if self.store is not None and n < len(target.tokens):
-            self._save(target)                 # its KV is about to be cut
-        entry, n_stored = self.store.best(seq.tokens, last) if self.store else (None, 0)
-        n_stored = reusable_prefix(n_stored, last)
-        if entry is not None and n_stored >= max(n, match[source.id]) + COPY_MIN:
-            n = self._restore(entry, target, n_stored)
-        elif match[source.id] >= n + COPY_MIN:
-            n = self._copy(source, target, match[source.id])
-        else:
-            n = self._truncate(target, n)
-        self._tick += 1
-        target.seq, target.hashes, target.used = seq, seq.hashes, self._tick
-        seq.slot = target
+        """Put ``seq`` in a free slot (worker/slots.py); returns how many tokens (at most
+        all but the last) its KV holds."""
+        seq.slot, n = self.cache.place(seq, seq.tokens, seq.hashes)
         seq.prefilled = n
-        if n == last:
-            seq.pending = seq.tokens[last]     # nothing to prefill: it joins the next step
+        if n == len(seq.tokens) - 1:
+            seq.pending = seq.tokens[-1]       # nothing to prefill: it joins the next step
         self.running[seq.rid] = seq
         return n
 
@@ -243,9 +178,7 @@ class BatchEngine(Prompting):
         slot = seq.slot
         seq.tokens = [*slot.tokens, seq.pending]   # what the KV must hold, then the next token
         seq.pending, seq.slot = None, None
-        slot.seq = None
-        self._tick += 1
-        slot.used = self._tick
+        self.cache.park(slot)
         del self.running[rid]
         self.parked[rid] = seq
         return True
@@ -274,8 +207,8 @@ class BatchEngine(Prompting):
     def step(self) -> list[Event]:
         """One token for every decoding sequence with credit, then one prefill chunk."""
         events: list[Event] = []
-        decoding = [s.seq for s in self.slots if s.seq is not None and s.seq.pending is not None
-                    and s.seq.window > 0]
+        decoding = [s.seq for s in self.cache.slots if s.seq is not None
+                    and s.seq.pending is not None and s.seq.window > 0]
         if decoding:
             events += self._decode([(seq, [seq.pending], True) for seq in decoding])
         seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens) - 1), None)
@@ -373,7 +306,7 @@ class BatchEngine(Prompting):
         slot = seq.slot
         self._finish(seq, "error", flush=False)
         if slot is not None:
-            self._clear(slot)
+            self.cache.clear(slot)
         return Event(rid, error=err)
 
     # ---- internals --------------------------------------------------------------------
@@ -408,71 +341,6 @@ class BatchEngine(Prompting):
             return [self._with_logprobs(seq, Event(seq.rid, text))]
         return []
 
-    def _copy(self, src: Slot, dst: Slot, n: int) -> int:
-        """Give ``dst`` the first ``n`` tokens of ``src``'s KV."""
-        ll, mem = self._ll, self._mem
-        if self.unified:      # cells are shared: a metadata copy
-            ll.llama_memory_seq_rm(mem, dst.id, -1, -1)
-            ll.llama_memory_seq_cp(mem, src.id, dst.id, 0, n)
-            dst.tokens = src.tokens[:n]
-            return n
-        # Streams: seq_cp would copy the whole stream buffer; the state of the
-        # sequence is only its used cells.
-        data = self._state_get(src.id)
-        if data is None or not self._state_set(dst, data):
-            return self._truncate(dst, 0)
-        dst.tokens = list(src.tokens)
-        return self._truncate(dst, n)
-
-    def _save(self, slot: Slot) -> None:
-        """Keep ``slot``'s KV in the host-memory store before it is cut."""
-        assert self.store is not None
-        if len(slot.tokens) < COPY_MIN or self.store.covers(slot.tokens):
-            return
-        data = self._state_get(slot.id)
-        if data is not None:
-            self.store.put(slot.tokens, data, slot.hashes)
-
-    def _restore(self, entry: Any, dst: Slot, n: int) -> int:
-        """Write a stored state into ``dst`` and keep its first ``n`` tokens."""
-        assert self.store is not None
-        if not self._state_set(dst, entry.data):
-            return self._truncate(dst, 0)
-        self.store.take(entry, n)
-        dst.tokens = list(entry.tokens)
-        return self._truncate(dst, n)
-
-    def _state_get(self, seq_id: int) -> Any:
-        """The KV state of one sequence as a ctypes byte array (None on failure)."""
-        ll, ctx = self._ll, self._ctx.ctx
-        size = ll.llama_state_seq_get_size(ctx, seq_id)
-        buf = (ctypes.c_uint8 * size).from_buffer(bytearray(size))   # calloc: fast
-        if not size or ll.llama_state_seq_get_data(ctx, buf, size, seq_id) != size:
-            log.warning("could not read the KV state of sequence %d", seq_id)
-            return None
-        return buf
-
-    def _state_set(self, dst: Slot, data: Any) -> bool:
-        """Replace ``dst``'s KV by a saved state; on failure ``dst`` is left empty."""
-        n = self._ll.llama_state_seq_set_data(self._ctx.ctx, data, len(data), dst.id)
-        if n != len(data):
-            log.warning("could not restore a KV state into slot %d", dst.id)
-            self._clear(dst)
-            return False
-        return True
-
-    def _truncate(self, slot: Slot, n: int) -> int:
-        """Keep the first ``n`` tokens of ``slot``'s KV."""
-        if n < len(slot.tokens) and not self._ll.llama_memory_seq_rm(self._mem, slot.id, n, -1):
-            self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
-            n = 0
-        del slot.tokens[n:]
-        return n
-
-    def _clear(self, slot: Slot) -> None:
-        self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
-        slot.tokens, slot.hashes = [], ()
-
     def _decode_failed(self, rc: int, seqs: list[Seq]) -> list[Event]:
         """llama_decode refused the batch: its sequences fail, their KV is dropped."""
         log.error("llama_decode returned %d for %d sequence(s): failing them", rc, len(seqs))
@@ -480,41 +348,22 @@ class BatchEngine(Prompting):
         for seq in seqs:
             slot = seq.slot
             self._finish(seq, "error", flush=False)
-            self._clear(slot)
+            self.cache.clear(slot)
             events.append(Event(seq.rid, error=InternalError(f"llama_decode returned {rc}")))
         return events
-
-    def prefixes(self) -> list[int]:
-        """Prefix hashes of the prompts whose KV this engine holds (for routing)."""
-        seen: dict[int, None] = {}
-        for slot in sorted(self.slots, key=lambda s: -s.used):
-            if slot.tokens:
-                seen.update(dict.fromkeys(slot.hashes))
-        for entry in self.store.entries() if self.store else ():
-            if len(seen) >= MAX_REPORTED:
-                break
-            seen.update(dict.fromkeys(entry.hashes))
-        return list(seen)[:MAX_REPORTED]
-
-    def kv_positions(self) -> list[int]:
-        """llama.cpp's largest KV position of every slot (-1: empty)."""
-        return [self._ll.llama_memory_seq_pos_max(self._mem, s.id) for s in self.slots]
 
     def _finish(self, seq: Seq, reason: str, flush: bool = True) -> Event:
         self.running.pop(seq.rid, None)
         self.parked.pop(seq.rid, None)
         slot = seq.slot
         if slot is not None:
-            slot.seq = None
             seq.slot = None
-            self._tick += 1
-            slot.used = self._tick
-            if not self.prompt_cache:
-                self._clear(slot)
+            self.cache.release(slot)
         tail = seq.stream.finish() if flush else ""
+        store = self.cache.store
         stats = msgspec.structs.replace(
-            done_stats(seq, reason), prefix_hashes=self.prefixes(),
-            kv_store=KvStoreStats(**self.store.stats()) if self.store is not None else None,
+            done_stats(seq, reason), prefix_hashes=self.cache.prefixes(),
+            kv_store=KvStoreStats(**store.stats()) if store is not None else None,
             threads=ComputeThreads(**self.threads.info()))
         return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \
             else Event(seq.rid, tail, stats)

@@ -55,7 +55,6 @@ class Worker:
         self.endpoint = endpoint
         self.engine = engine
         self.stop_requested = False
-        self.draining = False
         self.dropped = 0            # malformed messages from the gateway
         self.interval = cfg.workers.heartbeat_interval_s
         self.liveness = cfg.workers.liveness
@@ -212,7 +211,7 @@ class Worker:
     def _drain(self, sock: zmq.Socket) -> None:
         """Tell the gateway once to send nothing new; report drained once nothing is held."""
         if not self._drain_told:
-            self._drain_told = self.draining = True
+            self._drain_told = True
             sock.send_multipart(m.encode(m.Kind.DRAINING))
             log.info("draining: finishing %d request(s)", len(self.engine.running)
                      + len(self.engine.parked))
@@ -254,9 +253,7 @@ class Worker:
                     self.engine.resume(rid)
                 except LlmctlError as exc:
                     return [m.error(rid, exc)]
-            case m.Drain():
-                self.draining = True
-        return []  # HEARTBEAT: liveness already noted
+        return []  # HEARTBEAT, DRAIN (the gateway sends nothing new): liveness already noted
 
     def _generate(self, rid: int, req: GenRequest) -> list[list[bytes]]:
         """Start a request.  Whatever goes wrong with it ends it alone, with an ERROR
