@@ -36,7 +36,6 @@ sees a dict or a raw body.
 """
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -80,17 +79,6 @@ class Message:
     kind: Kind
     rid: int | None = None
     body: bytes = b""
-
-    def json(self) -> dict[str, Any]:
-        if not self.body:
-            return {}
-        obj = json.loads(self.body)
-        if not isinstance(obj, dict):
-            raise MessageError(f"{self.kind.name} body is not an object")
-        return obj
-
-    def text(self) -> str:
-        return self.body.decode("utf-8")
 
 
 def dumps(body: dict[str, Any]) -> bytes:

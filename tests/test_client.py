@@ -8,7 +8,8 @@ from typing import Any, Iterator
 import pytest
 
 from llmctl.common import protocol as p
-from llmctl.common.client import Client, Connection, ServerError
+from llmctl.common.client import Connection, ServerError
+from llmctl.common.sync_client import Client
 from llmctl.common.errors import Unauthorized
 from llmctl.common.protocol import FrameDecoder, FrameType
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.common import keys
-from llmctl.common.client import Client
+from llmctl.common.sync_client import Client
 from llmctl.common.protocol import FrameType
 from llmctl.common.stats import percentile
 

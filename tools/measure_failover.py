@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from llmctl.common.client import Client
+from llmctl.common.sync_client import Client
 from llmctl.common.config import ConfigError, load
 from llmctl.common.protocol import FrameType
 from llmctl.common.stats import percentile

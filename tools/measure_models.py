@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from llmctl.common.client import Client
+from llmctl.common.sync_client import Client
 from llmctl.common.protocol import FrameType
 from llmctl.common.stats import percentile
 from llmctl.tools.service_status import gateway_address, status

@@ -62,7 +62,7 @@ def reusable_prefix(n: int, last: int) -> int:
     """How much of ``n`` cached tokens (at most ``last``) to reuse for a prompt whose
     last token is at index ``last``: that token is always decoded like a generated one,
     and the prompt tokens prefilled before it are never exactly one (a 1-token chunk
-    changes the KV on the CPU; worker/batch.py, "Exactness") unless nothing is cached."""
+    changes the KV on the CPU; worker/slots.py, "Exactness") unless nothing is cached."""
     return n - 1 if n > 0 and last - n == 1 else n
 
 
