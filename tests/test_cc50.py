@@ -20,13 +20,16 @@ pytestmark = pytest.mark.integration
 def svc():
     s = Service(workers={"slots": 2, "probe_interval_s": 0.0},
                 gateway={"max_queue": 0, "max_frame": 4096},
-                generation={"deadline_ms": 20_000})
+                generation={"deadline_ms": 20_000, "temperature": 0.0})   # greedy: repeatable
     try:
         r = s.start()
         assert r.returncode == 0, r.stdout + r.stderr
         yield s
     finally:
         s.stop()
+
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,"     # greedy: counts on for long
 
 
 def run(coro):
@@ -136,8 +139,7 @@ def test_a_closed_connection_cancels_its_requests_and_overloaded_is_an_error(svc
     async def main():
         c = await client(svc)
         try:
-            long = [c.submit("Tell me everything about the ocean.", max_tokens=1500)
-                    for _ in range(2)]                        # both slots
+            long = [c.submit(COUNTING, max_tokens=1500) for _ in range(2)]   # both slots
             while not all(a.chunks or a.done.is_set() for _, a in long):
                 await asyncio.sleep(0.05)
             _, over = c.submit("and one more", max_tokens=4)    # max_queue 0: no room
@@ -147,7 +149,8 @@ def test_a_closed_connection_cancels_its_requests_and_overloaded_is_an_error(svc
             await c.close()
 
     long, over = run(main())
-    assert all(a.chunks for a in long) and over.error.startswith("overloaded: ")
+    assert all(a.chunks and a.error == "connection closed" for a in long)
+    assert over.error.startswith("overloaded: ")
     wait_until(lambda: svc.counters()["cancelled"] >= before + 2 and svc.idle(), 30,
                "the closed connection's requests to be cancelled")
 
