@@ -97,9 +97,10 @@ def thread_report(before: dict, after: dict, tokens: int, wall_s: float) -> list
 def _autogroup(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/autogroup") as f:
-            return f.read().split()[0]
+            fields = f.read().split()
     except OSError:
         return "-"
+    return fields[0] if fields else "-"  # empty where the kernel runs without autogroups
 
 
 def start_neighbours(n: int) -> list[subprocess.Popen]:
