@@ -22,6 +22,8 @@ from typing import Any, Literal, Union
 
 import msgspec
 
+from llmctl.common.config import GenerationConfig, SchedulingConfig, TenantEntry
+
 
 class AdminError(ValueError):
     """A control message that does not parse (a bug or a version mismatch)."""
@@ -75,14 +77,12 @@ class Procs(_Msg, tag="procs"):
     procs: dict[str, Any]
 
 
-class SetDefaults(_Msg, tag="set_defaults"):
-    """Supervisor -> gateway: new [generation] defaults (a reload)."""
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    deadline_ms: int
-    max_deadline_ms: int
+class Reconfigure(_Msg, tag="reconfigure"):
+    """Supervisor -> gateway: what a reload changes without a restart: the generation
+    defaults, the scheduling policy, the tenants (streams that run go on)."""
+    generation: GenerationConfig
+    scheduling: SchedulingConfig
+    tenants: tuple[TenantEntry, ...] = ()
 
 
 class Models(_Msg, tag="models"):
@@ -110,7 +110,7 @@ class ModelUnavailable(_Msg, tag="model_unavailable"):
 
 
 Command = Union[Status, Stop, Restart, Reload, Ping, Drain, DrainWorker, WorkerExited, Procs,
-                SetDefaults, Models, Load, Unload, ModelUnavailable]
+                Reconfigure, Models, Load, Unload, ModelUnavailable]
 
 
 # ---- gateway -> supervisor ---------------------------------------------------------------

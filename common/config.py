@@ -29,7 +29,8 @@ import msgspec
 from llmctl.common.config_explain import ConfigError, explain, unknown_section
 from llmctl.common.config_sections import (
     ClusterConfig, ControlConfig, GatewayConfig, GenerationConfig, GpuConfig, HostConfig,
-    HttpConfig, ModelConfig, ModelEntry, NodeConfig, SyntheticConfig, WorkersConfig)
+    HttpConfig, ModelConfig, ModelEntry, NodeConfig, SchedulingConfig, SyntheticConfig,
+    TenantEntry, WorkersConfig)
 # The [gpu] vocabulary the VRAM estimator (control/) reads through this module.
 from llmctl.common.config_sections import (  # noqa: F401
     DEFAULT_BUDGET_MB, DEFAULT_CUDA_OVERHEAD_MB, KV_TYPES, ON_BREACH)
@@ -55,7 +56,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     cluster: ClusterConfig = ClusterConfig()
     node: NodeConfig = NodeConfig()
     host: HostConfig = HostConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     models: tuple[ModelEntry, ...] = ()     # [[models]]; () = the one [model]
+    tenants: tuple[TenantEntry, ...] = ()   # [[tenants]]
     source: str = ""  # the file it came from ("" = defaults)
 
     # ---- derived, absolute paths -------------------------------------------------
@@ -197,12 +200,23 @@ def _cross_checks(cfg: Config) -> None:
             and cfg.http.host == cfg.gateway.host:
         raise ConfigError(f"{src}: [http] port {cfg.http.port} is also [gateway] port")
     _check_cluster(cfg)
-    seen: dict[str, int] = {}
-    for i, e in enumerate(cfg.models, 1):
-        if e.name in seen:
-            raise ConfigError(f"{src}: [[models]] entry {i} ({e.name!r}): duplicate name "
-                              f"(entry {seen[e.name]} has it too)")
-        seen[e.name] = i
+    for array, entries in (("models", cfg.models), ("tenants", cfg.tenants)):
+        seen: dict[str, int] = {}
+        for i, e in enumerate(entries, 1):
+            if e.name in seen:
+                raise ConfigError(f"{src}: [[{array}]] entry {i} ({e.name!r}): duplicate "
+                                  f"name (entry {seen[e.name]} has it too)")
+            seen[e.name] = i
+    owner: dict[str, str] = {}
+    for t in cfg.tenants:
+        for key in t.keys:
+            if not key or (key.startswith("sha256:") and len(key) != 71):
+                raise ConfigError(f"{src}: [[tenants]] {t.name!r}: a key is empty or not "
+                                  "sha256: and 64 hex digits")
+            if key in owner:
+                raise ConfigError(f"{src}: [[tenants]] {t.name!r}: a key of "
+                                  f"{owner[key]!r} too")
+            owner[key] = t.name
 
 
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
@@ -263,6 +277,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     return replace(cfg, model=replace(cfg.model, path=absolute(cfg.model.path)),
                    models=tuple(replace(e, path=absolute(e.path)) for e in cfg.models),
                    control=replace(cfg.control, run_dir=absolute(cfg.control.run_dir)),
+                   scheduling=replace(cfg.scheduling,
+                                      keys_file=maybe(cfg.scheduling.keys_file)),
                    cluster=replace(c, secret_key=maybe(c.secret_key),
                                    authorized_keys=maybe(c.authorized_keys)),
                    node=replace(n, secret_key=maybe(n.secret_key), head_key=maybe(n.head_key)))

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 class Key(msgspec.Struct, frozen=True):
     """What one key allows, read from its annotation: the messages and the reference."""
-    kind: type                      # bool, int, float or str
+    kind: type                      # bool, int, float, str, or tuple (a list of strings)
     lo: float | None
     hi: float | None
     choices: tuple[str, ...] | None
@@ -42,8 +42,9 @@ def _struct_keys(name: str, struct: type) -> dict[str, Key]:
         base, *extras = get_args(f.type) if get_origin(f.type) is Annotated else (f.type,)
         meta = next((m for m in extras if isinstance(m, Meta)), Meta())
         choices = get_args(base) if get_origin(base) is Literal else None
-        kind = str if choices else base
-        if kind not in (bool, int, float, str) or meta.gt is not None or meta.lt is not None \
+        kind = str if choices else tuple if get_origin(base) is tuple else base
+        if kind not in (bool, int, float, str, tuple) or meta.gt is not None \
+                or meta.lt is not None \
                 or choices and not all(isinstance(c, str) for c in choices):
             raise TypeError(f"[{name}] {f.name}: unsupported config type {f.type}")
         keys[f.name] = Key(kind, meta.ge, meta.le, choices, f.default, meta.description or "",
@@ -62,16 +63,19 @@ def keys(root: type) -> dict[str, dict[str, Key]]:
     return sections
 
 
+ARRAYS = ("models", "tenants")         # the arrays of tables: [[models]], [[tenants]]
+
+
 @cache
-def entry_keys(root: type) -> dict[str, Key]:
-    """The keys of a [[models]] entry."""
-    models = next(f for f in msgspec.structs.fields(root) if f.name == "models")
-    return _struct_keys("[models]", get_args(models.type)[0])
+def entry_keys(root: type, array: str = "models") -> dict[str, Key]:
+    """The keys of an entry of ``array`` ([[models]], [[tenants]])."""
+    field = next(f for f in msgspec.structs.fields(root) if f.name == array)
+    return _struct_keys(f"[{array}]", get_args(field.type)[0])
 
 
 def unknown_section(source: str, name: str, root: type) -> ConfigError:
-    return ConfigError(f"{source}: unknown section [{name}] "
-                       f"(known: {', '.join(keys(root))}, [[models]])")
+    return ConfigError(f"{source}: unknown section [{name}] (known: "
+                       f"{', '.join(keys(root))}, {', '.join(f'[[{a}]]' for a in ARRAYS)})")
 
 
 def _check_value(where: str, key: Key, value: Any) -> None:
@@ -89,6 +93,10 @@ def _check_value(where: str, key: Key, value: Any) -> None:
             value = float(value)
         except OverflowError:
             pass                                        # a huge int: out of range below
+    elif key.kind is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return
     elif not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     lo, hi = key.lo, key.hi
@@ -113,8 +121,9 @@ def explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str,
         text, path = str(exc), "$"
     parts = path.rstrip("`").split(".")[1:]
     sections = keys(root)
-    if parts and parts[0].startswith("models"):
-        return _explain_entry(text, parts, raw, source, entry_keys(root))
+    array = parts[0].partition("[")[0] if parts else ""
+    if array in ARRAYS:
+        return _explain_entry(text, parts, raw, source, entry_keys(root, array), array)
     if not parts:
         for name in raw:
             if name not in sections:
@@ -140,27 +149,29 @@ def explain(exc: msgspec.ValidationError, raw: Mapping[str, Any], source: str,
 
 
 def _explain_entry(text: str, parts: list[str], raw: Mapping[str, Any], source: str,
-                   known: dict[str, Key]) -> ConfigError:
-    """An error inside ``[[models]]``: name the entry (number and name) and the key."""
-    entries = raw.get("models")
+                   known: dict[str, Key], array: str) -> ConfigError:
+    """An error inside ``[[models]]`` / ``[[tenants]]``: name the entry (number and name)
+    and the key."""
+    entries = raw.get(array)
     head, _, idx = parts[0].partition("[")
-    if head != "models" or not isinstance(entries, list):
-        return ConfigError(f"{source}: [[models]] must be an array of tables "
-                           "([[models]] entries)")
+    if not isinstance(entries, list):
+        return ConfigError(f"{source}: [[{array}]] must be an array of tables "
+                           f"([[{array}]] entries)")
     if not idx:
-        return ConfigError(f"{source}: [[models]]: {text}")
+        return ConfigError(f"{source}: [[{array}]]: {text}")
     i = int(idx.rstrip("]"))
     entry = entries[i] if i < len(entries) else None
     if not isinstance(entry, Mapping):
-        return ConfigError(f"{source}: [[models]] entry {i + 1} must be a table")
+        return ConfigError(f"{source}: [[{array}]] entry {i + 1} must be a table")
     name = entry.get("name")
-    where = f"{source}: [[models]] entry {i + 1}" + (f" ({name!r})" if isinstance(name, str)
-                                                     else "")
+    where = f"{source}: [[{array}]] entry {i + 1}" + (f" ({name!r})" if isinstance(name, str)
+                                                      else "")
     for key in entry:
         if key not in known:
             return ConfigError(f"{where}: unknown key {key} (known: {', '.join(known)})")
     if len(parts) == 1:
-        missing = [k for k in ("name", "path") if k not in entry]
+        missing = [k for k, v in known.items() if v.default is msgspec.NODEFAULT
+                   and k not in entry]
         if missing:
             return ConfigError(f"{where}: {missing[0]} is required")
         return ConfigError(f"{where}: {text}")
@@ -178,6 +189,6 @@ def reference(root: type) -> list[tuple[str, str, Any, str]]:
     (``[[models]]`` for the keys of a models entry; a required key's default is None)."""
     out = [(name, key, k.default, k.doc)
            for name, section in keys(root).items() for key, k in section.items()]
-    out += [("[models]", key, None if k.default is msgspec.NODEFAULT else k.default, k.doc)
-            for key, k in entry_keys(root).items()]
+    out += [(f"[{array}]", key, None if k.default is msgspec.NODEFAULT else k.default, k.doc)
+            for array in ARRAYS for key, k in entry_keys(root, array).items()]
     return out

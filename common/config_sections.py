@@ -249,6 +249,62 @@ class HostConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     "0 = no budget")] = 0
 
 
+SchedulingPolicy = Literal["fair", "fifo"]
+
+
+class SchedulingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    policy: Annotated[SchedulingPolicy, Meta(
+        description="fair = waiting work is ordered by the tenants' weighted fair share of "
+                    "the tokens served, then a request's priority, then least attained "
+                    "service, and a running request yields its slot (parked, resumed later "
+                    "where it stopped) to a waiting one that deserves it more; fifo = first "
+                    "come, first served, a slot held until its request ends")] = "fair"
+    quantum_tokens: Annotated[int, Meta(
+        ge=1, le=1 << 20,
+        description="a running request that has received this many tokens more than a "
+                    "waiting one of the same tenant and priority yields its slot to it")] = 128
+    min_run_tokens: Annotated[int, Meta(
+        ge=1, le=1 << 20,
+        description="a request runs at least this many tokens after it starts or resumes "
+                    "before it can be made to yield")] = 16
+    starvation_s: Annotated[float, Meta(
+        ge=0.1, le=86_400.0,
+        description="a request waiting this long goes first, whatever its tenant, priority "
+                    "or service so far")] = 10.0
+    usage_half_life_s: Annotated[float, Meta(
+        ge=0.1, le=86_400.0,
+        description="tenants' fair shares are judged on the tokens served to them, counted "
+                    "with this half-life")] = 30.0
+    keys_file: Annotated[str, Meta(
+        description="more tenant keys, one `TENANT KEY` a line (KEY as in [[tenants]] keys; "
+                    "# comments); relative to the config file; read at start and reload")] = ""
+    require_key: Annotated[bool, Meta(
+        description="a request without a tenant's key (or [http] api_key / [gateway] token) "
+                    "is refused; false = it is the tenant \"default\"")] = False
+
+
+class TenantEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One ``[[tenants]]`` entry: who requests belong to, their share and their limits."""
+    name: Annotated[str, Meta(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the tenant's name (in /metrics, status); \"default\" is the tenant of "
+                    "requests without a key")]
+    keys: Annotated[tuple[str, ...], Meta(
+        description="its API keys (HTTP Bearer or x-api-key) and HELLO tokens (binary "
+                    "protocol): the key itself, or sha256:HEX of it")] = ()
+    share: Annotated[float, Meta(
+        ge=0.001, le=1e6, description="its weight in the fair share of tokens served")] = 1.0
+    max_streams: Annotated[int, Meta(
+        ge=0, le=1_000_000, description="its requests open at once (queued or running); "
+                                        "0 = no limit")] = 0
+    max_queued: Annotated[int, Meta(
+        ge=0, le=1_000_000, description="its requests waiting at once; 0 = no limit")] = 0
+    requests_per_min: Annotated[int, Meta(
+        ge=0, le=1 << 30, description="requests admitted per minute; 0 = no limit")] = 0
+    tokens_per_min: Annotated[int, Meta(
+        ge=0, le=1 << 40, description="tokens generated per minute; 0 = no limit")] = 0
+
+
 LoadPolicy = Literal["always", "on_demand"]
 
 

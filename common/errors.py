@@ -16,6 +16,7 @@ class Code(str, Enum):
     BAD_REQUEST = "bad_request"
     TOO_MANY_STREAMS = "too_many_streams"
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
     TIMEOUT = "timeout"
@@ -32,6 +33,7 @@ _TABLE: dict[Code, tuple[int, str]] = {
     Code.BAD_REQUEST: (400, "invalid_request_error"),
     Code.TOO_MANY_STREAMS: (429, "rate_limit_error"),
     Code.OVERLOADED: (429, "rate_limit_error"),
+    Code.RATE_LIMITED: (429, "rate_limit_error"),
     Code.NOT_READY: (503, "service_unavailable"),
     Code.SHUTTING_DOWN: (503, "service_unavailable"),
     Code.TIMEOUT: (504, "timeout"),
@@ -39,6 +41,9 @@ _TABLE: dict[Code, tuple[int, str]] = {
     Code.SLOW_CLIENT: (408, "timeout"),
     Code.INTERNAL: (500, "server_error"),
 }
+
+
+RETRY_CODES = (Code.OVERLOADED, Code.RATE_LIMITED)   # answered with when to come back
 
 
 def http_status(code: Code) -> int:
@@ -79,7 +84,7 @@ class LlmctlError(Exception):
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"code": self.code.value, "message": self.message}
-        if self.code is Code.OVERLOADED:
+        if self.code in RETRY_CODES:
             d["retry_after_ms"] = int(self.retry_after_ms if self.retry_after_ms is not None else 250)
         return d
 
@@ -120,6 +125,11 @@ class Overloaded(LlmctlError):
     code = Code.OVERLOADED
 
 
+class RateLimited(LlmctlError):
+    """A tenant's limit ([[tenants]]): come back after ``retry_after_ms``."""
+    code = Code.RATE_LIMITED
+
+
 class NotReady(LlmctlError):
     code = Code.NOT_READY
 
@@ -146,7 +156,7 @@ class InternalError(LlmctlError):
 
 _BY_CODE: dict[Code, type[LlmctlError]] = {
     cls.code: cls for cls in (ProtocolError, FrameTooLarge, Unauthorized, BadRequest,
-                              TooManyStreams, Overloaded, NotReady, ShuttingDown,
+                              TooManyStreams, Overloaded, RateLimited, NotReady, ShuttingDown,
                               DeadlineExceeded, WorkerFailed, SlowClient, InternalError)
 }
 

@@ -46,6 +46,7 @@ import msgspec
 from llmctl.common.request import GenRequest
 
 _RID = struct.Struct(">Q")
+YIELD = b"yield"    # PARK's body when a running request yields its slot to a waiting one
 _RECORD = struct.Struct(">cQI")     # BATCH record header: kind, rid, body length
 _GRANT = struct.Struct(">QI")       # CREDIT pair: rid, n
 
@@ -62,7 +63,8 @@ class Kind(bytes, Enum):
     DRAIN = b"X"       # gateway -> worker: finish what you have, take nothing new
     CREDIT = b"K"      # gateway -> worker: body = packed (rid, n) pairs: n more TOKENs for rid
     BATCH = b"M"       # worker -> gateway: body = packed TOKEN/DONE/ERROR/PARKED records
-    PARK = b"P"        # gateway -> worker: rid's client takes nothing: free its slot, keep it
+    PARK = b"P"        # gateway -> worker: free rid's slot, keep it (its client takes nothing,
+                       # or, with body YIELD, it yields its slot to waiting work)
     PARKED = b"Q"      # worker -> gateway: rid is parked (returns a credit; not an ending)
     RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
     DRAINING = b"Y"    # worker -> gateway: finishing what it has, send it nothing new
@@ -258,6 +260,7 @@ class Cancel(msgspec.Struct, frozen=True):
 
 class Park(msgspec.Struct, frozen=True):
     rid: int
+    yields: bool = False    # a running request yields its slot (it has credit), not a stall
 
 
 class Resume(msgspec.Struct, frozen=True):
@@ -414,7 +417,7 @@ def from_gateway(frames: list[bytes]) -> FromGateway:
     if k is Kind.CANCEL:
         return Cancel(_need_rid(msg))
     if k is Kind.PARK:
-        return Park(_need_rid(msg))
+        return Park(_need_rid(msg), yields=msg.body == YIELD)
     if k is Kind.RESUME:
         return Resume(_need_rid(msg))
     if k is Kind.CREDIT:

@@ -19,6 +19,7 @@ from llmctl.common.structured import constraint, logprobs_fields
 MAX_STOP = 16
 MAX_MESSAGES = 4096
 MAX_OUTPUT = 1 << 20        # max_tokens' upper bound (the worker caps it at the context)
+MAX_PRIORITY = 1000         # priority is in [-MAX_PRIORITY, MAX_PRIORITY], 0 by default
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -50,6 +51,8 @@ class GenRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     add_special: bool = True        # tokenize: a prompt gets the model's BOS
     with_pieces: bool = False       # tokenize: each token's piece too
     detokenize: tuple[int, ...] | None = None   # instead of generating: these tokens' text
+    priority: int = 0               # lower runs first among a tenant's waiting work
+                                    # (vLLM's convention; [scheduling] policy "fair")
     window: int = 0                 # TOKEN messages the worker may send ahead (the
                                     # gateway sets it at dispatch); 0 = unbounded
 
@@ -171,4 +174,5 @@ def validate(obj: dict[str, Any], gen: GenerationConfig) -> GenRequest:
         deadline_ms=int_field(obj, "deadline_ms", gen.deadline_ms, 1, gen.max_deadline_ms),
         grammar=grammar, json_schema=json_schema, logprobs=logprobs,
         top_logprobs=top_logprobs, model=model or None,
+        priority=int_field(obj, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
     )

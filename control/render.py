@@ -116,11 +116,25 @@ def print_status(st: dict[str, Any], console: Console) -> None:
                       highlight=False)
     if st.get("metrics"):
         _print_metrics(st, console)
+    tenants = st.get("tenants") or {}
+    if len(tenants) > 1 or any(t["refused"] for t in tenants.values()):
+        console.print(_tenants_table(tenants, st.get("scheduling", "fair")))
     for c in [gw, *st["workers"]]:
         if c.get("stderr_tail"):
             console.print(f"[red]{c['id']} last output:[/]")
             for line in c["stderr_tail"]:
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _tenants_table(tenants: dict[str, dict[str, Any]], policy: str) -> Table:
+    """Per tenant: its share, requests open and admitted, tokens, refusals by limit."""
+    t = Table(f"tenant ({policy})", "share", "open", "admitted", "tokens", "refused",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name, x in tenants.items():
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(x["refused"].items())) or "-"
+        t.add_row(name, f"{x['share']:g}", str(x["open"]), str(x["admitted"]),
+                  str(x["tokens"]), refused)
+    return t
 
 
 def _workers_table(workers: list[dict[str, Any]], several: bool) -> Table:

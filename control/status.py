@@ -86,6 +86,8 @@ def status(sup: Supervised, gw: dict[str, Any]) -> dict[str, Any]:
                     "counters": gw.get("counters", {}), "errors": gw.get("errors", {})},
         "workers": workers,
         "models": model_rows(sup, gw.get("models")),
+        "scheduling": gw.get("scheduling", cfg.scheduling.policy),
+        "tenants": gw.get("tenants", {}),
     }
 
 

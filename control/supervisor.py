@@ -319,11 +319,12 @@ class Supervisor:
             return {"ok": False, "error": error}
         target = self.reload.target
         assert target is not None
-        if target.generation != self.cfg.generation and self.link is not None:
-            g = target.generation
-            self.link.tell(admin.SetDefaults(
-                max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
-                top_k=g.top_k, deadline_ms=g.deadline_ms, max_deadline_ms=g.max_deadline_ms))
+        old = (self.cfg.generation, self.cfg.scheduling, self.cfg.tenants)
+        if (target.generation, target.scheduling, target.tenants) != old \
+                and self.link is not None:
+            self.link.tell(admin.Reconfigure(generation=target.generation,
+                                             scheduling=target.scheduling,
+                                             tenants=target.tenants))
         # The old figures until the new ones are read (off the loop).
         self.models.configure(target, {n: m.need_mib for n, m in self.models.models.items()})
         if self.models.budget_mib:

@@ -25,6 +25,7 @@ from llmctl.common.messages import Finished
 from llmctl.common.request import MAX_OUTPUT, GenRequest
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.streams import Channel, Stream
+from llmctl.dataplane.tenants import BINARY
 from llmctl.dataplane.transport import hard_limit, limit_output
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Cc50Connection:
                     raise ProtocolError(str(exc)) from None
                 if mtype != cc50.MsgType.REQ_INFER:
                     raise ProtocolError(f"message type {mtype} is not a request (REQ_INFER = 1)")
-                if self.cfg.token:
+                if self.gw.tenancy.keyed(BINARY):
                     raise Unauthorized("this server requires a token, which CC50 cannot "
                                        "carry: use the binary protocol or the HTTP API")
                 self._infer(req_id, await self.reader.readexactly(length))

@@ -38,6 +38,10 @@ def tick(gw: Gateway, now: float) -> None:
                 gw.counters.expired_running += 1
             gw.end(s, DeadlineExceeded("deadline passed while running"))
     check_stalled(gw, now)
+    gw.tenancy.fold(now)
+    if gw.fairness.fair and any(sched.queue or any(w.resumes for w in sched.workers.values())
+                                for sched in gw.sched):
+        gw.wake.set()       # waiting work: a running request may now have run enough to yield
     liveness = gw.interval * gw.cfg.workers.liveness
     probe_every = gw.cfg.workers.probe_interval_s
     for w in list(gw.sched.workers.values()):

@@ -230,6 +230,7 @@ class Counters:
     worker_failed: int = 0
     slow_clients: int = 0          # streams ended with slow_client (or clients dropped)
     parked: int = 0
+    yielded: int = 0               # running requests asked to yield their slot (fairness.py)
     resumed: int = 0
     probes: int = 0
     probes_failed: int = 0

@@ -77,6 +77,7 @@ class GatewayCollector:
                 if key in w.kv_store:
                     fam.add_metric([w.name], w.kv_store[key])
         yield from kv
+        yield from _tenant_families(gw)
         threads = GaugeMetricFamily("llmctl_worker_compute_threads", "Threads a worker's "
                                     "model computes with now ([host] threads_policy)",
                                     labels=["worker"])
@@ -178,3 +179,22 @@ def add_metrics_route(app: web.Application, gw: Gateway) -> None:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/metrics", metrics)
+
+
+def _tenant_families(gw: Any) -> Any:
+    """Per tenant ([[tenants]]): requests admitted and refused, tokens served, open now."""
+    admitted = CounterMetricFamily("llmctl_tenant_requests", "Requests a tenant had "
+                                   "admitted", labels=["tenant"])
+    tokens = CounterMetricFamily("llmctl_tenant_tokens", "Tokens served to a tenant",
+                                 labels=["tenant"])
+    refused = CounterMetricFamily("llmctl_tenant_refused", "Requests of a tenant refused "
+                                  "rate_limited, by the limit", labels=["tenant", "limit"])
+    open_ = GaugeMetricFamily("llmctl_tenant_open", "A tenant's requests open now (queued "
+                              "or running)", labels=["tenant"])
+    for name, t in gw.tenancy.snapshot().items():
+        admitted.add_metric([name], t["admitted"])
+        tokens.add_metric([name], t["tokens"])
+        open_.add_metric([name], t["open"])
+        for limit, n in t["refused"].items():
+            refused.add_metric([name, limit], n)
+    return [admitted, tokens, refused, open_]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmctl.common.errors import NotReady, Overloaded, ShuttingDown
 from llmctl.common.prefix import matched
+from llmctl.dataplane.fairness import Fairness
 
 if TYPE_CHECKING:
     from llmctl.dataplane.streams import Stream
@@ -85,8 +86,10 @@ class Scheduler:
     ``waits``: an on-demand model, whose requests may queue while no worker is ready
     (the supervisor loads it meanwhile); otherwise such a request is ``not_ready``."""
 
-    def __init__(self, max_queue: int, model: str = "", waits: bool = False) -> None:
+    def __init__(self, max_queue: int, model: str = "", waits: bool = False,
+                 fairness: Fairness | None = None) -> None:
         self.max_queue = max_queue
+        self.fairness = fairness
         self.model = model
         self.waits = waits
         self.last_used = 0.0            # monotonic time of the last admission (0 = never)
@@ -179,17 +182,74 @@ class Scheduler:
             out.append((w, s))
         return out
 
+    def dispatch(self, now: float) -> list[tuple[WorkerState, Stream, bool]]:
+        """Everything that goes to a worker now: (worker, stream, resumed?).  ``fifo``:
+        parked requests whose clients read again, then the queue in order; ``fair``: the
+        waiting work in ``fairness.py``'s order, a parked request on its own worker."""
+        fair = self.fairness
+        if fair is None or not fair.fair:
+            return [(w, s, True) for w, s in self.take_resumes()] + \
+                [(w, s, False) for w, s in self.take()]
+        out: list[tuple[WorkerState, Stream, bool]] = []
+        while True:
+            free = [w for w in self.workers.values() if w.available > 0]
+            if not free:
+                return out
+            waiting = [s for s in self.queue if not s.finished]
+            waiting += [s for w in free for s in w.resumes
+                        if not s.finished and s.rid in w.parked]
+            if not waiting:
+                return out
+            s = min(waiting, key=lambda x: fair.key(x, now))
+            if s.parked:
+                w = self.workers[s.worker or ""]
+                w.resumes.remove(s)
+                self._resume(w, s)
+                out.append((w, s, True))
+            else:
+                self.queue.remove(s)
+                w = min(free, key=lambda x: (-matched(s.prefix, x.prefixes), x.last_dispatch))
+                self.assign(w, s)
+                out.append((w, s, False))
+            s.slice_start = s.pieces
+
+    def preempt(self, now: float) -> list[tuple[WorkerState, Stream]]:
+        """Running requests that yield their slots to waiting ones (``fairness.py``)."""
+        fair = self.fairness
+        if fair is None or not fair.fair or not self.queue and not any(
+                w.resumes for w in self.workers.values()):
+            return []
+        waiting = [s for s in self.queue if not s.finished]
+        waiting += [s for w in self.workers.values() for s in w.resumes
+                    if not s.finished and s.rid in w.parked]
+        yielding = sum(1 for w in self.workers.values() for s in w.inflight.values()
+                       if s.park_sent)
+        free = sum(w.available for w in self.workers.values()) + yielding
+        running = [s for w in self.workers.values() if not w.draining
+                   for s in w.inflight.values()]
+        out = []
+        for s in fair.yields(waiting, running, free, now):
+            s.park_sent = True
+            s.yield_at = s.pieces
+            out.append((self.workers[s.worker or ""], s))
+        return out
+
+    def _resume(self, w: WorkerState, s: Stream) -> None:
+        w.parked.pop(s.rid, None)
+        s.parked = False
+        s.park_sent, s.yield_at = False, -1
+        w.inflight[s.rid] = s
+        w.last_busy = time.monotonic()
+
     def take_resumes(self) -> list[tuple[WorkerState, Stream]]:
         """Parked requests whose clients read again, each with a credit of its worker."""
         out = []
         for w in self.workers.values():
             while w.resumes and w.credits > 0:
                 s = w.resumes.popleft()
-                if s.finished or w.parked.pop(s.rid, None) is None:
+                if s.finished or s.rid not in w.parked:
                     continue
-                s.parked = False
-                w.inflight[s.rid] = s
-                w.last_busy = time.monotonic()
+                self._resume(w, s)
                 out.append((w, s))
         return out
 
@@ -200,6 +260,7 @@ class Scheduler:
         if w is None or s is None:
             return None
         s.parked = True
+        s.t_wait = time.monotonic()
         w.parked[rid] = s
         return s
 
@@ -260,8 +321,10 @@ class Scheduler:
 class Schedulers:
     """Every model's Scheduler, and the sums the status, /health and /metrics read."""
 
-    def __init__(self, models: list[tuple[str, bool]], max_queue: int) -> None:
-        self.by_model = {name: Scheduler(max_queue, name, waits) for name, waits in models}
+    def __init__(self, models: list[tuple[str, bool]], max_queue: int,
+                 fairness: Fairness | None = None) -> None:
+        self.by_model = {name: Scheduler(max_queue, name, waits, fairness)
+                         for name, waits in models}
         self.default = next(iter(self.by_model.values()))
         self.max_queue = max_queue * len(self.by_model)
 

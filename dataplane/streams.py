@@ -58,6 +58,11 @@ class Stream:
     model: str = ""                 # the served model (its Scheduler) it was admitted to
     prefix: tuple[int, ...] = ()    # prefix hashes of its prompt (common/prefix.py)
     internal: bool = False          # a deep probe, not a client's request
+    tenant: str = "default"         # who it belongs to ([[tenants]])
+    t_wait: float = 0.0             # it waits for a slot since (admitted, or parked)
+    slice_start: int = 0            # pieces when it last got a slot (fairness.py)
+    yield_at: int = -1              # pieces when it was asked to yield its slot
+    bill: Any = None                # its tenant's accounts (tenants.Tenant)
     # at its worker
     worker: str | None = None       # the worker holding it, while it holds it
     attempts: int = 0
@@ -73,6 +78,7 @@ class Stream:
     stalled_since: float | None = None   # its token window has been spent since
 
     def __post_init__(self) -> None:
+        self.t_wait = self.t_wait or self.t_admit
         if not self.deadline:
             self.deadline = self.t_admit + self.request.deadline_ms / 1000.0
         if not self.prefix and self.request.embed is None:

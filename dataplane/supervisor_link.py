@@ -4,7 +4,7 @@ The gateway pushes its events (it is up, a worker is ready, lost or drained) as 
 happen, and answers each of the supervisor's commands with a ``Reply``: its pings (the
 supervisor restarts a gateway that stops answering them), ``Status``, ``Drain``,
 ``DrainWorker``, ``WorkerExited``, ``Procs`` (process figures for /metrics) and
-``SetDefaults``.  Every message is typed (``common/admin.py``); a malformed one is logged,
+``Reconfigure`` (a reload's generation defaults, scheduling and tenants).  Every message is typed (``common/admin.py``); a malformed one is logged,
 counted and dropped.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ import zmq
 import zmq.asyncio
 
 from llmctl.common import admin
-from llmctl.common.config import GenerationConfig
 from llmctl.common.errors import from_code
 from llmctl.dataplane.gateway import Gateway
 
@@ -40,6 +39,8 @@ def status(gw: Gateway) -> dict[str, Any]:
         "metrics": gw.metrics.snapshot(now),
         "free_credits": sum(w.available for w in s.workers.values()),
         "models": models(gw),
+        "tenants": gw.tenancy.snapshot(),
+        "scheduling": gw.cfg.scheduling.policy,
     }
 
 
@@ -119,11 +120,11 @@ class SupervisorLink:
                 n = gw.model_unavailable(cmd.model, from_code(cmd.code, cmd.message,
                                                               cmd.retry_after_ms))
                 return admin.Reply(id=cmd.id, data={"failed": n})
-            case admin.SetDefaults():
-                gw.generation = GenerationConfig(
-                    max_tokens=cmd.max_tokens, temperature=cmd.temperature, top_p=cmd.top_p,
-                    top_k=cmd.top_k, deadline_ms=cmd.deadline_ms,
-                    max_deadline_ms=cmd.max_deadline_ms)
+            case admin.Reconfigure(generation=g, scheduling=sc, tenants=tenants):
+                try:
+                    gw.reconfigure(g, sc, tenants)
+                except (OSError, ValueError) as exc:      # the keys file
+                    return admin.Reply(id=cmd.id, ok=False, error=str(exc))
                 return admin.Reply(id=cmd.id)
         return admin.Reply(id=cmd.id, ok=False, error=f"{type(cmd).__name__} is not for the gateway")
 

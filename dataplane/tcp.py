@@ -9,18 +9,18 @@ credit, slow clients).  A closed connection closes its streams.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any
 
 from llmctl.common import protocol as p
 from llmctl.common.errors import (BadRequest, InternalError, LlmctlError, ProtocolError,
-                                  TooManyStreams, Unauthorized)
+                                  TooManyStreams)
 from llmctl.common.messages import Finished
 from llmctl.common.protocol import Frame, FrameType
 from llmctl.common.request import validate
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.streams import Channel, Stream
+from llmctl.dataplane.tenants import BINARY
 from llmctl.dataplane.transport import hard_limit, limit_output, version
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.streams: dict[int, Stream] = {}     # by stream id
+        self.tenant = ""                          # who its streams belong to (HELLO)
         self.peer = writer.get_extra_info("peername")
         limit_output(writer.transport, self.cfg.write_buffer_bytes)
         self.channel = Channel(gw, writer.transport, writer.drain,   # type: ignore[arg-type]
@@ -129,9 +130,8 @@ class Connection:
         if frame.type is not FrameType.HELLO or frame.stream != 0:
             raise ProtocolError("the first frame must be HELLO on stream 0")
         hello = p.parse_hello(frame.payload)      # the token is valid text, or Unauthorized
-        if self.cfg.token and not hmac.compare_digest(
-                hello.get("token", "").encode(), self.cfg.token.encode()):
-            raise Unauthorized("missing or wrong token")
+        # Whose streams these are ([[tenants]]); Unauthorized where a key is required.
+        self.tenant = self.gw.tenancy.identify(hello.get("token") or None, BINARY)
         self._send(p.welcome(f"llmctl/{version()}", self.gw.model_name, self.cfg.max_frame,
                              self.cfg.max_streams, [sched.model for sched in self.gw.sched]))
 
@@ -165,6 +165,7 @@ class Connection:
             self._send(p.error(stream, err))
             return
         try:
-            self.streams[stream] = self.gw.open(request, self, self.channel, tag=stream)
+            self.streams[stream] = self.gw.open(request, self, self.channel, tag=stream,
+                                                tenant=self.tenant)
         except LlmctlError as err:          # not ready, overloaded, shutting down: counted
             self._send(p.error(stream, err))

@@ -89,6 +89,7 @@ class Service:
                         "drain_timeout_s": 10.0, "stop_timeout_s": 3.0},
         }
         models: list[dict[str, Any]] = sections.pop("models", [])   # [[models]] entries
+        tenants: list[dict[str, Any]] = sections.pop("tenants", [])  # [[tenants]] entries
         if models:           # the per-model keys move into the entries
             for key in ("path", "n_ctx", "threads"):
                 base["model"].pop(key)
@@ -100,8 +101,8 @@ class Service:
         self.config.write_text("".join(
             f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
             for name, values in base.items()) + "".join(
-            "[[models]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in e.items()) + "\n"
-            for e in models))
+            f"[[{array}]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in e.items()) + "\n"
+            for array, entries in (("models", models), ("tenants", tenants)) for e in entries))
         self.pids: set[int] = set()
 
     def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

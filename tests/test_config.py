@@ -86,9 +86,10 @@ def test_readme_config_reference_is_current():
 
 # ---- what msgspec does for the tree --------------------------------------------------------
 
-SECTIONS = [f.name for f in msgspec.structs.fields(Config) if f.name not in ("source", "models")]
+SECTIONS = [f.name for f in msgspec.structs.fields(Config)
+            if f.name not in ("source", "models", "tenants")]
 KEYS = [(sec, key, default, doc) for sec, key, default, doc in config_explain.reference(Config)
-        if sec != "[models]"]                  # the [[models]] entries: tested below
+        if sec not in ("[models]", "[tenants]")]   # the arrays' entries: tested below
 
 
 def keys_of(section: str) -> list[str]:
@@ -97,7 +98,7 @@ def keys_of(section: str) -> list[str]:
 
 def test_every_section_is_a_frozen_strict_keyword_only_struct():
     assert SECTIONS == ["model", "workers", "generation", "gateway", "http", "control", "gpu",
-                        "synthetic", "cluster", "node", "host"]
+                        "synthetic", "cluster", "node", "host", "scheduling"]
     cfg = Config()
     for part in [cfg, *(getattr(cfg, name) for name in SECTIONS)]:
         conf = type(part).__struct_config__
@@ -132,8 +133,9 @@ def test_exact_messages(tmp_path):
             "[gateway] port: 99999999999999999999 is out of range [0, 65535]",
         "[[model]]\n": "[model] must be a table",
         "source = 'x'\n": "unknown section [source] (known: " + ", ".join(SECTIONS)
-                          + ", [[models]])",
-        "x = 1\n": "unknown section [x] (known: " + ", ".join(SECTIONS) + ", [[models]])",
+                          + ", [[models]], [[tenants]])",
+        "x = 1\n": "unknown section [x] (known: " + ", ".join(SECTIONS)
+                    + ", [[models]], [[tenants]])",
     }
     for text, message in cases.items():
         path = write(tmp_path, text)
@@ -205,7 +207,7 @@ allow_insecure = true
 name = "gpu1"
 """))
     assert all(getattr(cfg, name) != getattr(Config(), name) for name in SECTIONS
-               if name not in ("synthetic", "host"))
+               if name not in ("synthetic", "host", "scheduling"))
     again = Config.from_json(cfg.to_json())
     assert again == cfg and again.source == str(tmp_path / "c.toml")
     assert isinstance(again.workers.heartbeat_interval_s, float)

@@ -166,14 +166,17 @@ class BatchEngine(Prompting):
         self.running[seq.rid] = seq
         return n
 
-    def park(self, rid: int) -> bool:
-        """Free the slot of a sequence that waits for token credit, keeping the sequence.
+    def park(self, rid: int, yields: bool = False) -> bool:
+        """Free the slot of a decoding sequence, keeping the sequence: one that waits for
+        token credit, or (``yields``) one that yields its slot to waiting work.
 
         Its slot keeps the KV (prompt and generated tokens) as a prompt-cache entry,
-        saved to the host store when the slot is reused; ``resume`` finds it there.
-        False if ``rid`` is not a decoding sequence without credit."""
+        saved to the host store when the slot is reused; ``resume`` finds it there and
+        the sequence goes on exactly where it stopped.  False if ``rid`` is not a
+        decoding sequence (or, not yielding, one that still has credit)."""
         seq = self.running.get(rid)
-        if seq is None or seq.window > 0 or seq.pending is None or seq.slot is None:
+        if seq is None or seq.pending is None or seq.slot is None \
+                or (seq.window > 0 and not yields):
             return False
         slot = seq.slot
         seq.tokens = [*slot.tokens, seq.pending]   # what the KV must hold, then the next token

@@ -245,8 +245,8 @@ class Worker:
             case m.Credit(grants=grants):
                 for rid, n in grants:
                     self.engine.grant(rid, n)
-            case m.Park(rid=rid):
-                if self.engine.park(rid):
+            case m.Park(rid=rid, yields=yields):
+                if self.engine.park(rid, yields):
                     return [m.encode_batch([(m.Kind.PARKED, rid, b"")])]
             case m.Resume(rid=rid):
                 try:

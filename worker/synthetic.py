@@ -98,9 +98,9 @@ class SyntheticEngine:
         seq = self.running.get(rid) or self.parked.get(rid)
         return None if seq is None else self._finish(seq, "cancelled", flush=False)
 
-    def park(self, rid: int) -> bool:
+    def park(self, rid: int, yields: bool = False) -> bool:
         seq = self.running.get(rid)
-        if seq is None or seq.window > 0 or seq.prefilled < seq.n_prompt:
+        if seq is None or (seq.window > 0 and not yields) or seq.prefilled < seq.n_prompt:
             return False
         self.parked[rid] = self.running.pop(rid)
         return True

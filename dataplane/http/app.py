@@ -14,7 +14,7 @@ from aiohttp import web
 from llmctl.common.errors import LlmctlError, ModelNotFound, NotReady, ShuttingDown
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.http import embeddings, openai
-from llmctl.dataplane.http.base import GATEWAY_KEY, api_key, middleware
+from llmctl.dataplane.http.base import GATEWAY_KEY, middleware
 from llmctl.dataplane.http.openai_shapes import dumps
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ async def health(request: web.Request) -> web.Response:
 def build_app(gw: Gateway) -> web.Application:
     """The HTTP application with every dialect's routes; add routes (e.g. /metrics)
     before serving it.  Routes under /v1/ need the API key when one is set."""
-    app = web.Application(middlewares=[middleware(api_key(gw.cfg.http.api_key))],
+    app = web.Application(middlewares=[middleware()],
                           client_max_size=gw.cfg.gateway.max_frame)
     app[GATEWAY_KEY] = gw
     openai.add_routes(app)
@@ -96,5 +96,5 @@ async def serve_http(gw: Gateway, app: web.Application | None = None) -> web.App
     if cfg.enabled:
         log.info("HTTP API listening on %s%s",
                  ", ".join(f"{a[0]}:{a[1]}" for a in runner.addresses),
-                 " (API key required)" if api_key(cfg.api_key) else "")
+                 " (API key required)" if gw.tenancy.keyed("http") else "")
     return runner

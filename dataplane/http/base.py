@@ -6,29 +6,23 @@ under ``/v1/``) and typed errors rendered with their status in OpenAI's shape
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
-import os
 from typing import Any
 
 from aiohttp import web
 
-from llmctl.common.errors import (BadRequest, BodyTimeout, Code, FrameTooLarge, InternalError,
-                                  LlmctlError, ModelNotFound, Unauthorized, openai_type)
+from llmctl.common.errors import (RETRY_CODES, BadRequest, BodyTimeout, Code, FrameTooLarge,
+                                  InternalError, LlmctlError, ModelNotFound, Unauthorized,
+                                  openai_type)
 from llmctl.common.protocol import parse_json
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.http.openai_shapes import dumps
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "LLMCTL_API_KEY"
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
-
-
-def api_key(cfg_key: str) -> str:
-    """The required key: ``$LLMCTL_API_KEY`` if set and non-empty, else the config's."""
-    return os.environ.get(API_KEY_ENV) or cfg_key
+TENANT_KEY = "llmctl.tenant"          # the request's tenant, set by the middleware
 
 
 def error_body(err: LlmctlError) -> dict[str, Any]:
@@ -40,7 +34,7 @@ def error_body(err: LlmctlError) -> dict[str, Any]:
 
 
 def error_headers(err: LlmctlError) -> dict[str, str]:
-    if err.code is Code.OVERLOADED:
+    if err.code in RETRY_CODES:
         ms = err.retry_after_ms if err.retry_after_ms is not None else 250
         return {"Retry-After": str(max(1, math.ceil(ms / 1000)))}
     if err.code is Code.UNAUTHORIZED:
@@ -65,26 +59,27 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     return parse_json(raw, BadRequest)
 
 
-def bearer_matches(header: str, expected: bytes) -> bool:
-    """Does an ``Authorization`` header carry ``Bearer <expected>``?  Compared in constant
-    time; a header that is not text (odd bytes decode to surrogates) never matches."""
-    scheme, _, token = header.partition(" ")
-    try:
-        given = token.strip().encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
+def presented_key(request: web.Request) -> str | None:
+    """The API key a request presents: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``
+    (the header Anthropic's clients send)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("x-api-key") or None
 
 
-def middleware(key: str) -> Any:
-    expected = key.encode()
+OPEN_PATHS = ("/health", "/metrics")     # served without a key
 
+
+def middleware() -> Any:
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
-            if expected and request.path.startswith("/v1/") and not bearer_matches(
-                    request.headers.get("Authorization", ""), expected):
-                raise Unauthorized("missing or wrong API key (Authorization: Bearer KEY)")
+            if request.path not in OPEN_PATHS:
+                # Whose request it is ([[tenants]]): a known key, or the tenant "default"
+                # (Unauthorized where a key is required and this one is not known).
+                request[TENANT_KEY] = request.app[GATEWAY_KEY].tenancy.identify(
+                    presented_key(request))
             return await handler(request)
         except LlmctlError as err:
             return error_response(err)

@@ -28,6 +28,8 @@ from llmctl.common.errors import LlmctlError
 from llmctl.common.messages import Finished
 from llmctl.common.request import GenRequest
 from llmctl.dataplane.gateway import Gateway
+from llmctl.dataplane.http.base import TENANT_KEY
+from llmctl.dataplane.tenants import DEFAULT
 from llmctl.dataplane.scheduler import Scheduler
 from llmctl.dataplane.streams import Channel, Stream
 from llmctl.dataplane.transport import hard_limit, limit_output
@@ -127,7 +129,7 @@ async def exchange(gw: Gateway, request: web.Request, gen: GenRequest, dialect: 
     (ModelNotFound, NotReady, Overloaded, ShuttingDown) and, before a streamed response
     started, the stream's error: the caller renders those with their status."""
     out = _Output(dialect)
-    s = gw.open(gen, out, sched=sched)
+    s = gw.open(gen, out, sched=sched, tenant=request.get(TENANT_KEY, DEFAULT))
     try:
         if not dialect.streaming:
             return dialect.answer(await out.ended)

@@ -91,7 +91,8 @@ def to_request(body: dict[str, Any], gen: Any,
     ``deadline_ms`` are extensions to OpenAI's fields)."""
     stream, include_usage = _common(body)
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                    "deadline_ms", "response_format", "grammar", "model")}
+                                    "deadline_ms", "response_format", "grammar", "model",
+                                    "priority")}
     mode = None
     if chat:
         messages = body.get("messages")

@@ -1,0 +1,86 @@
+"""Who runs next, and who yields: the ``[scheduling] policy = "fair"`` rules (pure).
+
+Waiting work (new requests, and requests parked to yield their slot) is served in this
+order:
+
+1. a request that has waited ``starvation_s`` or more (the oldest first): nothing waits
+   for ever, whatever arrives meanwhile;
+2. the tenant with the least tokens served lately, per unit of its share (``usage`` /
+   ``share``, decayed with ``usage_half_life_s``): weighted fair queuing by tokens;
+3. within a tenant, the request's ``priority`` (lower first, vLLM's convention);
+4. then least attained service: the request that has received the fewest tokens (a new
+   one has none, so a short answer is not stuck behind long ones);
+5. then the one waiting longest.
+
+A running request yields its slot (it is parked, its KV kept, and resumed later exactly
+where it stopped) to the waiting request that comes first, when it has run at least
+``min_run_tokens`` since it (re)started and the waiting one deserves the slot more: it
+starves, or its tenant's usage is a ``quantum_tokens`` lower (per share), or (same
+tenant) its priority is lower, or (same tenant and priority) it has received
+``quantum_tokens`` fewer.  The one that yields is the running request furthest ahead by
+the same measures.  ``policy = "fifo"`` does none of this: first come, first served.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from llmctl.common.config import SchedulingConfig
+
+if TYPE_CHECKING:
+    from llmctl.dataplane.streams import Stream
+
+
+@dataclass(frozen=True)
+class Fairness:
+    cfg: SchedulingConfig
+    usage: Callable[[str], float]        # a tenant's recent tokens / share
+
+    @property
+    def fair(self) -> bool:
+        return self.cfg.policy == "fair"
+
+    def key(self, s: "Stream", now: float) -> tuple:
+        """Waiting work's order: the smallest key goes first."""
+        if now - s.t_wait >= self.cfg.starvation_s:
+            return (0, 0.0, 0, 0, s.t_wait)
+        return (1, self.usage(s.tenant), s.request.priority, s.pieces, s.t_wait)
+
+    def ahead(self, s: "Stream") -> tuple:
+        """How far ahead a running request is: the largest yields first."""
+        return (self.usage(s.tenant), s.request.priority, s.pieces)
+
+    def deserves(self, w: "Stream", r: "Stream", now: float) -> bool:
+        """Should running ``r`` yield its slot to waiting ``w``?"""
+        q = self.cfg.quantum_tokens
+        if now - w.t_wait >= self.cfg.starvation_s:
+            return True
+        if w.tenant != r.tenant:
+            return self.usage(r.tenant) - self.usage(w.tenant) >= q
+        if w.request.priority != r.request.priority:
+            return w.request.priority < r.request.priority
+        return r.pieces - w.pieces >= q
+
+    def can_yield(self, r: "Stream") -> bool:
+        """A running request that may be asked to yield now (not one whose client stopped
+        reading: ``clock.py`` parks that one)."""
+        return not (r.internal or r.finished or r.parked or r.park_sent) \
+            and r.stalled_since is None \
+            and r.pieces - r.slice_start >= self.cfg.min_run_tokens
+
+    def yields(self, waiting: Iterable["Stream"], running: Iterable["Stream"], free: int,
+               now: float) -> list["Stream"]:
+        """The running requests that yield to the waiting ones beyond ``free`` slots."""
+        if not self.fair:
+            return []
+        queue = sorted(waiting, key=lambda s: self.key(s, now))[free:]
+        candidates = sorted((r for r in running if self.can_yield(r)), key=self.ahead,
+                            reverse=True)
+        out = []
+        for w in queue:
+            victim = next((r for r in candidates if self.deserves(w, r, now)), None)
+            if victim is None:
+                continue
+            candidates.remove(victim)
+            out.append(victim)
+        return out
