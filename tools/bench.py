@@ -43,6 +43,7 @@ from llmctl.tools.bare_llama import BareLlamaTarget
 from llmctl.tools.bench_engine import EngineTarget
 from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
 from llmctl.tools.bench_embed import run_embeddings
+from llmctl.tools.bench_fairness import non_readers, print_fairness, short_behind_long, tenants
 from llmctl.tools.bench_neighbours import print_neighbours, run_neighbours
 from llmctl.tools.bench_overload import run_overload
 from llmctl.tools.bench_report import machine_info, plot, print_report
@@ -209,6 +210,8 @@ class Progress:
 # ---- the run ---------------------------------------------------------------------------
 
 def mode_of(args: argparse.Namespace) -> str:
+    if args.scenario:
+        return args.scenario
     if args.neighbours is not None:
         return "neighbours"
     if args.overload:
@@ -243,8 +246,16 @@ async def run_async(args: argparse.Namespace, targets: list[Target]) -> dict[str
             if args.neighbours is not None:
                 extra["neighbours"] = await run_neighbours(targets, work, args, progress.start,
                                                            progress.advance)
-            for n, (clients, rate) in enumerate([] if args.overload or args.neighbours
-                                                is not None else points_of(args)):
+            if args.scenario == "short-behind-long":
+                extra["fairness"] = await short_behind_long(targets[0], args, progress.advance)
+            elif args.scenario == "non-readers":
+                extra["fairness"] = await non_readers(targets[0], args, progress.advance)
+            elif args.scenario == "tenants":
+                extra["fairness"] = await tenants(targets[0], targets[1], args,
+                                                  progress.advance)
+            for n, (clients, rate) in enumerate([] if args.overload or args.scenario
+                                                or args.neighbours is not None
+                                                else points_of(args)):
                 order = targets if n % 2 == 0 else targets[::-1]   # alternate who goes first
                 got = {t.url: await run_point(t, work, args, clients, rate, progress) for t in order}
                 points.extend(got[t.url] for t in targets)
@@ -331,6 +342,24 @@ def build_parser(prog: str = "python -m llmctl.tools.bench") -> argparse.Argumen
     ap.add_argument("--stamped", action="store_true",
                     help="the target's tokens are stamped by synthetic workers ([synthetic] "
                          "stamp = true): report the latency the data plane adds per token")
+    fa = ap.add_argument_group("predictable latency (--scenario)")
+    fa.add_argument("--scenario", choices=("short-behind-long", "non-readers", "tenants"),
+                    default=None,
+                    help="short-behind-long: --trials short requests beside --long clients "
+                         "asking for --long-tokens; non-readers: --readers clients beside "
+                         "--non-readers connections that never read; tenants: a quiet "
+                         "tenant's client alone and beside --noisy-clients of a noisy one "
+                         "(--quiet-key, --noisy-key)")
+    fa.add_argument("--long", type=int, default=12, help="clients asking for long answers")
+    fa.add_argument("--long-tokens", type=int, default=1500)
+    fa.add_argument("--trials", type=int, default=20, help="short requests, one at a time")
+    fa.add_argument("--settle", type=float, default=5.0, metavar="S",
+                    help="seconds the long or noisy clients run before the measure")
+    fa.add_argument("--quiet-key", default=None)
+    fa.add_argument("--noisy-key", default=None)
+    fa.add_argument("--noisy-clients", type=int, default=32)
+    fa.add_argument("--non-readers", type=int, default=50)
+    fa.add_argument("--readers", type=int, default=8)
     nb = ap.add_argument_group("busy neighbours (--neighbours)")
     nb.add_argument("--neighbours", type=_counts, default=None, metavar="N[,N...]",
                     help="for each N: start N CPU-bound processes, then measure --requests "
@@ -372,6 +401,10 @@ def _counts(s: str) -> list[int]:
 
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.clients_point = None
+    if args.scenario == "tenants" and not (args.quiet_key and args.noisy_key):
+        ap.error("--scenario tenants needs --quiet-key and --noisy-key")
+    if args.scenario and args.duration is None:
+        args.duration = 20.0
     if args.neighbours is not None:
         if args.engine or args.rate or args.overload or len(args.clients or ()) > 1:
             ap.error("--neighbours takes one --clients (the throughput point's), without "
@@ -432,6 +465,8 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
         return 130
     if result["config"]["mode"] == "neighbours":
         print_neighbours(result["neighbours"])
+    elif "fairness" in result:
+        print_fairness(result["fairness"])
     else:
         print_report(result)
     if args.json:
@@ -440,6 +475,8 @@ def execute(args: argparse.Namespace, targets: list[Target]) -> int:
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")
+    if "fairness" in result:
+        return 0
     if "neighbours" in result:
         return 0 if all(t["sequential"]["ok"] > 0 for p in result["neighbours"]["points"]
                         for t in p["targets"]) else 1
@@ -459,11 +496,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m llmctl.tools.benc
     else:
         opts = {"token": args.token, "model": args.model, "timeout": args.timeout,
                 "api_key": args.api_key, "stamped": args.stamped}
+        if args.scenario == "tenants":      # one target per tenant, its key both ways
+            runs = [(args.target, {**opts, "token": k, "api_key": k})
+                    for k in (args.quiet_key, args.noisy_key)]
+        else:
+            runs = [(u, opts) for u in (args.target, args.compare) if u]
         try:
-            targets = [make_target(u, **opts) for u in [args.target, args.compare] if u]
+            targets = [make_target(u, **o) for u, o in runs]
         except ValueError as exc:
             ap.error(str(exc))
-        if len(targets) == 2 and targets[0].url == targets[1].url:
+        if len(targets) == 2 and targets[0].url == targets[1].url and not args.scenario:
             ap.error("--compare needs a different target")
     return execute(args, targets)
 
