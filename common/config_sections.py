@@ -269,8 +269,9 @@ class SchedulingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
                     "before it can be made to yield")] = 16
     starvation_s: Annotated[float, Meta(
         ge=0.1, le=86_400.0,
-        description="a request waiting this long goes first, whatever its tenant, priority "
-                    "or service so far")] = 10.0
+        description="a request waiting this long for its first token (three times this once "
+                    "started and parked) goes first, whatever its tenant, priority or "
+                    "service so far")] = 10.0
     usage_half_life_s: Annotated[float, Meta(
         ge=0.1, le=86_400.0,
         description="tenants' fair shares are judged on the tokens served to them, counted "

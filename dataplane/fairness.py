@@ -3,14 +3,19 @@
 Waiting work (new requests, and requests parked to yield their slot) is served in this
 order:
 
-1. a request that has waited ``starvation_s`` or more (the oldest first): nothing waits
-   for ever, whatever arrives meanwhile;
+1. a starving request (the oldest first): one that has waited ``starvation_s`` for its
+   first token, or a started one parked for three times that: nothing waits for ever,
+   whatever arrives meanwhile (a started request parked in the round of time slices is
+   not starving: it has been served, and comes back by rule 4);
 2. the tenant with the least tokens served lately, per unit of its share (``usage`` /
    ``share``, decayed with ``usage_half_life_s``): weighted fair queuing by tokens;
 3. within a tenant, the request's ``priority`` (lower first, vLLM's convention);
 4. then least attained service: the request that has received the fewest tokens (a new
    one has none, so a short answer is not stuck behind long ones);
-5. then the one waiting longest.
+5. then the smallest remaining budget (``max_tokens`` less what it has received): of two
+   requests that have received nothing, the one asking for 8 tokens goes before the one
+   asking for 1,500;
+6. then the one waiting longest.
 
 A running request yields its slot (it is parked, its KV kept, and resumed later exactly
 where it stopped) to the waiting request that comes first, when it has run at least
@@ -40,11 +45,16 @@ class Fairness:
     def fair(self) -> bool:
         return self.cfg.policy == "fair"
 
+    def starving(self, s: "Stream", now: float) -> bool:
+        limit = self.cfg.starvation_s if s.pieces == 0 else 3 * self.cfg.starvation_s
+        return now - s.t_wait >= limit
+
     def key(self, s: "Stream", now: float) -> tuple:
         """Waiting work's order: the smallest key goes first."""
-        if now - s.t_wait >= self.cfg.starvation_s:
-            return (0, 0.0, 0, 0, s.t_wait)
-        return (1, self.usage(s.tenant), s.request.priority, s.pieces, s.t_wait)
+        if self.starving(s, now):
+            return (0, 0.0, 0, 0, 0, s.t_wait)
+        return (1, self.usage(s.tenant), s.request.priority, s.pieces,
+                s.request.max_tokens - s.pieces, s.t_wait)
 
     def ahead(self, s: "Stream") -> tuple:
         """How far ahead a running request is: the largest yields first."""
@@ -53,7 +63,7 @@ class Fairness:
     def deserves(self, w: "Stream", r: "Stream", now: float) -> bool:
         """Should running ``r`` yield its slot to waiting ``w``?"""
         q = self.cfg.quantum_tokens
-        if now - w.t_wait >= self.cfg.starvation_s:
+        if self.starving(w, now):
             return True
         if w.tenant != r.tenant:
             return self.usage(r.tenant) - self.usage(w.tenant) >= q

@@ -12,7 +12,11 @@ Per tenant: ``max_streams`` open and ``max_queued`` waiting requests, ``requests
 and ``tokens_per_min`` (token buckets, refilled continuously): a request over one of them
 is refused ``rate_limited`` with the time after which it would be admitted.  ``usage`` is
 the tokens served to the tenant, decayed with ``usage_half_life_s``: the scheduler orders
-waiting work by usage / share (weighted fair queuing by tokens, not requests).
+waiting work by usage / share (weighted fair queuing by tokens, not requests).  A tenant
+that becomes active (its first open request) starts within one ``quantum_tokens`` of the
+least-used active tenant, a quantum ahead at best (the start tag of weighted fair
+queuing): it gains no credit from having been idle and carries no debt from having been
+served alone.
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ class Tenancy:
     def configure(self, cfg: Config, now: float) -> None:
         """(Re)read the tenants: counts and usage of tenants that stay are kept."""
         self.half_life = cfg.scheduling.usage_half_life_s
+        self.quantum = float(cfg.scheduling.quantum_tokens)
         self.require_key = cfg.scheduling.require_key
         entries = {t.name: t for t in cfg.tenants}
         entries.setdefault(DEFAULT, TenantEntry(name=DEFAULT))
@@ -183,9 +188,21 @@ class Tenancy:
             raise RateLimited(f"tenant {t.name!r} is at its limit of {why} ({limit})",
                               retry_after_ms=max(1, math.ceil(wait * 1000)))
         t.requests.level -= 1
+        if t.open == 0:
+            self._start(t)
         t.open += 1
         t.admitted += 1
         return t
+
+    def _start(self, t: Tenant) -> None:
+        """Place a tenant that becomes active within a quantum of the least-used active one
+        (a quantum and a token ahead at most, so that it may take a slot at once)."""
+        active = [self.norm_usage(u.name) for u in self.by_name.values() if u.open and u is not t]
+        if not active:
+            return
+        v = min(active)
+        norm = min(max(self.norm_usage(t.name), v - self.quantum - 1), v + self.quantum)
+        t.usage = norm * t.share - t.fresh
 
     def release(self, t: Tenant) -> None:
         """A request of ``t`` ended (or was not admitted after all)."""

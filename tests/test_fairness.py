@@ -20,8 +20,9 @@ NOW = 1000.0
 
 
 def stream(pieces: int = 0, tenant: str = DEFAULT, priority: int = 0, waited: float = 0.0,
-           ran: int | None = None) -> Stream:
-    s = Stream(request=GenRequest(prompt="x", priority=priority), out=Recorder(),
+           ran: int | None = None, max_tokens: int = 128) -> Stream:
+    s = Stream(request=GenRequest(prompt="x", priority=priority, max_tokens=max_tokens),
+               out=Recorder(),
                tenant=tenant, t_admit=NOW - waited)
     s.pieces = pieces
     s.slice_start = pieces - (ran if ran is not None else pieces)
@@ -35,7 +36,7 @@ def fairness(usage: dict[str, float] | None = None, **cfg) -> Fairness:
 
 def test_waiting_work_is_served_starving_first_then_by_tenant_priority_service_age():
     f = fairness({"busy": 1000.0, "idle": 10.0}, starvation_s=10.0)
-    starving = stream(900, tenant="busy", waited=11.0)
+    starving = stream(900, tenant="busy", waited=31.0)
     idle_tenant = stream(500, tenant="idle")
     urgent = stream(700, tenant="busy", priority=-5)
     short = stream(0, tenant="busy", waited=1.0)
@@ -44,6 +45,24 @@ def test_waiting_work_is_served_starving_first_then_by_tenant_priority_service_a
     order = sorted([long_, short, urgent, idle_tenant, starving, older],
                    key=lambda s: f.key(s, NOW))
     assert order == [starving, idle_tenant, urgent, older, short, long_]
+
+
+def test_a_short_request_goes_before_long_ones_and_before_a_round_of_time_slices():
+    """Among requests that have received nothing, the smallest budget first; a started
+    request parked for less than 3 x starvation_s is in the round of slices, not starving;
+    one that has waited starvation_s for its first token, or 3 x for its next, is."""
+    f = fairness(starvation_s=10.0)
+    short = stream(0, max_tokens=8, waited=0.5)
+    unstarted_long = stream(0, max_tokens=1500, waited=9.0)
+    parked_long = stream(256, max_tokens=1500, waited=25.0)
+    assert sorted([parked_long, unstarted_long, short], key=lambda s: f.key(s, NOW)) == \
+        [short, unstarted_long, parked_long]
+    starved_long = stream(0, max_tokens=1500, waited=10.0)
+    starved_parked = stream(256, max_tokens=1500, waited=31.0)
+    assert sorted([short, starved_long, starved_parked], key=lambda s: f.key(s, NOW)) == \
+        [starved_parked, starved_long, short]
+    assert f.deserves(starved_parked, stream(300, ran=300), NOW)
+    assert not f.deserves(parked_long, stream(300, ran=300), NOW)
 
 
 def test_a_new_request_takes_the_slot_of_the_one_furthest_ahead():
@@ -166,6 +185,26 @@ def test_usage_decays_with_its_half_life_and_counts_per_share():
     assert t.norm_usage("a") == pytest.approx(50.0)
     t.fold(NOW + 10)
     assert t.norm_usage("a") == pytest.approx(25.0)
+
+
+def test_a_tenant_that_becomes_active_starts_within_a_quantum_of_the_active_ones():
+    """No debt from being served alone, no credit from being idle: a quantum ahead of the
+    least-used active tenant at best, so that its first request may take a slot at once."""
+    t = Tenancy(config(TenantEntry(name="quiet"), TenantEntry(name="noisy"),
+                       quantum_tokens=128), NOW)
+    quiet, noisy = t.get("quiet"), t.get("noisy")
+    quiet.usage = 7000.0                        # served alone a while ago
+    t.admit("noisy", NOW)
+    assert noisy.usage == 0.0                   # nobody else active: kept
+    noisy.usage = 500.0
+    t.admit("quiet", NOW)
+    assert t.norm_usage("quiet") == pytest.approx(500.0 + 128)   # the debt is gone ...
+    t.release(quiet)
+    quiet.usage = 0.0                           # ... and idling earns no credit
+    t.admit("quiet", NOW)
+    assert t.norm_usage("quiet") == pytest.approx(500.0 - 128 - 1)
+    f = Fairness(SchedulingConfig(quantum_tokens=128), t.norm_usage)
+    assert f.deserves(stream(0, tenant="quiet"), stream(300, tenant="noisy", ran=300), NOW)
 
 
 def test_keys_file_and_reconfigure_keep_what_runs(tmp_path):
