@@ -43,7 +43,9 @@ def _figures(records: list[RequestRecord]) -> dict[str, Any]:
     return {"requests": len(records), "ok": len(ok),
             "errors": sorted({r.error for r in records if not r.ok}),
             "ttft_p50_ms": _ms(ttft, 50), "ttft_p99_ms": _ms(ttft, 99),
-            "e2e_p50_ms": _ms(e2e, 50), "e2e_p99_ms": _ms(e2e, 99)}
+            "e2e_p50_ms": _ms(e2e, 50), "e2e_p99_ms": _ms(e2e, 99),
+            "ttft_max_ms": max(ttft) * 1000 if ttft else None,
+            "ttft_ms": [round(t * 1000, 1) for t in ttft]}
 
 
 async def short_behind_long(target: Any, args: Any,
@@ -99,8 +101,6 @@ async def non_readers(target: Any, args: Any,
         for w in writers:
             w.transport.abort()
     f = _figures(readers)
-    f["ttft_max_ms"] = max((r.ttft for r in readers if r.ok and r.ttft is not None),
-                           default=0.0) * 1000
     return {"scenario": "non-readers", "non_readers": args.non_readers,
             "readers": args.readers, "reader_tokens": args.max_tokens, "readers_figures": f,
             "reader_errors": {e: sum(1 for r in readers if r.error == e)
@@ -139,8 +139,8 @@ def print_fairness(res: dict[str, Any], out: Any = None) -> None:
               f"{res['long_tokens']} tokens; {s['ok']}/{s['requests']} short requests "
               f"(8 tokens){'; errors ' + ', '.join(s['errors']) if s['errors'] else ''}",
               file=out)
-        print(f"  short TTFT p50 {_fmt(s['ttft_p50_ms'])} ms, p99 {_fmt(s['ttft_p99_ms'])} ms;"
-              f" end p50 {_fmt(s['e2e_p50_ms'])} ms, p99 {_fmt(s['e2e_p99_ms'])} ms; long "
+        print(f"  short TTFT p50 {_fmt(s['ttft_p50_ms'])} ms, p99 {_fmt(s['ttft_p99_ms'])} ms,"
+              f" max {_fmt(s['ttft_max_ms'])} ms; end p50 {_fmt(s['e2e_p50_ms'])} ms, p99 {_fmt(s['e2e_p99_ms'])} ms; long "
               f"requests finished meanwhile: {res['long_finished']}", file=out)
         return
     if res["scenario"] == "non-readers":
