@@ -124,9 +124,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     def for_model(self, e: ModelEntry) -> "Config":
         """The config one worker of model ``e`` runs: its [model] and [workers] are the
-        entry's, and ``models`` is that one entry (the worker's name for itself)."""
+        entry's, and ``models`` is that one entry (the worker's name for itself).  The
+        gateway's own sections (``[scheduling]``, ``[[tenants]]``) are left out: a reload
+        that changes only them rolls no worker."""
         replace = msgspec.structs.replace
-        return replace(self, models=(e,),
+        return replace(self, models=(e,), scheduling=SchedulingConfig(), tenants=(),
                        model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
                                      n_gpu_layers=e.n_gpu_layers, threads=e.threads),
                        workers=replace(self.workers, count=e.workers, slots=e.slots))

@@ -23,7 +23,7 @@ from llmctl.control.states import ReloadState, move
 log = logging.getLogger(__name__)
 
 # Sections a rolling reload applies; the rest needs a restart of the gateway.
-ROLLING = ("model", "workers", "generation", "synthetic", "models")
+ROLLING = ("model", "workers", "generation", "synthetic", "models", "scheduling", "tenants")
 GATEWAY_WORKER_KEYS = ("heartbeat_interval_s", "liveness", "probe_interval_s", "probe_timeout_s")
 
 
@@ -97,10 +97,11 @@ def rolled(old: Config, new: Config, not_applied: list[str]) -> Config:
 def diff_configs(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(every changed key, the changed keys a rolling reload cannot apply)."""
     changed, not_applied = [], []
-    if old.models != new.models:
-        changed.append("models")
+    for array in ("models", "tenants"):
+        if getattr(old, array) != getattr(new, array):
+            changed.append(array)
     for section in ("model", "workers", "generation", "gateway", "http", "control", "gpu",
-                    "synthetic", "cluster", "node", "host"):
+                    "synthetic", "cluster", "node", "host", "scheduling"):
         a, b = getattr(old, section), getattr(new, section)
         for f in msgspec.structs.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):

@@ -89,3 +89,31 @@ def test_tenant_limits_answer_rate_limited_on_both_fronts(make_service):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics").read().decode()
     assert 'llmctl_tenant_refused_total{limit="requests_per_min",tenant="noisy"} 2.0' in metrics
     wait_until(s.idle, 30, "the service to be idle")
+
+
+def test_reload_applies_new_tenants_and_limits_and_keeps_running_streams(make_service):
+    """`llmctl reload` with a new tenant and a new limit: the stream that runs goes on to
+    its last token, the new key names its tenant, the new limit refuses what is over it."""
+    s = make_service(model={"engine": "synthetic"}, workers={"slots": 4},
+                     synthetic={"step_ms": 10.0},
+                     tenants=[{"name": "a", "keys": ["k-a"]}],
+                     scheduling={"require_key": True})
+    assert s.start().returncode == 0
+    with s.client(hello=False) as a:
+        a.hello(token="k-a")
+        a.generate(1, prompt="long", max_tokens=400)
+        wait_until(lambda: s.status()["tenants"]["a"]["tokens"] >= 10, 30,
+                   "the long stream to run")
+        text = s.config.read_text().replace('name = "a"\n', 'name = "a"\nmax_streams = 1\n')
+        s.config.write_text(text + '[[tenants]]\nname = "b"\nkeys = ["k-b"]\n')
+        assert s.llmctl("reload").returncode == 0
+        wait_until(lambda: "b" in s.status().get("tenants", {}), 30, "the new tenant")
+        refused = a.complete(2, prompt="another", max_tokens=2)
+        assert refused.error["code"] == "rate_limited"
+        assert "max_streams" in refused.error["message"]
+        with s.client(hello=False) as b:
+            b.hello(token="k-b")
+            assert b.complete(1, prompt="hi", max_tokens=2).done["completion_tokens"] == 2
+        long_ = a.collect({1})[1]
+    assert long_.done["completion_tokens"] == 400 and long_.text == " tok" * 400
+    assert s.status()["tenants"]["a"]["refused"] == {"max_streams": 1}

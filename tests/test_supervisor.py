@@ -281,3 +281,19 @@ def test_reload_applies_model_settings_but_not_a_changed_set_of_names(tmp_path):
         assert link.told == [] and sup.reload.view()["state"] == "done"
         assert diff_configs(cfg, config.load(path))[0][0] == "models"
     run(main())
+
+
+def test_reload_of_tenants_and_scheduling_reconfigures_the_gateway_and_rolls_no_worker(tmp_path):
+    async def main() -> None:
+        path = write(tmp_path, TWO)
+        sup, link = supervisor(tmp_path, TWO)
+        before = dict(sup.rollout.desired)
+        path.write_text(path.read_text() + '[scheduling]\npolicy = "fifo"\n'
+                        '[[tenants]]\nname = "team"\nkeys = ["k"]\n')
+        r = sup.start_reload()
+        assert r["ok"] and r["changed"] == ["tenants", "scheduling.policy"]
+        assert r["not_applied"] == []
+        assert sup.rollout.desired == before                     # no worker rolled
+        told = link.told[-1]
+        assert told.scheduling.policy == "fifo" and told.tenants[0].name == "team"
+    run(main())
