@@ -20,7 +20,8 @@ order:
 A running request yields its slot (it is parked, its KV kept, and resumed later exactly
 where it stopped) to the waiting request that comes first, when it has run at least
 ``min_run_tokens`` since it (re)started and the waiting one deserves the slot more: it
-starves, or its tenant's usage is a ``quantum_tokens`` lower (per share), or (same
+starves (then the running one yields once it has run a whole ``quantum_tokens`` slice,
+so an answer shorter than a quantum is never cut), or its tenant's usage is a ``quantum_tokens`` lower (per share), or (same
 tenant) its priority is lower, or (same tenant and priority) it has received
 ``quantum_tokens`` fewer.  The one that yields is the running request furthest ahead by
 the same measures.  ``policy = "fifo"`` does none of this: first come, first served.
@@ -63,8 +64,8 @@ class Fairness:
     def deserves(self, w: "Stream", r: "Stream", now: float) -> bool:
         """Should running ``r`` yield its slot to waiting ``w``?"""
         q = self.cfg.quantum_tokens
-        if self.starving(w, now):
-            return True
+        if self.starving(w, now):               # a whole slice, then the starving one
+            return r.pieces - r.slice_start >= q
         if w.tenant != r.tenant:
             return self.usage(r.tenant) - self.usage(w.tenant) >= q
         if w.request.priority != r.request.priority:

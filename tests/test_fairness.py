@@ -63,6 +63,10 @@ def test_a_short_request_goes_before_long_ones_and_before_a_round_of_time_slices
         [starved_parked, starved_long, short]
     assert f.deserves(starved_parked, stream(300, ran=300), NOW)
     assert not f.deserves(parked_long, stream(300, ran=300), NOW)
+    # The starving take slots from requests that have had a whole slice, never cut a
+    # short answer in its first quantum.
+    assert not f.deserves(starved_long, stream(60, ran=60, max_tokens=64), NOW)
+    assert f.deserves(starved_long, stream(400, ran=128), NOW)
 
 
 def test_a_new_request_takes_the_slot_of_the_one_furthest_ahead():
@@ -187,9 +191,9 @@ def test_usage_decays_with_its_half_life_and_counts_per_share():
     assert t.norm_usage("a") == pytest.approx(25.0)
 
 
-def test_a_tenant_that_becomes_active_starts_within_a_quantum_of_the_active_ones():
+def test_a_tenant_that_becomes_active_starts_a_quantum_ahead_of_the_active_ones():
     """No debt from being served alone, no credit from being idle: a quantum ahead of the
-    least-used active tenant at best, so that its first request may take a slot at once."""
+    least-used active tenant, so that its first request may take a slot at once."""
     t = Tenancy(config(TenantEntry(name="quiet"), TenantEntry(name="noisy"),
                        quantum_tokens=128), NOW)
     quiet, noisy = t.get("quiet"), t.get("noisy")
@@ -198,7 +202,7 @@ def test_a_tenant_that_becomes_active_starts_within_a_quantum_of_the_active_ones
     assert noisy.usage == 0.0                   # nobody else active: kept
     noisy.usage = 500.0
     t.admit("quiet", NOW)
-    assert t.norm_usage("quiet") == pytest.approx(500.0 + 128)   # the debt is gone ...
+    assert t.norm_usage("quiet") == pytest.approx(500.0 - 128 - 1)   # the debt is gone ...
     t.release(quiet)
     quiet.usage = 0.0                           # ... and idling earns no credit
     t.admit("quiet", NOW)
