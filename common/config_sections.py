@@ -262,7 +262,8 @@ class SchedulingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     quantum_tokens: Annotated[int, Meta(
         ge=1, le=1 << 20,
         description="a running request that has received this many tokens more than a "
-                    "waiting one of the same tenant and priority yields its slot to it")] = 128
+                    "waiting one of the same tenant and priority yields its slot to it; and "
+                    "the slice it runs before a starving request takes its slot")] = 128
     min_run_tokens: Annotated[int, Meta(
         ge=1, le=1 << 20,
         description="a request runs at least this many tokens after it starts or resumes "

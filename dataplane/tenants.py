@@ -13,10 +13,10 @@ and ``tokens_per_min`` (token buckets, refilled continuously): a request over on
 is refused ``rate_limited`` with the time after which it would be admitted.  ``usage`` is
 the tokens served to the tenant, decayed with ``usage_half_life_s``: the scheduler orders
 waiting work by usage / share (weighted fair queuing by tokens, not requests).  A tenant
-that becomes active (its first open request) starts within one ``quantum_tokens`` of the
-least-used active tenant, a quantum ahead at best (the start tag of weighted fair
-queuing): it gains no credit from having been idle and carries no debt from having been
-served alone.
+that becomes active (its first open request) while others are starts a quantum ahead of
+the least-used active one: its past, debt or credit, does not follow it across an idle
+time, and its first request may take a slot at once; a tenant that stays active (a
+flood) never gets that head start again.
 """
 from __future__ import annotations
 
@@ -195,14 +195,11 @@ class Tenancy:
         return t
 
     def _start(self, t: Tenant) -> None:
-        """Place a tenant that becomes active within a quantum of the least-used active one
-        (a quantum and a token ahead at most, so that it may take a slot at once)."""
+        """Place a tenant that becomes active a quantum (and a token) ahead of the
+        least-used active one."""
         active = [self.norm_usage(u.name) for u in self.by_name.values() if u.open and u is not t]
-        if not active:
-            return
-        v = min(active)
-        norm = min(max(self.norm_usage(t.name), v - self.quantum - 1), v + self.quantum)
-        t.usage = norm * t.share - t.fresh
+        if active:
+            t.usage = (min(active) - self.quantum - 1) * t.share - t.fresh
 
     def release(self, t: Tenant) -> None:
         """A request of ``t`` ended (or was not admitted after all)."""
