@@ -82,7 +82,9 @@ class Service:
         self.http_port = free_port()
         base: dict[str, dict[str, Any]] = {
             "model": {"path": str(MODEL), "n_ctx": 1024, "threads": 1},
-            "workers": {"count": 1, "slots": 1, "heartbeat_interval_s": 0.5, "liveness": 4},
+            # A 5 s liveness bound, the product's default: a worker on a busy machine may
+            # take seconds for a step. Tests of liveness itself set a tighter one.
+            "workers": {"count": 1, "slots": 1, "heartbeat_interval_s": 0.5, "liveness": 10},
             "gateway": {"port": self.port, "handshake_timeout_s": 1.0},
             "http": {"port": self.http_port},
             "control": {"run_dir": str(self.dir / "run"), "start_timeout_s": 120.0,

@@ -55,7 +55,10 @@ def test_a_remote_peer_cannot_pose_as_a_local_worker(make_service):
     from llmctl.common import messages as m
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
+    # The posing peers send one READY and no heartbeat: a liveness bound far beyond the
+    # test keeps the accepted one listed while the test reads the status.
     head: Service = make_service(model={"engine": "synthetic"}, node={"name": "head"},
+                                 workers={"heartbeat_interval_s": 2.0, "liveness": 60},
                                  cluster={"bind": endpoint, "allow_insecure": True})
     r = head.start()
     assert r.returncode == 0, r.stderr

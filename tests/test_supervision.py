@@ -54,22 +54,41 @@ def test_kill_worker_mid_stream_fails_the_stream_and_restarts(make_service):
 
 
 def test_kill_worker_holding_unstarted_work_is_invisible_to_the_client(make_service):
-    s = make_service(model={"n_ctx": 2048, "n_batch": 16}, workers={"count": 2},
+    """Both workers are stopped (SIGSTOP) before the request goes out, so the one it is
+    dispatched to has certainly sent no token when it is killed, however slow the machine
+    and the status call are; the request is sent to the other worker."""
+    s = make_service(workers={"count": 2, "liveness": 20},   # stopped for seconds: not lost
                      control=FAST_RESTART)
     assert s.start().returncode == 0
-    prompt = f"{uuid.uuid4()} " + " ".join(f"item {i} is red;" for i in range(200))
-    with s.client() as c:
-        c.generate(1, prompt=prompt, max_tokens=4, temperature=0.0)
-        wait_until(lambda: any(w["inflight"] for w in s.status()["workers"]), 10, "dispatch")
-        [holder] = [w for w in s.status()["workers"] if w["inflight"]]
-        os.kill(holder["pid"], signal.SIGKILL)     # still in prefill: no TOKEN sent yet
-        [end] = ends_of(c, {1})[1]
-    assert end["_type"] == "DONE" and end["completion_tokens"] == 4
+    wait_until(lambda: ready(s, "w0", 0) and ready(s, "w1", 0), 60, "both workers ready")
+    pids = [w["pid"] for w in s.status()["workers"]]
+    prompt = f"{uuid.uuid4()} Name three colours."
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with s.client() as c:
+            c.generate(1, prompt=prompt, max_tokens=4, temperature=0.0)
+            wait_until(lambda: any(w["inflight"] for w in s.status()["workers"]), 10,
+                       "dispatch")
+            [holder] = [w for w in s.status()["workers"] if w["inflight"]]
+            os.kill(holder["pid"], signal.SIGKILL)     # it never ran: no TOKEN sent
+            for pid in pids:
+                if pid != holder["pid"]:
+                    os.kill(pid, signal.SIGCONT)
+            [end] = ends_of(c, {1})[1]
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert end["_type"] == "DONE" and end["completion_tokens"] == 4, end
     assert s.counters()["requeued"] == 1 and s.counters()["worker_failed"] == 0
 
 
 def test_hung_worker_is_declared_dead_killed_and_replaced(make_service):
-    s = make_service(control=FAST_RESTART)       # heartbeat 0.5 s x liveness 4
+    s = make_service(control=FAST_RESTART,
+                     workers={"heartbeat_interval_s": 0.5, "liveness": 4})
     assert s.start().returncode == 0
     pid = worker(s.status(), "w0")["pid"]
     os.kill(pid, signal.SIGSTOP)
