@@ -75,8 +75,8 @@ class Gateway(WorkerEvents):
     # ---- the fronts' interface ------------------------------------------------------
     def route(self, model: str | None, lenient: bool = False) -> Scheduler:
         """The Scheduler of ``model`` (None/"" = the default model), or ModelNotFound.
-        ``lenient`` (the OpenAI front of a one-[model] config, as before [[models]]):
-        any name is the one model."""
+        ``lenient`` (the OpenAI front of a config with one ``[model]`` and no
+        ``[[models]]``): any name is the one model."""
         if not model:
             return self.sched.default
         sched = self.sched.get(model)

@@ -4,8 +4,9 @@ Credit-based flow control (ZeroMQ guide, ch. 7): a worker's READY grants ``slots
 credits; each request dispatched to it spends one, and the worker's DONE or ERROR
 for that request gives it back.  ``credits`` is derived (slots minus requests the
 worker still holds), so it can never go negative or above the slots.  Requests wait
-in one bounded FIFO until some worker has credit; the least recently used worker
-with credit gets the next one, unless a worker with credit holds a longer prefix of
+in one bounded queue until some worker has credit, and leave it in the ``[scheduling]``
+policy's order (``fifo``: arrival; ``fair``: ``fairness.py``'s); the least recently
+used worker with credit gets the next one, unless a worker with credit holds a longer prefix of
 its prompt in its prompt cache (``prefix_hashes`` from its DONEs): the longest match
 wins, LRU breaks ties.
 

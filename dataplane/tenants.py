@@ -35,7 +35,7 @@ from llmctl.common.errors import RateLimited, Unauthorized
 log = logging.getLogger(__name__)
 
 DEFAULT = "default"
-HTTP, BINARY = "http", "binary"     # the fronts whose own key is a legacy of the tenant default
+HTTP, BINARY = "http", "binary"     # fronts with a key of their own: a key of the tenant default
 API_KEY_ENV = "LLMCTL_API_KEY"      # overrides [http] api_key when set and not empty
 
 

@@ -1,7 +1,7 @@
 """Hostile and unlucky clients on the real service: nothing they send takes it down.
 
-Each poison found by trying the running service (issue "Hardening") is sent here; the
-worker's pid must stay the same and the next request must be served.  Every service's
+Each input known to poison a naive server is sent here; the worker's pid must stay the
+same and the next request must be served.  Every service's
 logs are scanned for exceptions when it stops (tests/service.py).
 """
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_unknown_model_is_bad_request_naming_it(loop):
 
 def test_one_model_config_is_lenient_on_http_only(loop):
     gw = Gateway(Config())
-    assert gw.route("anything", lenient=True) is gw.sched.default       # as before [[models]]
+    assert gw.route("anything", lenient=True) is gw.sched.default       # HTTP: any name
     with pytest.raises(ModelNotFound):
         gw.route("anything")                                            # the wire: strict
     assert gw.route(None).model == gw.model_name == Config().default_model.name

@@ -36,7 +36,7 @@ def test_one_model_section_is_one_model_named_after_its_file(tmp_path):
     assert (e.name, e.path, e.n_ctx, e.workers, e.slots, e.load) == \
         ("SmolLM2.Q4_1", str(tmp_path / "m/SmolLM2.Q4_1.gguf"), 512, 2, 3, "always")
     assert cfg.models == () and cfg.entry(None) is e and cfg.entry("other") is None
-    # what a worker runs is the same [model]/[workers] as before
+    # what a worker runs is the config's own [model]/[workers]
     w = cfg.for_model(e)
     assert w.model == cfg.model and w.workers == cfg.workers and w.default_model == e
 

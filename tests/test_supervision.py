@@ -216,7 +216,7 @@ def test_reload_under_load_sees_no_error(make_service):
 
 
 def test_a_worker_that_had_served_is_never_given_up_on(make_service):
-    # max_restarts 1: the old flapping guard would have made it FATAL at the second kill.
+    # max_restarts 1: a guard counting every death would make it FATAL at the second kill.
     s = make_service(control={"backoff_initial_s": 3.0, "backoff_max_s": 6.0,
                               "stable_after_s": 600.0, "max_restarts": 1,
                               "restart_window_s": 600.0})

@@ -6,8 +6,8 @@
 
 Built with grimp (import-linter's graph library), from the code's own imports: for each
 pair of packages, how many modules of the first import the second, then every module
-cycle inside a package (none is allowed: ``make lint``).  ``--flat`` reads an older
-layout whose packages were top-level (before the ``llmctl`` package).
+cycle inside a package (none is allowed: ``make lint``).  ``--flat`` reads a checkout
+whose packages are top-level folders, without the ``llmctl`` package.
 """
 from __future__ import annotations
 

@@ -10,9 +10,8 @@ copies the whole stream buffer.
 ``kv_unified = true`` shares one buffer of ``slots x n_ctx`` cells: copies are free
 (cells are shared between sequences), any mix of sequences goes in one micro-batch,
 but every token's attention spans all used cells, interleaved with the others', and
-the attention of k decoding sequences is one k-column product.  Measured on this CPU
-build (8 slots, 8 clients x 64 tokens): as fast as streams (131 vs 133 tok/s), but
-greedy output drifts from the single-slot path (4 of 6 test prompts differ within 48
+the attention of k decoding sequences is one k-column product.  On the CPU build both
+layouts are as fast (docs/benchmarks.md, "Where the time goes"), but greedy output drifts from the single-slot path (4 of 6 test prompts differ within 48
 tokens; see worker/slots.py, "Exactness"), so streams are the default.
 
 A ``step()`` is one ``llama_decode`` of one token for each decoding sequence that
