@@ -1,4 +1,5 @@
-"""OpenAI's response objects (chat and text completions), tool calls included."""
+"""OpenAI's response objects (chat and text completions), tool calls included.  An answer,
+and the usage chunk of a stream, carry llama-server's ``timings`` beside ``usage``."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import uuid
 from typing import Any
 
 from llmctl.common.messages import Finished
+from llmctl.dataplane.http.llama_shapes import timings
 
 
 def dumps(obj: Any) -> str:
@@ -66,7 +68,8 @@ class Reply:
                       "logprobs": lp, "finish_reason": fr}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
               role: bool = False, logprobs: list[dict[str, Any]] | None = None,
@@ -95,7 +98,8 @@ class Reply:
         return head + dumps(text).encode("utf-8") + tail
 
     def usage_chunk(self, fin: Finished) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self.usage(fin)}
+        return {**self._head(True), "choices": [], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
 
     def tool_full(self, call: dict[str, Any], fin: Finished) -> dict[str, Any]:
@@ -103,7 +107,8 @@ class Reply:
         choice = {"index": 0, "message": {"role": "assistant", "content": None,
                                           "tool_calls": [call]},
                   "logprobs": None, "finish_reason": "tool_calls"}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
     def tool_chunk(self, call: dict[str, Any]) -> dict[str, Any]:
         """A streamed tool call, whole in one chunk (its arguments in one piece)."""
