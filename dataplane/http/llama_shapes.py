@@ -29,9 +29,8 @@ NOOP: dict[str, Any] = {
 # their parameters at the NOOP values.
 SAMPLERS = ("top_k", "top_p", "min_p", "temperature")
 NOOP_SAMPLERS = ("dry", "typ_p", "typical_p", "xtc", "penalties", "top_n_sigma")
-LLAMA_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-               403: "permission_error", 404: "not_found_error", 501: "not_supported_error",
-               503: "unavailable_error"}
+LLAMA_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               429: "unavailable_error", 501: "not_supported_error", 503: "unavailable_error"}
 
 
 def refuse_unsupported(body: dict[str, Any]) -> None:
@@ -145,7 +144,8 @@ def error_body(err: LlmctlError) -> dict[str, Any]:
     """llama-server's error shape: ``{"error": {"code": status, "message", "type"}}``."""
     status = err.http_status
     return {"error": {"code": status, "message": err.message,
-                      "type": LLAMA_TYPES.get(status, "server_error")}}
+                      "type": LLAMA_TYPES.get(status, "invalid_request_error" if status < 500
+                                              else "server_error")}}
 
 
 def prompt_parts(v: Any) -> tuple[int | str, ...]:
