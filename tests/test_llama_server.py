@@ -395,3 +395,16 @@ def test_chat_n_choices(target):
                                         temperature=0.0)
     assert [ch.index for ch in r.choices] == [0, 1]
     assert {ch.message.content for ch in r.choices} == {one.choices[0].message.content}
+
+
+def test_chat_stream_timings_and_logprob_ids(target):
+    events = target.events("/v1/chat/completions", {
+        "messages": HELLO, "max_tokens": 3, "temperature": 0.0, "stream": True,
+        "logprobs": True, "top_logprobs": 2})
+    first, *middle, last = events
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    entries = [e for ev in middle for e in (ev["choices"][0].get("logprobs") or {}).get(
+        "content", [])]
+    assert len(entries) == 3 and all(isinstance(e["id"], int) for e in entries)
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert last["timings"]["predicted_n"] == 3

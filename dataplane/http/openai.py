@@ -21,7 +21,7 @@ from llmctl.common.errors import BadRequest, LlmctlError
 from llmctl.common.messages import Finished
 from llmctl.common.request import GenRequest, MAX_OUTPUT, validate
 from llmctl.dataplane.http.exchange import exchange
-from llmctl.dataplane.http.llama_shapes import sampling_fields
+from llmctl.dataplane.http.llama_shapes import sampling_fields, timings
 from llmctl.dataplane.http.openai_shapes import Reply, dumps
 from llmctl.dataplane.http.base import GATEWAY_KEY, error_body, read_body
 from llmctl.dataplane.http.tool_calls import ToolMode, parse_call, render_messages, tool_mode
@@ -134,7 +134,10 @@ def to_request(body: dict[str, Any], gen: Any,
                 raise BadRequest("logprobs must be an integer (alternatives per token)",
                                  param="logprobs")
             obj["logprobs"], obj["top_logprobs"] = True, n
-    request = msgspec.structs.replace(validate(obj, gen), **sampling_fields(body))
+    request = validate(obj, gen)
+    # logprob entries carry token ids, as llama-server's
+    request = msgspec.structs.replace(request, token_ids=request.logprobs,
+                                      **sampling_fields(body))
     if mode is not None:
         request = msgspec.structs.replace(request, json_schema=mode.schema, or_text=mode.or_text)
     return request, stream, include_usage, mode
@@ -243,14 +246,15 @@ async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
 def _dialect(gen: GenRequest, chat: bool, model: str, stream: bool, include_usage: bool,
              tools: ToolMode | None) -> Any:
     dialect = OpenAIDialect(Reply(chat, model), stream, include_usage, tools, gen.logprobs)
-    if chat and gen.messages and len(gen.messages) > 1 and gen.messages[-1].role == "assistant":
-        return Prefilled(dialect, gen.messages[-1].content)
-    return dialect
+    prefill = gen.messages[-1].content if chat and gen.messages and len(gen.messages) > 1 \
+        and gen.messages[-1].role == "assistant" else ""
+    return Prefilled(dialect, prefill)
 
 
 class Prefilled:
-    """A chat whose last message is the assistant's: the worker continues it (a
-    prefill), and the answer is the whole message, that text first (as llama-server)."""
+    """llama-server's additions to an OpenAI answer: a chat whose last message is the
+    assistant's is continued by the worker (a prefill), and the answer is the whole
+    message, that text first; a stream's finish chunk carries the ``timings``."""
 
     def __init__(self, inner: OpenAIDialect, prefill: str) -> None:
         self.inner, self.prefill = inner, prefill
@@ -272,6 +276,7 @@ class Prefilled:
         return self.inner.token(text)
 
     def done(self, fin: Finished) -> bytes:
+        self.inner.reply.timings = timings(fin)
         return self._pending() + self.inner.done(fin)
 
     def error(self, err: LlmctlError) -> bytes:

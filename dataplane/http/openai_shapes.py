@@ -1,5 +1,6 @@
 """OpenAI's response objects (chat and text completions), tool calls included.  An answer,
-and the usage chunk of a stream, carry llama-server's ``timings`` beside ``usage``."""
+and the last chunks of a stream (the finish reason's, the usage), carry llama-server's
+``timings``."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ class Reply:
         self.created = int(time.time())
         self.model = model
         self._event: tuple[bytes, bytes] | None = None   # token_event's template
+        self.timings: dict[str, Any] | None = None       # the finish chunk's, when known
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -84,6 +86,8 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": lp,
                       "finish_reason": finish_reason}
+        if finish_reason is not None and self.timings is not None:
+            return {**self._head(True), "choices": [choice], "timings": self.timings}
         return {**self._head(True), "choices": [choice]}
 
     def token_event(self, text: str) -> bytes:
