@@ -408,3 +408,35 @@ def test_chat_stream_timings_and_logprob_ids(target):
     assert len(entries) == 3 and all(isinstance(e["id"], int) for e in entries)
     assert last["choices"][0]["finish_reason"] == "length"
     assert last["timings"]["predicted_n"] == 3
+
+
+# ---- the router endpoints on [[models]] (llmctl only: llama-server's router is a mode) --
+
+def test_models_load_and_unload_map_onto_the_configured_models(make_service):
+    from tests.service import MODEL_B, running
+    common = {"n_ctx": 512, "threads": 1, "load": "on_demand"}
+    svc = make_service(models=[{"name": "a", "path": str(MODEL), **common},
+                               {"name": "b", "path": str(MODEL_B), **common}],
+                       workers={"probe_interval_s": 0.0}, http={"enabled": True})
+    with running(svc):
+        t = Target("llmctl", svc.base)
+
+        def state(name: str) -> str:
+            models = t.call("GET", "/models", key=None)[1]["data"]
+            return next(m["status"]["value"] for m in models if m["id"] == name)
+
+        status, body = t.call("GET", "/health", key=None)        # nothing loaded yet
+        assert status == 503 and body["error"] == {
+            "code": 503, "message": "Loading model", "type": "unavailable_error"}
+        assert state("a") == state("b") == "unloaded"
+        assert t.call("POST", "/models/load", {"model": "b"}, key=None) == (
+            200, {"success": True})
+        wait_until(lambda: state("b") == "loaded", 60, "model b to load")
+        status, r = t.call("POST", "/completion", {"prompt": PROMPT, "n_predict": 2,
+                                                   "model": "b"}, key=None)
+        assert status == 200 and r["tokens_predicted"] == 2 and r["model"] == "b"
+        assert t.call("POST", "/models/unload", {"model": "b"}, key=None) == (
+            200, {"success": True})
+        wait_until(lambda: state("b") == "unloaded", 60, "model b to unload")
+        status, body = t.call("POST", "/models/load", {"model": "nope"}, key=None)
+        assert status == 404 and body["error"]["type"] == "not_found_error"
