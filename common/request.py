@@ -61,8 +61,10 @@ class GenRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     logit_bias: tuple[tuple[int | str, float | None], ...] = ()  # (token id, or a text:
                                     # each of its tokens; bias, None = never sampled)
     min_p: float = 0.0
-    samplers: tuple[str, ...] | None = None   # the sampler chain's order (top_k, top_p,
-                                    # min_p, temperature); None = that order
+    penalties: tuple[int, float, float, float] | None = None  # (last_n, repeat, frequency,
+                                    # presence): llama.cpp's penalties over the last tokens
+    samplers: tuple[str, ...] | None = None   # the sampler chain's order (penalties, top_k,
+                                    # top_p, min_p, temperature); None = that order
     token_ids: bool = False         # logprob entries with token ids, one per token
     cache_prompt: bool = True       # False: the prompt is evaluated whole, no cache reuse
     id_slot: int = -1               # the worker slot to run in when it is free (-1: any)

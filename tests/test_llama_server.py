@@ -440,3 +440,18 @@ def test_models_load_and_unload_map_onto_the_configured_models(make_service):
         wait_until(lambda: state("b") == "unloaded", 60, "model b to unload")
         status, body = t.call("POST", "/models/load", {"model": "nope"}, key=None)
         assert status == 404 and body["error"]["type"] == "not_found_error"
+
+
+def test_completion_penalties(target):
+    prompt = "one one one one one one one one"
+    plain = target.complete(prompt=prompt, n_predict=8)["content"]
+    body = {"prompt": prompt, "n_predict": 8, "temperature": 0.0, "repeat_penalty": 1.5,
+            "presence_penalty": 1.0, "frequency_penalty": 1.0}
+    pen = target.post("/completion", body)
+    assert pen["content"] != plain
+    assert pen["generation_settings"]["repeat_penalty"] == 1.5
+    with sdk(target) as c:            # OpenAI's names reach the same sampler
+        r = c.completions.create(model="any", prompt=prompt, max_tokens=8, temperature=0.0,
+                                 presence_penalty=1.0, frequency_penalty=1.0,
+                                 extra_body={"repeat_penalty": 1.5})
+    assert r.choices[0].text == pen["content"]

@@ -32,9 +32,9 @@ def test_samplers_keep_their_order_and_drop_the_no_ops():
 
 
 def test_fields_that_change_the_answer_are_refused_unless_no_ops():
-    ls.refuse_unsupported({"repeat_penalty": 1.0, "presence_penalty": 0, "mirostat": 0,
+    ls.refuse_unsupported({"typical_p": 1.0, "xtc_probability": 0, "mirostat": 0,
                            "top_n_sigma": -1, "n_cmpl": 1, "lora": []})
-    for key, value in (("repeat_penalty", 1.1), ("ignore_eos", True), ("n_cmpl", 2),
+    for key, value in (("typical_p", 0.9), ("ignore_eos", True), ("n_cmpl", 2),
                        ("return_progress", True), ("top_n_sigma", 1.5)):
         with pytest.raises(BadRequest) as e:
             ls.refuse_unsupported({key: value})
@@ -46,8 +46,14 @@ def test_sampling_fields():
                               "chat_template_kwargs": {"x": 1}})
     assert out["min_p"] == 0.1 and out["cache_prompt"] is False and out["id_slot"] == 1
     assert out["template_kwargs"] == {"x": 1} and out["logit_bias"] == ()
+    assert "penalties" not in out                   # all at their no-op values
+    assert ls.sampling_fields({"repeat_penalty": 1.1})["penalties"] == (64, 1.1, 0.0, 0.0)
+    assert ls.sampling_fields({"presence_penalty": 1, "repeat_last_n": -1})["penalties"] \
+        == (1 << 16, 1.0, 0.0, 1.0)
+    assert "penalties" not in ls.sampling_fields({"repeat_penalty": 2, "repeat_last_n": 0})
     for body in ({"min_p": 2}, {"cache_prompt": "no"}, {"id_slot": -2},
-                 {"chat_template_kwargs": []}):
+                 {"chat_template_kwargs": []}, {"presence_penalty": 3}, {"repeat_last_n": -2},
+                 {"repeat_penalty": "x"}):
         with pytest.raises(BadRequest) as e:
             ls.sampling_fields(body)
         assert e.value.param == next(iter(body))

@@ -172,6 +172,10 @@ class Prompting:
                              id_slot=req.id_slot)
         seq.hashes = request_hashes(req)
         seq.grammar = make_grammar(req, self._model.vocab)
+        if req.penalties:               # the penalties count the prompt's tokens too
+            from llama_cpp import llama_sampler_accept
+            for t in tokens:
+                llama_sampler_accept(seq.sampler.sampler, t)
         return seq
 
 
@@ -213,22 +217,28 @@ def make_grammar(req: GenRequest, vocab: Any) -> Any:
     return Grammar(llama_cpp, grammar_sampler(llama_cpp, vocab, gbnf)) if gbnf else None
 
 
-SAMPLERS = ("top_k", "top_p", "min_p", "temperature")   # the chain's default order
+SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")   # the default order
 
 
 def make_sampler(req: GenRequest, model: Any = None) -> Any:
-    """A sampler chain: the logit biases, then greedy at temperature 0, else top-k,
-    top-p, min-p, temperature (or ``req.samplers``' order) and dist(seed)."""
+    """A sampler chain: the logit biases, then the penalties and greedy at temperature 0,
+    else penalties, top-k, top-p, min-p, temperature (or ``req.samplers``' order) and
+    dist(seed).  With penalties the caller feeds the prompt's tokens to ``accept``."""
     from llama_cpp._internals import LlamaSampler
 
     sampler = LlamaSampler()
     if req.logit_bias and model is not None:
         sampler.add_logit_bias(model.n_vocab(), logit_biases(req.logit_bias, model))
+    order = req.samplers if req.samplers is not None else SAMPLERS
     if req.temperature <= 0.0:
+        if req.penalties and model is not None and "penalties" in order:
+            sampler.add_penalties(model.n_vocab(), *req.penalties)
         sampler.add_greedy()
         return sampler
-    for name in req.samplers if req.samplers is not None else SAMPLERS:
-        if name == "top_k" and req.top_k:
+    for name in order:
+        if name == "penalties" and req.penalties and model is not None:
+            sampler.add_penalties(model.n_vocab(), *req.penalties)
+        elif name == "top_k" and req.top_k:
             sampler.add_top_k(req.top_k)
         elif name == "top_p":
             sampler.add_top_p(req.top_p, 1)

@@ -19,7 +19,6 @@ from llmctl.common.request import GenRequest, MAX_OUTPUT
 
 # Fields that change the answer, with the value that leaves it unchanged.
 NOOP: dict[str, Any] = {
-    "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
     "typical_p": 1.0, "dynatemp_range": 0.0, "xtc_probability": 0.0, "dry_multiplier": 0.0,
     "mirostat": 0, "top_n_sigma": -1.0, "n_indent": 0, "t_max_predict_ms": 0,
     "ignore_eos": False, "post_sampling_probs": False, "n_cmpl": 1, "lora": [],
@@ -27,8 +26,10 @@ NOOP: dict[str, Any] = {
 }
 # Samplers of llama-server's chain: those llmctl runs, and those that are no-ops with
 # their parameters at the NOOP values.
-SAMPLERS = ("top_k", "top_p", "min_p", "temperature")
-NOOP_SAMPLERS = ("dry", "typ_p", "typical_p", "xtc", "penalties", "top_n_sigma")
+SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")
+NOOP_SAMPLERS = ("dry", "typ_p", "typical_p", "xtc", "top_n_sigma")
+PENALTIES = (("repeat_last_n", 64, -1, 1 << 20), ("repeat_penalty", 1.0, 0.0, 10.0),
+             ("frequency_penalty", 0.0, -2.0, 2.0), ("presence_penalty", 0.0, -2.0, 2.0))
 LLAMA_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                429: "unavailable_error", 501: "not_supported_error", 503: "unavailable_error"}
 
@@ -117,6 +118,15 @@ def sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest(f"{key} must be a boolean", param=key)
         if v is not None:
             out[key] = v
+    pen = []
+    for key, noop, lo, hi in PENALTIES:
+        v = body.get(key)
+        v = noop if v is None else v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise BadRequest(f"{key} must be a number in [{lo}, {hi}]", param=key)
+        pen.append(int(v) if key == "repeat_last_n" else float(v))
+    if pen[1:] != [1.0, 0.0, 0.0] and pen[0] != 0:
+        out["penalties"] = (pen[0] if pen[0] > 0 else 1 << 16, *pen[1:])   # -1: all tokens
     kw = body.get("chat_template_kwargs")
     if kw is not None:
         if not isinstance(kw, dict):
@@ -168,15 +178,17 @@ def settings(gen: GenRequest, n_ctx: int, stream: bool, n_probs: int,
              model: str) -> dict[str, Any]:
     """llama-server's ``generation_settings`` of a request."""
     n_predict = -1 if gen.max_tokens >= MAX_OUTPUT else gen.max_tokens
+    pen = gen.penalties or (64, 1.0, 0.0, 0.0)
     return {"n_ctx": n_ctx, "model": model,
             "seed": 0xFFFFFFFF if gen.seed is None else gen.seed,
             "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
-            "min_p": gen.min_p, "typical_p": 1.0, "repeat_penalty": 1.0,
-            "presence_penalty": 0.0, "frequency_penalty": 0.0, "mirostat": 0,
+            "min_p": gen.min_p, "typical_p": 1.0, "repeat_last_n": pen[0],
+            "repeat_penalty": pen[1], "frequency_penalty": pen[2], "presence_penalty": pen[3],
+            "mirostat": 0,
             "stop": list(gen.stop), "max_tokens": n_predict, "n_predict": n_predict,
             "n_keep": 0, "ignore_eos": False, "stream": stream, "n_probs": n_probs,
             "logit_bias": [[t, False if b is None else b] for t, b in gen.logit_bias],
             "grammar": gen.grammar or "", "cache_prompt": gen.cache_prompt,
             "samplers": list(gen.samplers) if gen.samplers is not None
-            else ["top_k", "top_p", "min_p", "temperature"],
+            else list(SAMPLERS),
             "id_slot": gen.id_slot}
