@@ -5,8 +5,10 @@ or not (``exchange.py``).
 Fields that would change the answer and are not implemented are refused with a 400
 naming them (``_UNSUPPORTED``, ``_ONLY``, ``llama_shapes.NOOP``), never ignored.
 llama-server's extensions are read as it reads them: ``n_predict`` beside ``max_tokens``
-(it wins), ``logit_bias``, ``min_p``, ``samplers``, ``cache_prompt``, ``id_slot``,
-``chat_template_kwargs`` (``llama_shapes.sampling_fields``).
+(it wins), ``logit_bias``, ``min_p``, the penalties, ``samplers``, ``cache_prompt``,
+``id_slot``, ``chat_template_kwargs`` (``llama_shapes.sampling_fields``); ``n`` > 1 is
+that many requests (``_choices``); answers have llama-server's additions
+(``LlamaAdditions``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from llmctl.dataplane.http.base import GATEWAY_KEY, error_body, read_body
 from llmctl.dataplane.http.tool_calls import ToolMode, parse_call, render_messages, tool_mode
 
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
-_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}     # n: see _complete
+_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}     # n: _complete reads it
 # Fields that would change the answer and that llmctl does not implement: refused unless
 # absent or at their no-op value (0, empty, null).
 _UNSUPPORTED = ("audio", "prediction", "web_search_options", "reasoning_effort")
@@ -248,10 +250,10 @@ def _dialect(gen: GenRequest, chat: bool, model: str, stream: bool, include_usag
     dialect = OpenAIDialect(Reply(chat, model), stream, include_usage, tools, gen.logprobs)
     prefill = gen.messages[-1].content if chat and gen.messages and len(gen.messages) > 1 \
         and gen.messages[-1].role == "assistant" else ""
-    return Prefilled(dialect, prefill)
+    return LlamaAdditions(dialect, prefill)
 
 
-class Prefilled:
+class LlamaAdditions:
     """llama-server's additions to an OpenAI answer: a chat whose last message is the
     assistant's is continued by the worker (a prefill), and the answer is the whole
     message, that text first; a stream's finish chunk carries the ``timings``."""
