@@ -154,7 +154,13 @@ class ModelWanted(_Msg, tag="model_wanted"):
     model: str
 
 
-FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained, ModelWanted]
+class ModelUnwanted(_Msg, tag="model_unwanted"):
+    """A client asked to unload ``model`` (llama-server's ``POST /models/unload``)."""
+    model: str
+
+
+FromGateway = Union[Reply, GatewayUp, WorkerReady, WorkerLost, WorkerDrained, ModelWanted,
+                    ModelUnwanted]
 
 # ---- node worker -> its supervisor ---------------------------------------------------------
 

@@ -31,8 +31,7 @@ as one CREDIT of ``(rid, n)`` pairs.
 Two layers: ``encode``/``decode`` frame a message (``Message``: kind, rid, raw body);
 ``from_worker`` / ``from_gateway`` decode and validate a whole message once, at the
 socket, into the typed messages below (``msgspec`` structs), refusing with
-``MessageError`` what the receiving side must not get.  Code past the socket never
-sees a dict or a raw body.
+``MessageError`` what the receiving side must not get.
 """
 from __future__ import annotations
 
@@ -69,7 +68,7 @@ class Kind(bytes, Enum):
     RESUME = b"U"      # gateway -> worker: run parked rid again (spends a credit)
     DRAINING = b"Y"    # worker -> gateway: finishing what it has, send it nothing new
     LOGPROBS = b"L"    # worker -> gateway: rid, body {"content": [entry...]}: the logprobs
-                       # of the tokens behind the next TOKEN (or DONE); not a TOKEN message
+                       # of the tokens behind the next TOKEN (or DONE)
 
 
 class MessageError(ValueError):
@@ -155,6 +154,7 @@ class ReadyInfo(msgspec.Struct, frozen=True):
     node: str = ""           # the machine it runs on ([node] name)
     served: str = ""        # the configured model it serves ([[models]] name); "" = default
     threads: ComputeThreads | None = None    # None: an engine without CPU threads
+    props: dict[str, Any] = {}   # the model's chat_template, bos/eos tokens, sizes (/props)
 
 
 class KvStoreStats(msgspec.Struct, frozen=True):
@@ -184,6 +184,9 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     tokens: list[int] | None = None       # a ``tokenize`` request's tokens
     text: str | None = None               # what was tokenized, or a ``detokenize``'s text
     pieces: list[str | list[int]] | None = None   # each token's text (bytes if not UTF-8)
+    slot: int = -1                        # the slot it ran in
+    slot_tokens: list[int] | None = None  # the tokens each slot's KV holds now
+    stop_word: str | None = None          # the stop string that ended it
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -200,23 +203,27 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tokens: list[int] | None = None
     text: str | None = None
     pieces: list[str | list[int]] | None = None
+    slot: int = -1
+    stop_word: str | None = None
     worker: str
     ttft_ms: float
     total_ms: float
 
 
-class TopLogprob(msgspec.Struct, frozen=True):
+class TopLogprob(msgspec.Struct, frozen=True, omit_defaults=True):
     token: str
     logprob: float
     bytes: list[int]
+    id: int | None = None              # the token id, for a request with ``token_ids``
 
 
-class TokenLogprob(msgspec.Struct, frozen=True):
+class TokenLogprob(msgspec.Struct, frozen=True, omit_defaults=True):
     """One generated token's logprob entry (OpenAI's chat shape)."""
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list[TopLogprob] = []
+    top_logprobs: list[TopLogprob]
+    id: int | None = None
 
 
 class LogprobsBody(msgspec.Struct, frozen=True):

@@ -50,11 +50,25 @@ class GenRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
                                     # after the model's template) and the text tokenized
     add_special: bool = True        # tokenize: a prompt gets the model's BOS
     with_pieces: bool = False       # tokenize: each token's piece too
+    parse_special: bool = False     # tokenize: special tokens' texts are those tokens
     detokenize: tuple[int, ...] | None = None   # instead of generating: these tokens' text
     priority: int = 0               # lower runs first among a tenant's waiting work
                                     # (vLLM's convention; [scheduling] policy "fair")
     window: int = 0                 # TOKEN messages the worker may send ahead (the
                                     # gateway sets it at dispatch); 0 = unbounded
+    prompt_parts: tuple[int | str, ...] | None = None  # instead of prompt: token ids and
+                                    # texts, concatenated (a BOS first if a text is first)
+    logit_bias: tuple[tuple[int | str, float | None], ...] = ()  # (token id, or a text:
+                                    # each of its tokens; bias, None = never sampled)
+    min_p: float = 0.0
+    penalties: tuple[int, float, float, float] | None = None  # (last_n, repeat, frequency,
+                                    # presence): llama.cpp's penalties over the last tokens
+    samplers: tuple[str, ...] | None = None   # the sampler chain's order (penalties, top_k,
+                                    # top_p, min_p, temperature); None = that order
+    token_ids: bool = False         # logprob entries with token ids, one per token
+    cache_prompt: bool = True       # False: the prompt is evaluated whole, no cache reuse
+    id_slot: int = -1               # the worker slot to run in when it is free (-1: any)
+    template_kwargs: dict[str, Any] | None = None   # extra variables of the chat template
 
 
 def as_request(obj: GenRequest | Any) -> GenRequest:

@@ -266,6 +266,10 @@ class Supervisor:
                     w.drained = True
             case admin.ModelWanted(model=name):
                 self.models.want(name)
+            case admin.ModelUnwanted(model=name):
+                err = self.models.unload(name)
+                if err is not None:
+                    log.warning("unload %s (asked over HTTP): %s", name, err)
 
     def _by_routing_id(self, wid: str) -> WorkerProcess | None:
         return next((w for w in self.workers if w.routing_id == wid), None)

@@ -173,6 +173,7 @@ class GatewayMetrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.tokens_max = 0                   # the longest request (prompt + completion)
         self.worker_tokens: dict[str, Rate] = {}
         self.worker_prefill_ms: dict[str, float] = {}
         self.worker_decode_ms: dict[str, float] = {}
@@ -192,6 +193,7 @@ class GatewayMetrics:
         self.prompt_tokens += fin.prompt_tokens
         self.completion_tokens += fin.completion_tokens
         self.cached_tokens += fin.cached_tokens or 0
+        self.tokens_max = max(self.tokens_max, fin.prompt_tokens + fin.completion_tokens)
         w = fin.worker
         self.worker_prefill_ms[w] = self.worker_prefill_ms.get(w, 0.0) + (fin.prefill_ms or 0.0)
         self.worker_decode_ms[w] = self.worker_decode_ms.get(w, 0.0) + (fin.decode_ms or 0.0)

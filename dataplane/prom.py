@@ -4,7 +4,8 @@ A collector reads the gateway at scrape time (no global registry, nothing update
 twice): request counters and errors by code, histograms of TTFT, end-to-end
 latency, queue wait and inter-token latency, gauges of queue and credits, and the
 process figures (states, restarts, RSS, CPU, VRAM) the supervisor pushes.
-Every name is prefixed ``llmctl_``.
+Every name is prefixed ``llmctl_``; the ``llamacpp:`` families are llama-server's
+(``_llamacpp_families``), from the same figures, for the dashboards that read them.
 """
 from __future__ import annotations
 
@@ -102,6 +103,7 @@ class GatewayCollector:
             info.add_metric([w.name, w.node, w.device], 1.0)
         yield info
         yield from self._processes()
+        yield from _llamacpp_families(gw)
 
     def _processes(self) -> Iterator[Metric]:
         procs: dict[str, Any] = self.gw.procs
@@ -198,3 +200,44 @@ def _tenant_families(gw: Any) -> Any:
         for limit, n in t["refused"].items():
             refused.add_metric([name, limit], n)
     return [admitted, tokens, refused, open_]
+
+
+def _llamacpp_families(gw: Any) -> list[Metric]:
+    """llama-server's ``llamacpp:`` families: its counters from the finished requests'
+    statistics, its gauges from the queue and the requests held by workers.  A decode
+    step here is one token of one sequence (``n_decode_total``); llmctl does not
+    decode speculatively (the ``spec_decode`` counters stay 0)."""
+    mt, st = gw.metrics, gw.sched
+    prefill_s = sum(mt.worker_prefill_ms.values()) / 1000.0
+    decode_s = sum(mt.worker_decode_ms.values()) / 1000.0
+    evaluated = mt.prompt_tokens - mt.cached_tokens
+    out: list[Metric] = []
+    for name, doc, value in (
+            ("prompt_tokens", "Number of prompt tokens processed, excluding cached tokens",
+             evaluated),
+            ("prompt_tokens_cached", "Number of prompt tokens reused from the cache",
+             mt.cached_tokens),
+            ("prompt_seconds", "Total time spent processing prompts", prefill_s),
+            ("tokens_predicted", "Number of generation tokens processed",
+             mt.completion_tokens),
+            ("tokens_predicted_seconds", "Total time spent generating tokens", decode_s),
+            ("n_decode", "Total number of sequence decode steps", mt.completion_tokens),
+            ("spec_decode_num_draft_tokens", "Speculative: Total draft tokens generated", 0),
+            ("spec_decode_num_accepted_tokens", "Speculative: Total draft tokens accepted "
+             "by the target model", 0),
+            ("spec_decode_num_drafts", "Speculative: Total speculative decoding "
+             "verification steps", 0)):
+        out.append(CounterMetricFamily(f"llamacpp:{name}", doc, value=value))
+    busy = st.inflight_count()
+    for name, doc, value in (
+            ("n_tokens_max", "Largest observed sequence length (prompt + generation)",
+             mt.tokens_max),
+            ("prompt_tokens_seconds", "Average prompt throughput in tokens/s",
+             evaluated / prefill_s if prefill_s else 0.0),
+            ("predicted_tokens_seconds", "Average generation throughput in tokens/s",
+             mt.completion_tokens / decode_s if decode_s else 0.0),
+            ("requests_processing", "Number of requests processing", busy),
+            ("requests_deferred", "Number of requests deferred", len(st.queue)),
+            ("n_busy_slots_per_decode", "Busy slots now (requests held by workers)", busy)):
+        out.append(GaugeMetricFamily(f"llamacpp:{name}", doc, value=value))
+    return out

@@ -59,6 +59,8 @@ class WorkerState:
     prefixes: set[int] = field(default_factory=set)     # prompt prefixes its cache holds
     kv_store: dict[str, int] = field(default_factory=dict)   # its host KV store, as last told
     threads: dict[str, Any] = field(default_factory=dict)    # its compute threads, as last told
+    slot_tokens: list[int] = field(default_factory=list)     # tokens each slot's KV holds
+    props: dict[str, Any] = field(default_factory=dict)      # its model's (READY)
 
     @property
     def credits(self) -> int:

@@ -86,7 +86,7 @@ class WorkerEvents:
         self._of[wid] = sched
         requeued, failed = sched.add_worker(WorkerState(
             id=wid, slots=info.slots, name=info.name or wid, pid=info.pid, model=info.model,
-            device=info.device, n_ctx=info.n_ctx, node=info.node,
+            device=info.device, n_ctx=info.n_ctx, node=info.node, props=info.props,
             threads=msgspec.structs.asdict(info.threads) if info.threads else {}))
         self._fail_orphans(wid, "it restarted", requeued, failed)
         log.info("worker %s ready (model %s, node %s, pid %d, %d slot(s))", wid, sched.model,
@@ -157,6 +157,8 @@ class WorkerEvents:
                 w.prefixes = set(st.prefix_hashes)
             if st.kv_store is not None:
                 w.kv_store = msgspec.structs.asdict(st.kv_store)
+            if st.slot_tokens is not None:
+                w.slot_tokens = st.slot_tokens
             if st.threads is not None:
                 w.threads = msgspec.structs.asdict(st.threads)
         if w.draining and not w.inflight and not w.parked:

@@ -102,7 +102,9 @@ def test_metrics_status_and_dashboard_after_real_traffic(make_service):
                   if smp.name == "llmctl_ttft_seconds_count"]
     assert ttft_count == [5]
     assert [smp.value for smp in fams["llmctl_completion_tokens"].samples] == [25]
-    assert all(name.startswith("llmctl_") for name in fams)
+    # llmctl's own families, and llama-server's from the same figures
+    assert all(name.startswith(("llmctl_", "llamacpp:")) for name in fams)
+    assert [smp.value for smp in fams["llamacpp:tokens_predicted"].samples] == [25]
     states = {(smp.labels["worker"], smp.labels["state"]): smp.value
               for smp in fams["llmctl_worker_state"].samples}
     assert states[("w0", "ready")] == states[("w1", "ready")] == 1.0

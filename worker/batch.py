@@ -40,7 +40,7 @@ from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats, prefill_chunk, token_logprobs)
+                           done_stats, model_props, prefill_chunk, token_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Seq(Sequence):
     slot: "Slot | None" = None
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
+    last_slot: int = -1                    # the slot it ran in last
 
 
 class BatchEngine(Prompting):
@@ -99,6 +100,7 @@ class BatchEngine(Prompting):
         self._vocab = self._model.vocab
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
+        self.props = model_props(self._model, metadata, path)
         self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
             if embeddings else None
         adaptive = threads_policy == "adaptive"
@@ -158,7 +160,9 @@ class BatchEngine(Prompting):
     def _place(self, seq: Seq) -> int:
         """Put ``seq`` in a free slot (worker/slots.py); returns how many tokens (at most
         all but the last) its KV holds."""
-        seq.slot, n = self.cache.place(seq, seq.tokens, seq.hashes)
+        seq.slot, n = self.cache.place(seq, seq.tokens, seq.hashes, seq.cache_prompt,
+                                       seq.id_slot)
+        seq.last_slot = seq.slot.id
         seq.prefilled = n
         if n == len(seq.tokens) - 1:
             seq.pending = seq.tokens[-1]       # nothing to prefill: it joins the next step
@@ -180,6 +184,7 @@ class BatchEngine(Prompting):
         slot = seq.slot
         seq.tokens = [*slot.tokens, seq.pending]   # what the KV must hold, then the next token
         seq.pending, seq.slot = None, None
+        seq.cache_prompt = True                    # resuming finds its own KV
         self.cache.park(slot)
         del self.running[rid]
         self.parked[rid] = seq
@@ -286,7 +291,8 @@ class BatchEngine(Prompting):
                     tok = seq.grammar.sample(seq.sampler.sampler, self._ctx.ctx, i,
                                              self._n_vocab)
                 if seq.top_logprobs >= 0 and not self._ll.llama_vocab_is_eog(self._vocab, tok):
-                    seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs))
+                    seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs,
+                                                      seq.token_ids))
                 events.extend(self._advance(seq, tok))
             except Exception as exc:   # one sequence's failure, not the engine's
                 events.append(self.fail(seq.rid, exc))
@@ -312,12 +318,12 @@ class BatchEngine(Prompting):
         return Event(rid, error=err)
 
     # ---- internals --------------------------------------------------------------------
-    def _logprobs(self, i: int, tok: int, top: int) -> dict:
+    def _logprobs(self, i: int, tok: int, top: int, ids: bool) -> dict:
         import numpy as np
 
         ptr = self._ll.llama_get_logits_ith(self._ctx.ctx, i)
         logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
-        return token_logprobs(logits, tok, top, lambda t: self._model.detokenize([t]))
+        return token_logprobs(logits, tok, top, lambda t: self._model.detokenize([t]), ids)
 
     @staticmethod
     def _with_logprobs(seq: Seq, ev: Event) -> Event:
@@ -365,6 +371,7 @@ class BatchEngine(Prompting):
         store = self.cache.store
         stats = msgspec.structs.replace(
             done_stats(seq, reason), prefix_hashes=self.cache.prefixes(),
+            slot=seq.last_slot, slot_tokens=[len(s.tokens) for s in self.cache.slots],
             kv_store=KvStoreStats(**store.stats()) if store is not None else None,
             threads=ComputeThreads(**self.threads.info()))
         return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \

@@ -52,6 +52,9 @@ class Sequence:
     hashes: tuple[int, ...] = ()           # prefix hashes of its prompt (routing)
     grammar: Any = None                    # constrain.Grammar of a constrained sequence
     top_logprobs: int = -1                 # -1: no logprobs; else alternatives per token
+    token_ids: bool = False                # logprob entries carry token ids
+    cache_prompt: bool = True              # False: no KV reuse for its prompt
+    id_slot: int = -1                      # the slot it asks for (-1: any)
     lp_held: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with text
 
     def __post_init__(self) -> None:
@@ -90,9 +93,23 @@ class Prompting:
         model = self._model
         if req.messages:
             return self._render(req)[1]
+        if req.prompt_parts is not None:
+            return self._parts(req.prompt_parts)
         if req.prompt is None:
             raise BadRequest("exactly one of prompt and messages is required")
         return model.tokenize(req.prompt.encode("utf-8"), add_bos=True, special=False)
+
+    def _parts(self, parts: tuple[int | str, ...]) -> list[int]:
+        """Token ids and texts as one prompt; a BOS first when it starts with a text."""
+        n, tokens = self._model.n_vocab(), []
+        for i, p in enumerate(parts):
+            if isinstance(p, str):
+                tokens += self._model.tokenize(p.encode("utf-8"), add_bos=i == 0, special=True)
+            elif not 0 <= p < n:
+                raise BadRequest(f"prompt token {p} is not in [0, {n})")
+            else:
+                tokens.append(p)
+        return tokens
 
     def utility(self, req: GenRequest) -> DoneStats:
         """A ``tokenize`` or ``detokenize`` request, answered at once (no slot)."""
@@ -108,7 +125,7 @@ class Prompting:
         else:
             text = req.prompt or ""
             tokens = model.tokenize(text.encode("utf-8"), add_bos=req.add_special,
-                                    special=False)
+                                    special=req.parse_special)
         pieces = None
         if req.with_pieces:
             pieces = []
@@ -122,17 +139,21 @@ class Prompting:
                          tokens=tokens, text=text, pieces=pieces)
 
     def _render(self, req: GenRequest) -> tuple[str, list[int]]:
-        """A chat's prompt after the model's template, and its tokens."""
+        """A chat's prompt after the model's template, and its tokens.  An assistant
+        message last is a prefill: the answer continues its content."""
         if self._formatter is None:
             raise BadRequest("this model has no chat template: send a prompt instead")
+        msgs = [{"role": m.role, "content": m.content} for m in req.messages or ()]
+        prefill = msgs.pop()["content"] if len(msgs) > 1 and msgs[-1]["role"] == "assistant" \
+            else ""
         try:
-            rendered = self._formatter(messages=[{"role": m.role, "content": m.content}
-                                                 for m in req.messages or ()])
+            rendered = self._formatter(messages=msgs, **(req.template_kwargs or {}))
         except Exception as exc:  # jinja raises many types for bad conversations
             raise BadRequest(f"chat template rejected the messages: {exc}") from None
         add_bos = not getattr(rendered, "added_special", False)
-        return rendered.prompt, self._model.tokenize(rendered.prompt.encode("utf-8"),
-                                                     add_bos=add_bos, special=True)
+        prompt = rendered.prompt + prefill
+        return prompt, self._model.tokenize(prompt.encode("utf-8"), add_bos=add_bos,
+                                            special=True)
 
     def prepare(self, rid: int, req: GenRequest) -> Any:
         """Validate against the model and build a sequence; raises BadRequest."""
@@ -144,11 +165,17 @@ class Prompting:
         max_tokens = min(req.max_tokens, self.n_ctx - len(tokens))
         seq = self.seq_class(rid=rid, tokens=tokens, max_tokens=max_tokens,
                              window=req.window or 1 << 30,
-                             sampler=make_sampler(req),
+                             sampler=make_sampler(req, self._model),
                              stream=TextStream(tuple(req.stop)),
-                             top_logprobs=req.top_logprobs if req.logprobs else -1)
+                             top_logprobs=req.top_logprobs if req.logprobs else -1,
+                             token_ids=req.token_ids, cache_prompt=req.cache_prompt,
+                             id_slot=req.id_slot)
         seq.hashes = request_hashes(req)
         seq.grammar = make_grammar(req, self._model.vocab)
+        if req.penalties:               # the penalties count the prompt's tokens too
+            from llama_cpp import llama_sampler_accept
+            for t in tokens:
+                llama_sampler_accept(seq.sampler.sampler, t)
         return seq
 
 
@@ -167,6 +194,18 @@ def chat_formatter(model: Any, metadata: dict[str, str]) -> Any:
                                bos_token=text_of(model.token_bos()))
 
 
+def model_props(model: Any, metadata: dict[str, str], path: str) -> dict[str, Any]:
+    """What llama-server's ``GET /props`` tells of the model."""
+    def text_of(tok: int) -> str:
+        return model.token_get_text(tok) if tok != -1 else ""
+
+    return {"model_path": path, "chat_template": metadata.get("tokenizer.chat_template", ""),
+            "bos_token": text_of(model.token_bos()), "eos_token": text_of(model.token_eos()),
+            "n_vocab": model.n_vocab(), "n_ctx_train": model.n_ctx_train(),
+            "n_params": model.n_params(), "size": model.size(),
+            "n_embd": model.n_embd()}
+
+
 def make_grammar(req: GenRequest, vocab: Any) -> Any:
     """The request's compiled grammar (``constrain.Grammar``), or None if it is free.
     Raises BadRequest for a schema or grammar that does not convert or compile."""
@@ -178,20 +217,53 @@ def make_grammar(req: GenRequest, vocab: Any) -> Any:
     return Grammar(llama_cpp, grammar_sampler(llama_cpp, vocab, gbnf)) if gbnf else None
 
 
-def make_sampler(req: GenRequest) -> Any:
-    """A sampler chain: greedy at temperature 0, else top-k, top-p, temperature, dist(seed)."""
+SAMPLERS = ("penalties", "top_k", "top_p", "min_p", "temperature")   # the default order
+
+
+def make_sampler(req: GenRequest, model: Any = None) -> Any:
+    """A sampler chain: the logit biases, then the penalties and greedy at temperature 0,
+    else penalties, top-k, top-p, min-p, temperature (or ``req.samplers``' order) and
+    dist(seed).  With penalties the caller feeds the prompt's tokens to ``accept``."""
     from llama_cpp._internals import LlamaSampler
 
     sampler = LlamaSampler()
+    if req.logit_bias and model is not None:
+        sampler.add_logit_bias(model.n_vocab(), logit_biases(req.logit_bias, model))
+    order = req.samplers if req.samplers is not None else SAMPLERS
     if req.temperature <= 0.0:
+        if req.penalties and model is not None and "penalties" in order:
+            sampler.add_penalties(model.n_vocab(), *req.penalties)
         sampler.add_greedy()
-    else:
-        if req.top_k:
+        return sampler
+    for name in order:
+        if name == "penalties" and req.penalties and model is not None:
+            sampler.add_penalties(model.n_vocab(), *req.penalties)
+        elif name == "top_k" and req.top_k:
             sampler.add_top_k(req.top_k)
-        sampler.add_top_p(req.top_p, 1)
-        sampler.add_temp(req.temperature)
-        sampler.add_dist(RANDOM_SEED if req.seed is None else req.seed)
+        elif name == "top_p":
+            sampler.add_top_p(req.top_p, 1)
+        elif name == "min_p" and req.min_p:
+            sampler.add_min_p(req.min_p, 1)
+        elif name == "temperature":
+            sampler.add_temp(req.temperature)
+    sampler.add_dist(RANDOM_SEED if req.seed is None else req.seed)
     return sampler
+
+
+def logit_biases(pairs: Any, model: Any) -> dict[int, float]:
+    """``(token id or text, bias or None)`` pairs as ``{token id: bias}``: a text biases
+    each of its tokens, None bans the token; BadRequest for an id outside the vocabulary."""
+    n, out = model.n_vocab(), {}
+    for tok, bias in pairs:
+        b = float("-inf") if bias is None else float(bias)
+        if isinstance(tok, str):
+            for t in model.tokenize(tok.encode("utf-8"), add_bos=False, special=False):
+                out[t] = b
+        elif not 0 <= tok < n:
+            raise BadRequest(f"logit_bias: token {tok} is not in [0, {n})")
+        else:
+            out[tok] = b
+    return out
 
 
 def done_stats(seq: Any, reason: str) -> DoneStats:
@@ -202,7 +274,8 @@ def done_stats(seq: Any, reason: str) -> DoneStats:
         finish_reason=reason, prompt_tokens=seq.n_prompt, completion_tokens=seq.generated,
         cached_tokens=seq.cached, phase="prefill" if seq.t_prefill_done is None else "decode",
         prefill_ms=round((prefill_end - seq.t_start) * 1000, 3),
-        decode_ms=round((now - prefill_end) * 1000, 3))
+        decode_ms=round((now - prefill_end) * 1000, 3),
+        stop_word=getattr(getattr(seq, "stream", None), "word", "") or None)
 
 
 # ---- text: bytes -> whole code points -> stop strings ----------------------------------
@@ -213,6 +286,7 @@ class TextStream:
         self._stop = tuple(s for s in stop if s)
         self._held = ""          # decoded text not yet released (may start a stop string)
         self.stopped = False     # a stop string was matched
+        self.word = ""           # the stop string matched
 
     def push(self, piece: bytes) -> str:
         """Feed one token's bytes; return the text that is safe to send now."""
@@ -234,9 +308,10 @@ class TextStream:
         if not self._stop:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        cut, word = min(((i, s) for s, i in ((s, text.find(s)) for s in self._stop) if i >= 0),
+                        default=(-1, ""))
         if cut >= 0:
-            self.stopped = True
+            self.stopped, self.word = True, word
             self._held = ""
             return text[:cut]
         keep = 0 if final else _longest_partial(text, self._stop)
@@ -257,7 +332,8 @@ def _longest_partial(text: str, stops: tuple[str, ...]) -> int:
 
 # ---- logprobs ---------------------------------------------------------------------------
 
-def token_logprobs(logits: Any, tok: int, top: int, piece: Any) -> dict[str, Any]:
+def token_logprobs(logits: Any, tok: int, top: int, piece: Any,
+                   ids: bool = False) -> dict[str, Any]:
     """OpenAI's logprob entry of the chosen token ``tok``: the log-softmax of the model's
     logits at that position (before temperature, top-k/top-p or a grammar reshape them,
     as OpenAI, vLLM and llama-server report them), with the ``top`` most likely tokens.
@@ -270,8 +346,11 @@ def token_logprobs(logits: Any, tok: int, top: int, piece: Any) -> dict[str, Any
 
     def entry(t: int) -> dict[str, Any]:
         b = piece(t)
-        return {"token": b.decode("utf-8", "replace"), "logprob": float(x[t]) - lse,
-                "bytes": list(b)}
+        e = {"token": b.decode("utf-8", "replace"), "logprob": float(x[t]) - lse,
+             "bytes": list(b)}
+        if ids:
+            e["id"] = t
+        return e
 
     out = entry(tok)
     alts: list[dict[str, Any]] = []

@@ -122,7 +122,7 @@ class Worker:
                                    slots=e.capacity, model=e.model_name, n_ctx=e.n_ctx,
                                    device=e.device, node=self.cfg.node_name,
                                    served=self.cfg.default_model.name,
-                                   threads=_threads(e)))
+                                   threads=_threads(e), props=getattr(e, "props", {})))
 
     def run(self) -> int:
         ctx = zmq.Context()

@@ -74,22 +74,25 @@ class SlotCache:
         self.slots = [Slot(i) for i in range(n)]
         self._tick = 0
 
-    def place(self, seq: Any, tokens: list[int], hashes: tuple[int, ...]) -> tuple[Slot, int]:
+    def place(self, seq: Any, tokens: list[int], hashes: tuple[int, ...], reuse: bool = True,
+              want: int = -1) -> tuple[Slot, int]:
         """Give ``seq`` (whose prompt is ``tokens``) a free slot holding as much of
-        ``tokens`` as the caches allow; returns the slot and how many tokens (at most
-        all but the last) its KV holds."""
+        ``tokens`` as the caches allow (nothing without ``reuse``); slot ``want`` when it
+        is free.  Returns the slot and how many tokens (at most all but the last) its KV
+        holds."""
         # The last prompt token is always decoded like a generated one (see the module
         # docstring); the rest is reused or prefilled, never leaving a 1-token chunk.
         last = len(tokens) - 1
         match = {s.id: reusable_prefix(common_prefix(s.tokens, tokens, last), last)
-                 if self.prompt_cache else 0 for s in self.slots}
+                 if self.prompt_cache and reuse else 0 for s in self.slots}
         free = [s for s in self.slots if s.seq is None]
-        target = max(free, key=lambda s: (match[s.id], -s.used, -s.id))
+        target = max(free, key=lambda s: (s.id == want, match[s.id], -s.used, -s.id))
         source = max(self.slots, key=lambda s: match[s.id])
         n = match[target.id]
         if self.store is not None and n < len(target.tokens):
             self._save(target)                 # its KV is about to be cut
-        entry, n_stored = self.store.best(tokens, last) if self.store else (None, 0)
+        entry, n_stored = self.store.best(tokens, last) if self.store and reuse \
+            else (None, 0)
         n_stored = reusable_prefix(n_stored, last)
         if entry is not None and n_stored >= max(n, match[source.id]) + COPY_MIN:
             n = self._restore(entry, target, n_stored)

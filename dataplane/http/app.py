@@ -1,8 +1,9 @@
 """The HTTP server of the data plane: aiohttp on the gateway's own event loop.
 
 One application serves every HTTP dialect, a module each (``openai.py``,
-``embeddings.py``), ``GET /health``, ``GET /v1/models`` and ``/v1/models/{id}``, and
-``/metrics`` (``prom.py``), through one middleware (``base.py``).
+``embeddings.py``, llama-server's own API in ``llama_server.py``), ``GET /health``
+(``/v1/health``), ``GET /v1/models`` and ``/v1/models/{id}``, and ``/metrics``
+(``prom.py``), through one middleware (``base.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from llmctl.common.errors import LlmctlError, ModelNotFound, NotReady, ShuttingDown
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.http import embeddings, openai
+from llmctl.dataplane.http import embeddings, llama_server, openai
 from llmctl.dataplane.http.base import GATEWAY_KEY, middleware
 from llmctl.dataplane.http.openai_shapes import dumps
 
@@ -57,7 +58,7 @@ async def health(request: web.Request) -> web.Response:
     elif not sched.ready:
         err = NotReady("no worker is ready")
     if err is not None:
-        return web.json_response({"status": err.code.value, "reason": err.message},
+        return web.json_response(llama_server.health_error(err, not sched.draining),
                                  status=err.http_status, dumps=dumps)
     ready = sum(1 for w in sched.workers.values() if not w.draining)
     return web.json_response({
@@ -77,6 +78,8 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
+    app.router.add_get("/v1/health", health)
+    llama_server.add_routes(app)
     return app
 
 

@@ -17,6 +17,7 @@ from llmctl.common.errors import (RETRY_CODES, BadRequest, BodyTimeout, Code, Fr
                                   openai_type)
 from llmctl.common.protocol import parse_json
 from llmctl.dataplane.gateway import Gateway
+from llmctl.dataplane.http.llama_shapes import error_body as llama_error_body
 from llmctl.dataplane.http.openai_shapes import dumps
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,11 @@ def error_headers(err: LlmctlError) -> dict[str, str]:
     return {}
 
 
-def error_response(err: LlmctlError) -> web.Response:
-    return web.json_response(error_body(err), status=err.http_status,
-                             headers=error_headers(err), dumps=dumps)
+def error_response(err: LlmctlError, llama: bool = False) -> web.Response:
+    """``err`` in OpenAI's shape, or (``llama``: llama-server's paths, outside ``/v1/``)
+    in llama-server's."""
+    return web.json_response(llama_error_body(err) if llama else error_body(err),
+                             status=err.http_status, headers=error_headers(err), dumps=dumps)
 
 
 async def read_body(request: web.Request) -> dict[str, Any]:
@@ -68,7 +71,7 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-OPEN_PATHS = ("/health", "/metrics")     # served without a key
+OPEN_PATHS = ("/health", "/v1/health", "/metrics")     # served without a key
 
 
 def middleware() -> Any:
@@ -82,7 +85,7 @@ def middleware() -> Any:
                     presented_key(request))
             return await handler(request)
         except LlmctlError as err:
-            return error_response(err)
+            return error_response(err, llama=not request.path.startswith("/v1/"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

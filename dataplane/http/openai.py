@@ -3,11 +3,17 @@ one request type and rendered back in OpenAI's shapes (``openai_shapes.py``), st
 or not (``exchange.py``).
 
 Fields that would change the answer and are not implemented are refused with a 400
-naming them (``_UNSUPPORTED``, ``_ONLY``), never ignored.  llama-server's ``n_predict``
-is read beside ``max_tokens`` (it wins, as there).
+naming them (``_UNSUPPORTED``, ``_ONLY``, ``llama_shapes.NOOP``), never ignored.
+llama-server's extensions are read as it reads them: ``n_predict`` beside ``max_tokens``
+(it wins), ``logit_bias``, ``min_p``, the penalties, ``samplers``, ``cache_prompt``,
+``id_slot``, ``chat_template_kwargs`` (``llama_shapes.sampling_fields``); ``n`` > 1 is
+that many requests (``_choices``); answers have llama-server's additions
+(``LlamaAdditions``).
 """
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import msgspec
@@ -17,17 +23,16 @@ from llmctl.common.errors import BadRequest, LlmctlError
 from llmctl.common.messages import Finished
 from llmctl.common.request import GenRequest, MAX_OUTPUT, validate
 from llmctl.dataplane.http.exchange import exchange
+from llmctl.dataplane.http.llama_shapes import sampling_fields, timings
 from llmctl.dataplane.http.openai_shapes import Reply, dumps
 from llmctl.dataplane.http.base import GATEWAY_KEY, error_body, read_body
 from llmctl.dataplane.http.tool_calls import ToolMode, parse_call, render_messages, tool_mode
 
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
-_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}
+_ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}     # n: _complete reads it
 # Fields that would change the answer and that llmctl does not implement: refused unless
 # absent or at their no-op value (0, empty, null).
-_UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "audio", "prediction",
-                "web_search_options", "reasoning_effort", "min_p", "repeat_penalty",
-                "typical_p", "mirostat")
+_UNSUPPORTED = ("audio", "prediction", "web_search_options", "reasoning_effort")
 _TEXT_ONLY = (None, ["text"])         # modalities
 _DONE_EVENT = b"data: [DONE]\n\n"
 
@@ -132,6 +137,9 @@ def to_request(body: dict[str, Any], gen: Any,
                                  param="logprobs")
             obj["logprobs"], obj["top_logprobs"] = True, n
     request = validate(obj, gen)
+    # logprob entries carry token ids, as llama-server's
+    request = msgspec.structs.replace(request, token_ids=request.logprobs,
+                                      **sampling_fields(body))
     if mode is not None:
         request = msgspec.structs.replace(request, json_schema=mode.schema, or_text=mode.or_text)
     return request, stream, include_usage, mode
@@ -210,15 +218,101 @@ class OpenAIDialect:
         return web.json_response(out, dumps=dumps)
 
 
+MAX_N = 16
+
+
+def _n(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"n must be an integer in [1, {MAX_N}]", param="n")
+    if n > 1 and body.get("stream"):
+        raise BadRequest("n > 1 is not supported with stream", param="n")
+    return n
+
+
 async def _complete(request: web.Request, chat: bool) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    gen, stream, include_usage, tools = to_request(await read_body(request), gw.generation,
-                                                   chat)
+    body = await read_body(request)
+    n = _n(body)
+    gen, stream, include_usage, tools = to_request({**body, "n": None}, gw.generation, chat)
     # The model named in the body (ModelNotFound: 404); with one [model] any name is it.
     sched = gw.route(gen.model, lenient=True)
-    dialect = OpenAIDialect(Reply(chat, sched.model), stream, include_usage, tools,
-                            gen.logprobs)
-    return await exchange(gw, request, gen, dialect, sched)
+    if n > 1:
+        return await _choices(request, gen, n, chat, tools, sched)
+    return await exchange(gw, request, gen,
+                          _dialect(gen, chat, sched.model, stream, include_usage, tools), sched)
+
+
+def _dialect(gen: GenRequest, chat: bool, model: str, stream: bool, include_usage: bool,
+             tools: ToolMode | None) -> Any:
+    dialect = OpenAIDialect(Reply(chat, model), stream, include_usage, tools, gen.logprobs)
+    prefill = gen.messages[-1].content if chat and gen.messages and len(gen.messages) > 1 \
+        and gen.messages[-1].role == "assistant" else ""
+    return LlamaAdditions(dialect, prefill)
+
+
+class LlamaAdditions:
+    """llama-server's additions to an OpenAI answer: a chat whose last message is the
+    assistant's is continued by the worker (a prefill), and the answer is the whole
+    message, that text first; a stream's finish chunk carries the ``timings``."""
+
+    def __init__(self, inner: OpenAIDialect, prefill: str) -> None:
+        self.inner, self.prefill = inner, prefill
+        self.streaming = inner.streaming
+
+    def _pending(self) -> bytes:
+        text, self.prefill = self.prefill, ""
+        return (self.inner.token(text) or b"") if text else b""
+
+    def head(self) -> bytes:
+        return self.inner.head()
+
+    def logprobs(self, content: list[dict[str, Any]]) -> None:
+        self.inner.logprobs(content)
+
+    def token(self, text: str) -> bytes | None:
+        if self.prefill:
+            text, self.prefill = self.prefill + text, ""
+        return self.inner.token(text)
+
+    def done(self, fin: Finished) -> bytes:
+        self.inner.reply.timings = timings(fin)
+        return self._pending() + self.inner.done(fin)
+
+    def error(self, err: LlmctlError) -> bytes:
+        return self.inner.error(err)
+
+    def answer(self, fin: Finished) -> web.StreamResponse:
+        self._pending()
+        return self.inner.answer(fin)
+
+
+async def _choices(request: web.Request, gen: GenRequest, n: int, chat: bool,
+                   tools: ToolMode | None, sched: Any) -> web.StreamResponse:
+    """``n`` choices: ``n`` requests (seeds ``seed + i``), each admitted as any, run
+    together; one answer with their choices and their tokens counted together."""
+    gw = request.app[GATEWAY_KEY]
+    slots = sum(w.slots for w in sched.workers.values())
+    if slots and n > slots:          # llama-server's bound too: each choice holds a slot
+        raise BadRequest(f"n must be at most {slots} (the model's slots)", param="n")
+    try:
+        async with asyncio.TaskGroup() as tg:      # one failing cancels the others
+            tasks = [tg.create_task(exchange(
+                gw, request, msgspec.structs.replace(
+                    gen, seed=None if gen.seed is None else (gen.seed + i) & 0xFFFFFFFF),
+                _dialect(gen, chat, sched.model, False, False, tools), sched))
+                for i in range(n)]
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None       # the first error, rendered as any
+    answers = [json.loads(t.result().body) for t in tasks]   # type: ignore[attr-defined]
+    out = answers[0]
+    out["choices"] = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+    done = sum(a["usage"]["completion_tokens"] for a in answers)
+    out["usage"] = {**out["usage"], "completion_tokens": done,
+                    "total_tokens": out["usage"]["prompt_tokens"] + done}
+    return web.json_response(out, dumps=dumps)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -1,4 +1,6 @@
-"""OpenAI's response objects (chat and text completions), tool calls included."""
+"""OpenAI's response objects (chat and text completions), tool calls included.  An answer,
+and the last chunks of a stream (the finish reason's, the usage), carry llama-server's
+``timings``."""
 from __future__ import annotations
 
 import json
@@ -7,6 +9,7 @@ import uuid
 from typing import Any
 
 from llmctl.common.messages import Finished
+from llmctl.dataplane.http.llama_shapes import timings
 
 
 def dumps(obj: Any) -> str:
@@ -23,6 +26,7 @@ class Reply:
         self.created = int(time.time())
         self.model = model
         self._event: tuple[bytes, bytes] | None = None   # token_event's template
+        self.timings: dict[str, Any] | None = None       # the finish chunk's, when known
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat \
@@ -66,7 +70,8 @@ class Reply:
                       "logprobs": lp, "finish_reason": fr}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": fr}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
               role: bool = False, logprobs: list[dict[str, Any]] | None = None,
@@ -81,6 +86,8 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": lp,
                       "finish_reason": finish_reason}
+        if finish_reason is not None and self.timings is not None:
+            return {**self._head(True), "choices": [choice], "timings": self.timings}
         return {**self._head(True), "choices": [choice]}
 
     def token_event(self, text: str) -> bytes:
@@ -95,7 +102,8 @@ class Reply:
         return head + dumps(text).encode("utf-8") + tail
 
     def usage_chunk(self, fin: Finished) -> dict[str, Any]:
-        return {**self._head(True), "choices": [], "usage": self.usage(fin)}
+        return {**self._head(True), "choices": [], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
 
     def tool_full(self, call: dict[str, Any], fin: Finished) -> dict[str, Any]:
@@ -103,7 +111,8 @@ class Reply:
         choice = {"index": 0, "message": {"role": "assistant", "content": None,
                                           "tool_calls": [call]},
                   "logprobs": None, "finish_reason": "tool_calls"}
-        return {**self._head(False), "choices": [choice], "usage": self.usage(fin)}
+        return {**self._head(False), "choices": [choice], "usage": self.usage(fin),
+                "timings": timings(fin)}
 
     def tool_chunk(self, call: dict[str, Any]) -> dict[str, Any]:
         """A streamed tool call, whole in one chunk (its arguments in one piece)."""
