@@ -1,9 +1,10 @@
 """The HTTP server of the data plane: aiohttp on the gateway's own event loop.
 
 One application serves every HTTP dialect, a module each (``openai.py``,
-``embeddings.py``, llama-server's own API in ``llama_server.py``), ``GET /health``
-(``/v1/health``), ``GET /v1/models`` and ``/v1/models/{id}``, and ``/metrics``
-(``prom.py``), through one middleware (``base.py``).
+``anthropic.py``, ``responses.py``, ``embeddings.py``, llama-server's own API in
+``llama_server.py``), ``GET /health`` (``/v1/health``), ``GET /v1/models`` and
+``/v1/models/{id}``, ``/metrics`` (``prom.py``) and ``/`` (what is served), through one
+middleware (``base.py``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from aiohttp import web
 
 from llmctl.common.errors import LlmctlError, ModelNotFound, NotReady, ShuttingDown
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.http import embeddings, llama_server, openai
+from llmctl.dataplane.http import anthropic, embeddings, llama_server, openai, responses
+from llmctl.dataplane.http.anthropic_shapes import error_response as anthropic_error
 from llmctl.dataplane.http.base import GATEWAY_KEY, middleware
 from llmctl.dataplane.http.openai_shapes import dumps
 
@@ -67,18 +69,29 @@ async def health(request: web.Request) -> web.Response:
         "inflight": sched.inflight_count()}, dumps=dumps)
 
 
+async def root(request: web.Request) -> web.Response:
+    """``/``: what answers here (clients probe it, e.g. Claude Code's ``HEAD /``)."""
+    return web.json_response({"service": "llmctl", "health": "/health",
+                              "apis": ["/v1/chat/completions", "/v1/completions",
+                                       "/v1/embeddings", "/v1/messages", "/v1/responses",
+                                       "/v1/models"]}, dumps=dumps)
+
+
 def build_app(gw: Gateway) -> web.Application:
     """The HTTP application with every dialect's routes; add routes (e.g. /metrics)
     before serving it.  Routes under /v1/ need the API key when one is set."""
-    app = web.Application(middlewares=[middleware()],
+    app = web.Application(middlewares=[middleware(((anthropic.PATH, anthropic_error),))],
                           client_max_size=gw.cfg.gateway.max_frame)
     app[GATEWAY_KEY] = gw
     openai.add_routes(app)
+    anthropic.add_routes(app)
+    responses.add_routes(app)
     embeddings.add_routes(app)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/", root)
     llama_server.add_routes(app)
     return app
 

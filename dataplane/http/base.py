@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -71,10 +71,22 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-OPEN_PATHS = ("/health", "/v1/health", "/metrics")     # served without a key
+OPEN_PATHS = ("/", "/health", "/v1/health", "/metrics")     # served without a key
 
 
-def middleware() -> Any:
+Renderer = Callable[[LlmctlError], web.Response]
+
+
+def middleware(shapes: tuple[tuple[str, Renderer], ...] = ()) -> Any:
+    """Authentication and errors for every route; an error on a path under one of
+    ``shapes``' prefixes is rendered by its dialect (else in OpenAI's shape)."""
+
+    def render(request: web.Request, err: LlmctlError) -> web.Response:
+        for prefix, renderer in shapes:
+            if request.path == prefix or request.path.startswith(prefix + "/"):
+                return renderer(err)
+        return error_response(err, llama=not request.path.startswith("/v1/"))
+
     @web.middleware
     async def errors_and_auth(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
@@ -85,10 +97,14 @@ def middleware() -> Any:
                     presented_key(request))
             return await handler(request)
         except LlmctlError as err:
-            return error_response(err, llama=not request.path.startswith("/v1/"))
+            return render(request, err)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
+            if any(request.path.startswith(p) for p, _ in shapes):
+                err = LlmctlError(exc.reason)
+                err.status = exc.status
+                return render(request, err)
             body = {"error": {"message": exc.reason, "param": None, "code": None,
                               "type": "invalid_request_error" if exc.status < 500
                               else "server_error"}}
@@ -96,6 +112,6 @@ def middleware() -> Any:
             return web.json_response(body, status=exc.status, headers=headers, dumps=dumps)
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return error_response(InternalError("internal error"))
+            return render(request, InternalError("internal error"))
 
     return errors_and_auth

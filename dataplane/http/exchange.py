@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from aiohttp import web
 
@@ -29,6 +29,7 @@ from llmctl.common.messages import Finished
 from llmctl.common.request import GenRequest
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.http.base import TENANT_KEY
+from llmctl.dataplane.http.openai_shapes import dumps
 from llmctl.dataplane.tenants import DEFAULT
 from llmctl.dataplane.scheduler import Scheduler
 from llmctl.dataplane.streams import Channel, Stream
@@ -117,6 +118,40 @@ class _Output:
         self.held = []
         self.live = True
         return b"".join(parts), tokens
+
+
+class _Utility:
+    """A request answered with one JSON object made of its end (``render(fin)``): a
+    ``tokenize`` request's count, say."""
+    streaming = False
+
+    def __init__(self, render: Callable[[Finished], dict[str, Any]]) -> None:
+        self.render = render
+
+    def head(self) -> bytes:
+        return b""
+
+    def token(self, text: str) -> bytes | None:
+        return None
+
+    def logprobs(self, content: list[dict[str, Any]]) -> None:
+        pass
+
+    def done(self, fin: Finished) -> bytes:
+        return b""
+
+    def error(self, err: LlmctlError) -> bytes:
+        return b""
+
+    def answer(self, fin: Finished) -> web.StreamResponse:
+        return web.json_response(self.render(fin), dumps=dumps)
+
+
+async def utility(gw: Gateway, request: web.Request, gen: GenRequest,
+                  render: Callable[[Finished], dict[str, Any]],
+                  sched: Scheduler | None = None) -> web.StreamResponse:
+    """Run a utility request (``tokenize``, ...) and answer ``render`` of its end."""
+    return await exchange(gw, request, gen, _Utility(render), sched)
 
 
 def _chunk(data: bytes) -> bytes:

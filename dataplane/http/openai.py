@@ -26,7 +26,8 @@ from llmctl.dataplane.http.exchange import exchange
 from llmctl.dataplane.http.llama_shapes import sampling_fields, timings
 from llmctl.dataplane.http.openai_shapes import Reply, dumps
 from llmctl.dataplane.http.base import GATEWAY_KEY, error_body, read_body
-from llmctl.dataplane.http.tool_calls import ToolMode, parse_call, render_messages, tool_mode
+from llmctl.dataplane.http.tool_calls import ToolMode, render_messages, tool_mode
+from llmctl.dataplane.http.tool_stream import Answer, Args, Call, Start, Text, read_whole
 
 # OpenAI fields whose other values would change the answer's shape: refused, not ignored.
 _ONLY = {"n": 1, "best_of": 1, "echo": False, "suffix": ""}     # n: _complete reads it
@@ -150,10 +151,15 @@ def _event(obj: dict[str, Any]) -> bytes:
     return f"data: {dumps(obj)}\n\n".encode("utf-8")
 
 
+def openai_call(c: Call) -> dict[str, Any]:
+    return {"id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments}}
+
+
 class OpenAIDialect:
     """One chat or text completion's events in OpenAI's shapes (``exchange.Dialect``).
-    A tool call is held until it is whole, then sent in one chunk; with ``auto`` an answer
-    is a call if it starts with ``{`` (the grammar's free text never does)."""
+    With tools, the answer is read as it comes (``tool_stream.Answer``): each call's id
+    and name, then its arguments as they are generated, one ``tool_calls`` delta each."""
 
     def __init__(self, reply: Reply, streaming: bool, include_usage: bool,
                  tools: ToolMode | None, want_logprobs: bool) -> None:
@@ -162,9 +168,8 @@ class OpenAIDialect:
         self.include_usage = include_usage
         self.tools = tools
         self.want_lp = want_logprobs
-        self.calling: bool | None = None if tools is not None and tools.or_text \
-            else tools is not None
-        self.parts: list[str] = []               # the text held: collected, or a tool call
+        self.calls = Answer(tools) if tools is not None else None
+        self.parts: list[str] = []               # the text held: collected
         self.lps: list[dict[str, Any]] = []      # logprobs of the tokens behind the next piece
         self.all_lps: list[dict[str, Any]] = []  # collected
         self.offset = 0                          # characters sent (completions' text_offset)
@@ -177,11 +182,20 @@ class OpenAIDialect:
         (self.lps if self.streaming else self.all_lps).extend(content)
 
     def token(self, text: str) -> bytes | None:
-        if self.calling is None:
-            self.calling = text.startswith("{")
-        if not self.streaming or self.calling:
+        if not self.streaming:
             self.parts.append(text)               # held in memory, bounded by max_tokens
             return None
+        if self.calls is not None:
+            deltas = []
+            for ev in self.calls.feed(text):
+                if isinstance(ev, Text):
+                    return self.reply.token_event(ev.text)
+                if isinstance(ev, Start):
+                    deltas.append({"index": ev.index, "id": ev.id, "type": "function",
+                                   "function": {"name": ev.name, "arguments": ""}})
+                elif isinstance(ev, Args):
+                    deltas.append({"index": ev.index, "function": {"arguments": ev.delta}})
+            return _event(self.reply.tool_chunk(deltas)) if deltas else None
         if self.want_lp:
             data = _event(self.reply.chunk(text, logprobs=self.lps, offset=self.offset))
             self.offset += len(text)
@@ -191,14 +205,12 @@ class OpenAIDialect:
 
     def done(self, fin: Finished) -> bytes:
         out, reason = [], self.reply.finish_reason(fin)
-        if self.calling:
-            text = "".join(self.parts)
-            call = parse_call(text, self.tools) if self.tools else None
-            if call is not None:
-                out.append(_event(self.reply.tool_chunk(call)))
+        calls = self.calls
+        if calls is not None and calls.calling:
+            if calls.whole:
                 reason = "tool_calls"
-            elif text:      # cut by max_tokens: what there is, as text
-                out.append(_event(self.reply.chunk(text)))
+            elif not calls.calls:      # cut by max_tokens before a call began: as text
+                out.append(_event(self.reply.chunk(calls.text())))
         if self.lps and self.want_lp:     # tokens that showed no text of their own
             out.append(_event(self.reply.chunk("", logprobs=self.lps, offset=self.offset)))
         out.append(_event(self.reply.chunk(None, finish_reason=reason)))
@@ -212,8 +224,8 @@ class OpenAIDialect:
 
     def answer(self, fin: Finished) -> web.StreamResponse:
         text = "".join(self.parts)
-        call = parse_call(text, self.tools) if self.tools else None
-        out = self.reply.tool_full(call, fin) if call is not None \
+        calls = read_whole(text, self.tools) if self.tools else None
+        out = self.reply.tool_full([openai_call(c) for c in calls], fin) if calls \
             else self.reply.full(text, fin, self.all_lps if self.want_lp else None)
         return web.json_response(out, dumps=dumps)
 

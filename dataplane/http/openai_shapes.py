@@ -105,17 +105,16 @@ class Reply:
         return {**self._head(True), "choices": [], "usage": self.usage(fin),
                 "timings": timings(fin)}
 
-
-    def tool_full(self, call: dict[str, Any], fin: Finished) -> dict[str, Any]:
-        """A chat answer that is a tool call."""
+    def tool_full(self, calls: list[dict[str, Any]], fin: Finished) -> dict[str, Any]:
+        """A chat answer that is tool calls."""
         choice = {"index": 0, "message": {"role": "assistant", "content": None,
-                                          "tool_calls": [call]},
+                                          "tool_calls": calls},
                   "logprobs": None, "finish_reason": "tool_calls"}
         return {**self._head(False), "choices": [choice], "usage": self.usage(fin),
                 "timings": timings(fin)}
 
-    def tool_chunk(self, call: dict[str, Any]) -> dict[str, Any]:
-        """A streamed tool call, whole in one chunk (its arguments in one piece)."""
-        delta = {"tool_calls": [{"index": 0, **call}]}
-        return {**self._head(True), "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                 "finish_reason": None}]}
+    def tool_chunk(self, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+        """A streamed piece of tool calls: a call's id and name, or more of its arguments
+        (``{"index": i, ...}`` entries)."""
+        return {**self._head(True), "choices": [{"index": 0, "delta": {"tool_calls": deltas},
+                                                 "logprobs": None, "finish_reason": None}]}
