@@ -184,6 +184,8 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     tokens: list[int] | None = None       # a ``tokenize`` request's tokens
     text: str | None = None               # what was tokenized, or a ``detokenize``'s text
     pieces: list[str | list[int]] | None = None   # each token's text (bytes if not UTF-8)
+    drafted: int = 0                      # speculation: draft tokens verified
+    accepted: int = 0                     # speculation: draft tokens kept (generated)
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -200,6 +202,8 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tokens: list[int] | None = None
     text: str | None = None
     pieces: list[str | list[int]] | None = None
+    drafted: int | None = None      # speculation: draft tokens verified (if it drafted)
+    accepted: int | None = None     # speculation: draft tokens kept
     worker: str
     ttft_ms: float
     total_ms: float
