@@ -279,7 +279,9 @@ class Gateway(WorkerEvents):
                 phase=stats.phase or None, prefill_ms=stats.prefill_ms if stats.phase else None,
                 decode_ms=stats.decode_ms if stats.phase else None,
                 embeddings=stats.embeddings, tokens=stats.tokens, text=stats.text,
-                pieces=stats.pieces, worker=worker or s.worker or "",
+                pieces=stats.pieces, drafted=stats.drafted or None,
+                accepted=stats.accepted if stats.drafted else None,
+                worker=worker or s.worker or "",
                 ttft_ms=round(((s.t_first or now) - s.t_admit) * 1000, 3),
                 total_ms=round((now - s.t_admit) * 1000, 3))
             if s.internal:

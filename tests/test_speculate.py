@@ -267,3 +267,35 @@ def test_a_draft_never_outruns_the_token_credit(spec4):
     assert done is not None and text == ref[0]
     assert msgspec.structs.asdict(done)["accepted"] > 0
 
+
+@pytest.mark.integration
+def test_a_service_with_speculation_reports_it(make_service):
+    """``speculative = "ngram"`` on the model: a request drafts and says so in its DONE,
+    ``speculative: false`` on the request does not and answers the same; the gateway's
+    counters reach /metrics and ``llmctl status``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = make_service(model={"speculative": "ngram"})
+    assert s.start().returncode == 0
+    fields = {**GROUNDED[0], "max_tokens": 48, "temperature": 0.0}
+    with s.client() as c:
+        on = c.complete(1, **fields)
+        off = c.complete(2, **fields, speculative=False)
+    assert on.text == off.text and on.done and off.done
+    assert 0 < on.done["accepted"] <= on.done["drafted"]
+    assert "drafted" not in off.done and "accepted" not in off.done
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=10).read()
+    fams = {f.name: f for f in text_string_to_metric_families(text.decode())}
+    value = {name: fams[name].samples[0].value for name in (
+        "llmctl_spec_drafted_tokens", "llmctl_spec_accepted_tokens",
+        "llmctl_spec_acceptance_rate")}
+    assert value["llmctl_spec_drafted_tokens"] == on.done["drafted"]
+    assert value["llmctl_spec_accepted_tokens"] == on.done["accepted"]
+    assert value["llmctl_spec_acceptance_rate"] == pytest.approx(
+        on.done["accepted"] / on.done["drafted"])
+    counters = s.counters()
+    assert (counters["drafted_tokens"], counters["accepted_tokens"]) == \
+        (on.done["drafted"], on.done["accepted"])
+    assert "draft tokens accepted" in s.llmctl("status").stdout
