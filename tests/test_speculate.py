@@ -14,13 +14,21 @@ from hypothesis import strategies as st
 from llmctl.common.config import GenerationConfig
 from llmctl.common.errors import BadRequest
 from llmctl.common.request import GenRequest, as_request, validate
-from llmctl.worker.speculate import FIRST_PAUSE, N_MAX, N_MIN, Drafter
+from llmctl.worker.speculate import (FIRST_PAUSE, N_MAX, N_MIN, PROBE, Drafter,
+                                     draft_length, row_cost)
 from tests.service import MODEL
 from tests.test_batching import PROMPTS, SYSTEM, assert_kv_consistent, drive
 
 
+def drafter(tokens: list[int], max_draft: int) -> Drafter:
+    """A drafter past its probe that drafts ``max_draft`` tokens (all were kept)."""
+    d = Drafter(tokens, max_draft)
+    d.probe, d.kept = False, 1000.0
+    return d
+
+
 def test_drafts_what_followed_the_latest_earlier_occurrence():
-    d = Drafter([1, 2, 3, 4, 5, 9, 2, 3, 7, 8], max_draft=3)
+    d = drafter([1, 2, 3, 4, 5, 9, 2, 3, 7, 8], max_draft=3)
     d.push(2)
     d.push(3)                                   # "2 3" was last followed by 7 8
     assert d.draft(8) == [7, 8, 2]
@@ -28,19 +36,18 @@ def test_drafts_what_followed_the_latest_earlier_occurrence():
 
 def test_the_longest_ngram_wins():
     # "3 4" is followed by 5 at its latest occurrence, "2 3 4" by 6 at its only one
-    d = Drafter([2, 3, 4, 6, 6, 6, 0, 3, 4, 5, 0, 2, 3, 4], max_draft=1)
+    d = drafter([2, 3, 4, 6, 6, 6, 0, 3, 4, 5, 0, 2, 3, 4], max_draft=1)
     assert d.draft(8) == [6]
 
 
 def test_no_match_no_draft():
-    d = Drafter(list(range(50)), max_draft=8)
-    assert d.draft(8) == []
-    assert Drafter([], max_draft=8).draft(8) == []
-    assert Drafter([5], max_draft=8).draft(8) == []
+    assert drafter(list(range(50)), max_draft=8).draft(8) == []
+    assert drafter([], max_draft=8).draft(8) == []
+    assert drafter([5], max_draft=8).draft(8) == []
 
 
 def test_a_draft_never_exceeds_the_limit():
-    d = Drafter([1, 2] * 20, max_draft=8)
+    d = drafter([1, 2] * 20, max_draft=8)
     assert d.draft(8) == [1, 2] * 4             # the period goes on past the end
     assert d.draft(3) == [1, 2, 1]
     assert d.draft(0) == [] and d.draft(-1) == []
@@ -49,7 +56,7 @@ def test_a_draft_never_exceeds_the_limit():
 @given(toks=st.lists(st.integers(0, 5), max_size=80), limit=st.integers(0, 12),
        max_draft=st.integers(1, 10))
 def test_a_draft_continues_an_earlier_occurrence_of_the_suffix(toks, limit, max_draft):
-    d = Drafter(toks, max_draft)
+    d = drafter(toks, max_draft)
     draft = d.draft(limit)
     assert len(draft) <= min(limit, max_draft)
     if not draft:
@@ -60,33 +67,44 @@ def test_a_draft_continues_an_earlier_occurrence_of_the_suffix(toks, limit, max_
                for n in range(N_MIN, N_MAX + 1) for at in range(n, len(toks)))
 
 
-def test_k_grows_after_whole_drafts_and_shrinks_after_rejections():
+def test_a_draft_has_the_tokens_that_pay_for_their_rows():
+    assert draft_length(0.5, row_cost(1), 8) == 0
+    assert draft_length(0.75, row_cost(1), 8) == 2          # 0.75 ** 2 > 0.54 > 0.75 ** 3
+    assert draft_length(0.99, row_cost(1), 8) == 8
+    assert draft_length(1.0, row_cost(8), 8) == 8
+    assert draft_length(0.85, row_cost(8), 8) == 0          # under load: only near copies
+    assert 0.5 < row_cost(1) < row_cost(2) < row_cost(8) < 1.0
+
+
+def test_drafts_grow_while_kept_and_stop_when_they_do_not_pay():
     d = Drafter([1, 2] * 20, max_draft=8)
-    d.verified(8, 2)
-    assert d.k == 3
-    d.verified(3, 3)
-    assert d.k == 5
-    d.verified(5, 5)
-    d.verified(7, 7)
-    assert d.k == 8
-    assert (d.drafted, d.accepted) == (23, 17)
-
-
-def test_drafting_pauses_when_acceptance_is_low_then_resumes():
-    d = Drafter([1, 2] * 20, max_draft=4)
+    lengths = []
+    for _ in range(8):
+        draft = d.draft(16)
+        lengths.append(len(draft))
+        d.verified(len(draft), len(draft))
+    assert lengths[0] == PROBE and lengths == sorted(lengths) and lengths[-1] == 8
+    assert (d.drafted, d.accepted) == (sum(lengths), sum(lengths))
+    assert len(d.draft(16, decoding=8)) >= 2                 # a copy pays even under load
     rounds = 0
-    while d.draft(8):
-        d.verified(len(d.draft(8)), 0)
+    while d.draft(16):
+        d.verified(len(d.draft(16)), 0)
         rounds += 1
-        assert rounds < 10, "it never stops drafting"
+        assert rounds < 20, "it never stops drafting"
+    assert d.paused == FIRST_PAUSE
+
+
+def test_after_a_pause_a_probe():
+    d = Drafter([1, 2] * 20, max_draft=8)
+    d.verified(len(d.draft(16)), 0)
+    assert d.draft(16) == [] and d.paused == FIRST_PAUSE
     for _ in range(FIRST_PAUSE - 1):
         d.push(1)
-        assert d.draft(8) == []
+        assert d.draft(16) == []
     d.push(2)
-    assert d.draft(8), "it never drafts again"
-    while d.draft(8):
-        d.verified(len(d.draft(8)), 0)
-    assert d.paused == 2 * FIRST_PAUSE          # the next pause is longer
+    assert len(d.draft(16)) == PROBE, "it never drafts again"
+    d.verified(PROBE, 0)
+    assert d.draft(16) == [] and d.paused == 2 * FIRST_PAUSE   # the next pause is longer
 
 
 def test_the_request_field():

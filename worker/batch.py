@@ -228,7 +228,7 @@ class BatchEngine(Prompting):
             spare = self._rows - len(decoding)
             work = []
             for seq in decoding:
-                draft = self._draft(seq, spare)
+                draft = self._draft(seq, spare, len(decoding))
                 spare -= len(draft)
                 work.append((seq, [seq.pending, *draft], 1 + len(draft)))
             events += self._decode(work)
@@ -267,13 +267,14 @@ class BatchEngine(Prompting):
                 done_stats(job, "stop"), embeddings=job.vectors)))
         return events
 
-    def _draft(self, seq: Seq, spare: int) -> list[int]:
-        """``seq``'s draft for this step: at most ``spare`` tokens, and no more than its
-        token credit and ``max_tokens`` let it send after the pending token's."""
+    def _draft(self, seq: Seq, spare: int, decoding: int) -> list[int]:
+        """``seq``'s draft for this step (``decoding`` sequences in it): at most ``spare``
+        tokens, and no more than its token credit and ``max_tokens`` let it send after
+        the pending token's."""
         if seq.drafter is None:
             return []
         return seq.drafter.draft(min(spare, seq.window - 1,
-                                     seq.max_tokens - seq.generated - 1))
+                                     seq.max_tokens - seq.generated - 1), decoding)
 
     def _decode(self, work: list[tuple[Seq, list[int], int]]) -> list[Event]:
         """One llama_decode of ``(sequence, tokens, rows with logits)``: a prefill chunk

@@ -29,18 +29,42 @@ sequence that decodes alone goes through the KV-split attention kernel when it d
 draft and the per-row kernel when it does, so there, as between batched and single-slot
 decoding, greedy output can differ where two logits are nearly equal.
 
-Adaptation.  ``k`` grows by two after a draft kept whole and falls to one more than what
-was kept otherwise; when the running acceptance rate drops below ``MIN_RATE`` the
-sequence stops drafting for ``pause`` generated tokens (doubling each time, up to
-``MAX_PAUSE``), so free text that repeats nothing costs no verification rows.
+Adaptation.  A draft pays when what its tokens are likely to bring exceeds what their
+rows cost.  The drafter estimates ``p``, the chance that its next draft token is kept
+(kept tokens and first rejections, the older ones weighing less); the ``j``-th draft
+token is kept with chance ``p ** j`` and costs ``row_cost(n)`` of a token's time with
+``n`` sequences decoding, so a draft has the ``j`` tokens with ``p ** j`` above that.
+On this 2-core CPU a step of ``n`` rows takes about ``STEP_MS + ROW_MS x n``: one
+sequence's extra row costs half a token, at 8 sequences nine tenths, so speculation
+drafts long for a text it copies, short for one it paraphrases, and under load only
+for near-verbatim copies.  When no draft pays the sequence stops drafting for ``pause``
+generated tokens (doubling each time, up to ``MAX_PAUSE``), then probes with a
+``PROBE``-token draft: free text that repeats nothing costs almost no rows.
 """
 from __future__ import annotations
 
+import math
+
 N_MIN, N_MAX = 2, 4        # the n-gram lengths looked up, longest first
-MIN_RATE = 0.25            # below this acceptance rate a sequence pauses drafting
-RATE_DECAY = 0.7           # weight of the past in the running acceptance rate
-FIRST_PAUSE = 16           # generated tokens without drafting after a low rate ...
+STEP_MS, ROW_MS = 4.1, 4.9 # a decode step's time, fixed and per row (2-core CPU, SmolLM2)
+DECAY = 0.85               # the weight of past verifications in ``p``, per verification
+PROBE = 2                  # a probe's draft length (the first draft, or after a pause)
+FIRST_PAUSE = 16           # generated tokens without drafting after no draft paid ...
 MAX_PAUSE = 256            # ... doubling each time, up to this
+
+
+def row_cost(n: int) -> float:
+    """One more row's time over a token's, with ``n`` sequences decoding one row each."""
+    return ROW_MS * n / (STEP_MS + ROW_MS * n)
+
+
+def draft_length(p: float, cost: float, most: int) -> int:
+    """The draft tokens worth verifying: those whose chance ``p ** j`` exceeds ``cost``."""
+    if p <= cost:
+        return 0
+    if p >= 1.0:
+        return most
+    return min(most, int(math.log(cost) / math.log(p)))
 
 
 class Drafter:
@@ -48,8 +72,9 @@ class Drafter:
 
     def __init__(self, tokens: list[int], max_draft: int) -> None:
         self.max_draft = max_draft
-        self.k = max_draft                  # the size of the next draft
-        self.rate = 1.0                     # running acceptance rate
+        self.kept = 0.0                     # draft tokens kept, decayed
+        self.missed = 0.0                   # drafts cut short by a rejection, decayed
+        self.probe = True                   # the next draft is a probe
         self.pause = FIRST_PAUSE            # the next pause's length
         self.paused = 0                     # generated tokens left before drafting again
         self.drafted = 0                    # draft tokens verified, in all
@@ -58,6 +83,11 @@ class Drafter:
         self._next: dict[tuple[int, ...], int] = {}   # n-gram -> where it last continued
         for t in tokens:
             self.push(t)
+
+    @property
+    def p(self) -> float:
+        """The estimated chance that the next draft token is kept."""
+        return (self.kept + 1.0) / (self.kept + self.missed + 2.0)
 
     def push(self, tok: int) -> None:
         """The sequence took ``tok`` (a prompt token, or a generated one)."""
@@ -69,12 +99,21 @@ class Drafter:
         toks.append(tok)
         if self.paused:
             self.paused -= 1
+            self.probe = not self.paused
 
-    def draft(self, limit: int) -> list[int]:
-        """Up to ``min(k, limit)`` tokens likely to follow the tokens so far ([] if none)."""
-        k = min(self.k, limit)
-        if k <= 0 or self.paused:
+    def draft(self, limit: int, decoding: int = 1) -> list[int]:
+        """The tokens likely to follow the tokens so far that are worth verifying with
+        ``decoding`` sequences in the step, at most ``limit`` ([] if none)."""
+        if self.paused or limit <= 0:
             return []
+        if self.probe:
+            k = PROBE
+        else:
+            k = draft_length(self.p, row_cost(decoding), self.max_draft)
+            if not k:
+                self.paused, self.pause = self.pause, min(MAX_PAUSE, 2 * self.pause)
+                return []
+        k = min(k, limit)
         toks = self._tokens
         for n in range(min(N_MAX, len(toks)), N_MIN - 1, -1):
             at = self._next.get(tuple(toks[len(toks) - n:]))
@@ -89,9 +128,6 @@ class Drafter:
             return
         self.drafted += drafted
         self.accepted += accepted
-        self.k = min(self.max_draft, self.k + 2) if accepted == drafted \
-            else max(1, accepted + 1)
-        self.rate = RATE_DECAY * self.rate + (1 - RATE_DECAY) * accepted / drafted
-        if self.rate < MIN_RATE:
-            self.paused, self.pause = self.pause, min(MAX_PAUSE, 2 * self.pause)
-            self.rate, self.k = 1.0, self.max_draft
+        self.probe = False
+        self.kept = DECAY * self.kept + accepted
+        self.missed = DECAY * self.missed + (accepted < drafted)
