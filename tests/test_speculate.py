@@ -297,7 +297,7 @@ def test_a_service_with_speculation_reports_it(make_service):
 
     s = make_service(model={"speculative": "ngram"})
     assert s.start().returncode == 0
-    fields = {**GROUNDED[0], "max_tokens": 48, "temperature": 0.0}
+    fields = {**GROUNDED[0], "max_tokens": 24, "temperature": 0.0}
     with s.client() as c:
         on = c.complete(1, **fields)
         off = c.complete(2, **fields, speculative=False)
