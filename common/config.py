@@ -40,7 +40,8 @@ CONFIG_ENV = "LLMCTL_CONFIG"
 
 # Keys of [model] / [workers] that a [[models]] entry sets for itself: with [[models]]
 # they may not be set in those sections too (which would win is not obvious).
-PER_MODEL_KEYS = {"model": ("path", "n_ctx", "n_gpu_layers", "threads", "sha256"),
+PER_MODEL_KEYS = {"model": ("path", "n_ctx", "n_gpu_layers", "threads", "sha256",
+                            "speculative", "spec_max_draft"),
                   "workers": ("count", "slots")}
 
 
@@ -130,7 +131,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         replace = msgspec.structs.replace
         return replace(self, models=(e,), scheduling=SchedulingConfig(), tenants=(),
                        model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
-                                     n_gpu_layers=e.n_gpu_layers, threads=e.threads),
+                                     n_gpu_layers=e.n_gpu_layers, threads=e.threads,
+                                     speculative=e.speculative,
+                                     spec_max_draft=e.spec_max_draft),
                        workers=replace(self.workers, count=e.workers, slots=e.slots))
 
     def worker_threads(self) -> int:
@@ -162,7 +165,8 @@ def served_models(cfg: Config) -> tuple[ModelEntry, ...]:
     m, w = cfg.model, cfg.workers
     return (ModelEntry(name=Path(m.path).name.removesuffix(".gguf") or "model", path=m.path,
                        n_ctx=m.n_ctx, n_gpu_layers=m.n_gpu_layers, workers=w.count,
-                       slots=w.slots, threads=m.threads, load="always", keep_alive_s=0.0),)
+                       slots=w.slots, threads=m.threads, load="always", keep_alive_s=0.0,
+                       speculative=m.speculative, spec_max_draft=m.spec_max_draft),)
 
 
 def _build(raw: Mapping[str, Any], source: str, base: Path | None) -> Config:

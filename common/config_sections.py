@@ -26,6 +26,9 @@ OnBreach = Literal["alert", "restart_largest"]
 ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 
 
+Speculation = Literal["off", "ngram"]
+
+
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     path: Annotated[str, Meta(
         description="GGUF file; relative paths are relative to the config file")] \
@@ -43,6 +46,13 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                     "prompts, but a prompt-cache hit is then no longer bit-identical to a miss")] = 63
     sha256: Annotated[str, Meta(
         description="expected sha256 of the GGUF; empty = not checked at start")] = ""
+    speculative: Annotated[Speculation, Meta(
+        description="ngram = every sequence drafts the tokens that followed the latest earlier "
+                    "occurrence of its last 2-4 tokens (prompt and output) and verifies the draft "
+                    "in the step's one llama_decode; off = one token a step (a request's "
+                    "`speculative: false` turns it off for that request)")] = "off"
+    spec_max_draft: Annotated[int, Meta(
+        ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8
     engine: Annotated[Literal["llama", "synthetic"], Meta(
         description="llama = the GGUF through llama.cpp; synthetic = no model: tokens at "
                     "[synthetic]'s pace, for benchmarks and tests of the data plane")] = "llama"
@@ -343,3 +353,10 @@ class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         ge=0.0, le=86_400.0 * 365,
         description="an on_demand model idle this long (no request queued or running) "
                     "is unloaded; 0 = only to make room")] = 300.0
+    speculative: Annotated[Speculation, Meta(
+        description="ngram = every sequence drafts the tokens that followed the latest earlier "
+                    "occurrence of its last 2-4 tokens (prompt and output) and verifies the draft "
+                    "in the step's one llama_decode; off = one token a step (a request's "
+                    "`speculative: false` turns it off for that request)")] = "off"
+    spec_max_draft: Annotated[int, Meta(
+        ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8

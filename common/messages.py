@@ -187,6 +187,8 @@ class DoneStats(msgspec.Struct, frozen=True, omit_defaults=True):
     slot: int = -1                        # the slot it ran in
     slot_tokens: list[int] | None = None  # the tokens each slot's KV holds now
     stop_word: str | None = None          # the stop string that ended it
+    drafted: int = 0                      # speculation: draft tokens verified
+    accepted: int = 0                     # speculation: draft tokens kept (generated)
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -205,6 +207,8 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     pieces: list[str | list[int]] | None = None
     slot: int = -1
     stop_word: str | None = None
+    drafted: int | None = None      # speculation: draft tokens verified (if it drafted)
+    accepted: int | None = None     # speculation: draft tokens kept
     worker: str
     ttft_ms: float
     total_ms: float

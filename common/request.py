@@ -54,6 +54,8 @@ class GenRequest(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown
     detokenize: tuple[int, ...] | None = None   # instead of generating: these tokens' text
     priority: int = 0               # lower runs first among a tenant's waiting work
                                     # (vLLM's convention; [scheduling] policy "fair")
+    speculative: bool = True        # the model's speculation (if it has one) drafts
+                                    # for this request; false: one token a step
     window: int = 0                 # TOKEN messages the worker may send ahead (the
                                     # gateway sets it at dispatch); 0 = unbounded
     prompt_parts: tuple[int | str, ...] | None = None  # instead of prompt: token ids and
@@ -113,6 +115,15 @@ def int_field(obj: dict, key: str, default: int, lo: int, hi: int) -> int:
         raise BadRequest(f"{key} must be an integer")
     if not lo <= v <= hi:
         raise BadRequest(f"{key} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def bool_field(obj: dict, key: str, default: bool) -> bool:
+    v = obj.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise BadRequest(f"{key} must be true or false")
     return v
 
 
@@ -189,4 +200,5 @@ def validate(obj: dict[str, Any], gen: GenerationConfig) -> GenRequest:
         grammar=grammar, json_schema=json_schema, logprobs=logprobs,
         top_logprobs=top_logprobs, model=model or None,
         priority=int_field(obj, "priority", 0, -MAX_PRIORITY, MAX_PRIORITY),
+        speculative=bool_field(obj, "speculative", True),
     )

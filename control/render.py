@@ -74,6 +74,15 @@ def _cache_line(counters: dict[str, int], workers: list[dict[str, Any]]) -> str:
     return line
 
 
+def _spec_line(counters: dict[str, int]) -> str | None:
+    """Speculative decoding since start: draft tokens verified and kept (None: none)."""
+    drafted, accepted = counters.get("drafted_tokens", 0), counters.get("accepted_tokens", 0)
+    if not drafted:
+        return None
+    return (f"speculation: {accepted} of {drafted} draft tokens accepted "
+            f"({100 * accepted / drafted:.0f}%)")
+
+
 # ---- llmctl status ----------------------------------------------------------------------
 
 def print_status(st: dict[str, Any], console: Console) -> None:
@@ -166,6 +175,9 @@ def _print_metrics(st: dict[str, Any], console: Console) -> None:
                       + f" n={tot['count']}", highlight=False)
     errs = ", ".join(f"{k} {v}" for k, v in sorted(gw.get("errors", {}).items())) or "none"
     console.print(_cache_line(gw.get("counters", {}), st["workers"]), highlight=False)
+    spec = _spec_line(gw.get("counters", {}))
+    if spec:
+        console.print(spec, highlight=False)
     console.print(f"throughput last {w}s: {mt['requests_per_s']:.2f} req/s, "
                   f"{mt['tokens_per_s']:.1f} tok/s; errors: {errs}", highlight=False)
 

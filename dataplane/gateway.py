@@ -280,6 +280,8 @@ class Gateway(WorkerEvents):
                 decode_ms=stats.decode_ms if stats.phase else None,
                 embeddings=stats.embeddings, tokens=stats.tokens, text=stats.text,
                 pieces=stats.pieces, slot=stats.slot, stop_word=stats.stop_word,
+                drafted=stats.drafted or None,
+                accepted=stats.accepted if stats.drafted else None,
                 worker=worker or s.worker or "",
                 ttft_ms=round(((s.t_first or now) - s.t_admit) * 1000, 3),
                 total_ms=round((now - s.t_admit) * 1000, 3))

@@ -238,6 +238,8 @@ class Counters:
     probes_failed: int = 0
     prompt_tokens: int = 0
     cache_hit_tokens: int = 0
+    drafted_tokens: int = 0        # speculation: draft tokens verified, and kept
+    accepted_tokens: int = 0
     dropped_messages: int = 0      # malformed internal messages, logged and dropped
     connections: int = 0           # open TCP client connections (a gauge)
     errors: Counter[str] = field(default_factory=Counter)   # answered to clients, by code

@@ -56,6 +56,16 @@ class GatewayCollector:
         yield CounterMetricFamily("llmctl_cached_prompt_tokens",
                                   "Prompt tokens served from a worker's KV cache",
                                   value=mt.cached_tokens)
+        yield CounterMetricFamily("llmctl_spec_drafted_tokens",
+                                  "Draft tokens verified by speculative decoding",
+                                  value=gw.counters.drafted_tokens)
+        yield CounterMetricFamily("llmctl_spec_accepted_tokens",
+                                  "Draft tokens kept (generated) by speculative decoding",
+                                  value=gw.counters.accepted_tokens)
+        drafted, accepted = gw.counters.drafted_tokens, gw.counters.accepted_tokens
+        yield GaugeMetricFamily("llmctl_spec_acceptance_rate",
+                                "Kept over verified draft tokens since start (0: none drafted)",
+                                value=accepted / drafted if drafted else 0.0)
         yield CounterMetricFamily("llmctl_streamed_tokens", "TOKEN pieces streamed to clients",
                                   value=mt.tokens_out.total)
         yield CounterMetricFamily("llmctl_slow_clients", "Clients dropped for not reading",

@@ -173,6 +173,8 @@ class WorkerEvents:
         if not s.internal:
             self.counters.prompt_tokens += st.prompt_tokens
             self.counters.cache_hit_tokens += st.cached_tokens
+            self.counters.drafted_tokens += st.drafted
+            self.counters.accepted_tokens += st.accepted
         if s.finished and st.finish_reason == "cancelled" and st.phase in ("prefill", "decode"):
             if st.phase == "prefill":
                 self.counters.cancelled_prefill += 1

@@ -128,6 +128,18 @@ def test_status_and_models_render_whole_to_a_pipe():
     assert_models_whole(out.getvalue())
 
 
+def test_status_shows_speculation_only_when_it_drafted():
+    out = io.StringIO()
+    print_status(snapshot(), console(file=out))
+    assert "speculation" not in out.getvalue()
+    st = snapshot()
+    st["gateway"]["counters"].update(drafted_tokens=400, accepted_tokens=300)
+    out = io.StringIO()
+    print_status(st, console(file=out))
+    assert the_line(out.getvalue(), "speculation") == \
+        "speculation: 300 of 400 draft tokens accepted (75%)"
+
+
 # ---- the commands, to a pipe, against a stand-in supervisor ----------------------------------
 
 @contextlib.contextmanager

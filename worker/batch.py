@@ -22,6 +22,11 @@ and a long prompt never stalls the running streams for more than one chunk.
 The slots, their KV and the prompt cache behind them are ``worker/slots.py``'s
 (``SlotCache``); which token of a prompt is prefilled when is explained there
 ("Exactness").
+
+Speculation (``spec_max_draft`` > 0): a sequence's pending token and its draft go in the
+step's batch, all with logits, and ``_take`` keeps the draft's verified prefix; why that
+yields exactly the tokens decoding one at a time yields, and where the kernels allow it,
+is ``worker/speculate.py``'s docstring.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from llmctl.worker.embed import EmbedJob, Embedder
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
+from llmctl.worker.speculate import Drafter
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats, model_props, prefill_chunk, token_logprobs)
 
@@ -51,6 +57,7 @@ class Seq(Sequence):
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
     last_slot: int = -1                    # the slot it ran in last
+    drafter: Drafter | None = None         # its n-gram drafts (None: no speculation)
 
 
 class BatchEngine(Prompting):
@@ -59,7 +66,7 @@ class BatchEngine(Prompting):
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
                  slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
                  prompt_cache_bytes: int = 0, embeddings: bool = False,
-                 threads_policy: str = "adaptive") -> None:
+                 threads_policy: str = "adaptive", spec_max_draft: int = 0) -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -91,6 +98,8 @@ class BatchEngine(Prompting):
             raise ModelLoadError(f"cannot create a context of {slots} x {n_ctx}: {exc}") from exc
         self._pool = threadpool.attach(self._ctx.ctx, threads)
         self._batch = _internals.LlamaBatch(n_tokens=cp.n_batch, embd=0, n_seq_max=1)
+        self._rows = cp.n_batch
+        self.spec_max_draft = spec_max_draft       # 0: no speculation
         self.cache = SlotCache(ll, self._ctx, slots, kv_unified, prompt_cache, prompt_cache_bytes)
         self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
         self.n_ctx = ll.llama_n_ctx_seq(self._ctx.ctx) if not kv_unified else n_ctx
@@ -141,7 +150,10 @@ class BatchEngine(Prompting):
 
     def prepare(self, rid: int, req: GenRequest) -> Any:
         if req.embed is None:
-            return super().prepare(rid, req)
+            seq = super().prepare(rid, req)
+            if self.spec_max_draft and req.speculative:
+                seq.drafter = Drafter(seq.tokens, self.spec_max_draft)
+            return seq
         if self.embedder is None:
             raise BadRequest("this service serves no embeddings: set [workers] embeddings = true")
         job = EmbedJob(rid, [self._model.tokenize(t.encode("utf-8"), add_bos=True, special=False)
@@ -217,12 +229,18 @@ class BatchEngine(Prompting):
         decoding = [s.seq for s in self.cache.slots if s.seq is not None
                     and s.seq.pending is not None and s.seq.window > 0]
         if decoding:
-            events += self._decode([(seq, [seq.pending], True) for seq in decoding])
+            spare = self._rows - len(decoding)
+            work = []
+            for seq in decoding:
+                draft = self._draft(seq, spare, len(decoding))
+                spare -= len(draft)
+                work.append((seq, [seq.pending, *draft], 1 + len(draft)))
+            events += self._decode(work)
         seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens) - 1), None)
         if seq is not None:
             k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
             toks = seq.tokens[seq.prefilled:seq.prefilled + k]
-            events += self._decode([(seq, toks, False)])
+            events += self._decode([(seq, toks, 0)])
         if self.embedding:
             events += self._embed()
         self.threads.after_step()
@@ -253,8 +271,19 @@ class BatchEngine(Prompting):
                 done_stats(job, "stop"), embeddings=job.vectors)))
         return events
 
-    def _decode(self, work: list[tuple[Seq, list[int], bool]]) -> list[Event]:
-        """One llama_decode of ``(sequence, tokens, wants logits)``; samples the outputs."""
+    def _draft(self, seq: Seq, spare: int, decoding: int) -> list[int]:
+        """``seq``'s draft for this step (``decoding`` sequences in it): at most ``spare``
+        tokens, and no more than its token credit and ``max_tokens`` let it send after
+        the pending token's."""
+        if seq.drafter is None:
+            return []
+        return seq.drafter.draft(min(spare, seq.window - 1,
+                                     seq.max_tokens - seq.generated - 1), decoding)
+
+    def _decode(self, work: list[tuple[Seq, list[int], int]]) -> list[Event]:
+        """One llama_decode of ``(sequence, tokens, rows with logits)``: a prefill chunk
+        (0), the pending token (1), or the pending token and a draft (1 + draft); the
+        rows with logits are sampled."""
         b = self._batch.batch
         n, outputs = 0, []
         for seq, toks, out in work:       # increasing sequence ids (see the module docstring)
@@ -264,11 +293,10 @@ class BatchEngine(Prompting):
                 b.pos[n] = pos + i
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = seq.slot.id
-                b.logits[n] = False
+                b.logits[n] = i >= len(toks) - out
                 n += 1
             if out:
-                b.logits[n - 1] = True
-                outputs.append((n - 1, seq))
+                outputs.append((n - out, seq, toks[len(toks) - out + 1:]))
         b.n_tokens = n
         rc = self._ll.llama_decode(self._ctx.ctx, b)
         if rc != 0:
@@ -276,26 +304,53 @@ class BatchEngine(Prompting):
         for seq, toks, _ in work:
             seq.slot.tokens.extend(toks)
             if seq.prefilled < len(seq.tokens):
-                seq.prefilled += len(toks)
+                seq.prefilled = min(seq.prefilled + len(toks), len(seq.tokens))
                 if seq.prefilled == len(seq.tokens) - 1:
                     seq.pending = seq.tokens[-1]   # the last prompt token: decoded next step
         events: list[Event] = []
         now = time.monotonic()
-        for i, seq in outputs:
+        for i, seq, draft in outputs:
             if seq.t_prefill_done is None:
                 seq.t_prefill_done = now
             try:
-                if seq.grammar is None:
-                    tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i)
-                else:
-                    tok = seq.grammar.sample(seq.sampler.sampler, self._ctx.ctx, i,
-                                             self._n_vocab)
-                if seq.top_logprobs >= 0 and not self._ll.llama_vocab_is_eog(self._vocab, tok):
-                    seq.lp_held.append(self._logprobs(i, tok, seq.top_logprobs,
-                                                      seq.token_ids))
-                events.extend(self._advance(seq, tok))
+                events.extend(self._take(seq, i, draft))
             except Exception as exc:   # one sequence's failure, not the engine's
                 events.append(self.fail(seq.rid, exc))
+        return events
+
+    def _take(self, seq: Seq, i: int, draft: list[int]) -> list[Event]:
+        """Sample ``seq``'s rows from ``i`` on: the pending token's, then each draft
+        token's while the token sampled before it equals it.  What is sampled is what
+        decoding one token a step would have sampled (the same chain, grammar and
+        logits rows); the draft's rejected rest leaves the KV."""
+        toks: list[int] = []
+        lps: list[dict | None] = []
+        for j in range(len(draft) + 1):
+            if seq.grammar is None:
+                tok = self._ll.llama_sampler_sample(seq.sampler.sampler, self._ctx.ctx, i + j)
+            else:
+                tok = seq.grammar.sample(seq.sampler.sampler, self._ctx.ctx, i + j,
+                                         self._n_vocab)
+            eog = self._ll.llama_vocab_is_eog(self._vocab, tok)
+            toks.append(tok)
+            lps.append(self._logprobs(i + j, tok, seq.top_logprobs, seq.token_ids)
+                       if seq.top_logprobs >= 0 and not eog else None)
+            if eog or j == len(draft) or tok != draft[j]:
+                break
+        if draft:
+            assert seq.drafter is not None and seq.slot is not None
+            kept = len(toks) - 1
+            seq.drafter.verified(len(draft), kept)
+            self.cache.truncate(seq.slot, len(seq.slot.tokens) - len(draft) + kept)
+        events: list[Event] = []
+        for tok, lp in zip(toks, lps):
+            if lp is not None:
+                seq.lp_held.append(lp)
+            events.extend(self._advance(seq, tok))
+            if seq.pending is None:        # it ended
+                break
+            if seq.drafter is not None:
+                seq.drafter.push(tok)
         return events
 
     def fail(self, rid: int, exc: Exception) -> Event:
@@ -369,9 +424,11 @@ class BatchEngine(Prompting):
             self.cache.release(slot)
         tail = seq.stream.finish() if flush else ""
         store = self.cache.store
+        spec = seq.drafter
         stats = msgspec.structs.replace(
             done_stats(seq, reason), prefix_hashes=self.cache.prefixes(),
             slot=seq.last_slot, slot_tokens=[len(s.tokens) for s in self.cache.slots],
+            drafted=spec.drafted if spec else 0, accepted=spec.accepted if spec else 0,
             kv_store=KvStoreStats(**store.stats()) if store is not None else None,
             threads=ComputeThreads(**self.threads.info()))
         return self._with_logprobs(seq, Event(seq.rid, tail, stats)) if flush \

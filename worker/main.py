@@ -309,7 +309,9 @@ def make_engine(cfg: Config) -> Any:
                        prompt_cache=cfg.workers.prompt_cache,
                        prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
                        embeddings=cfg.workers.embeddings,
-                       threads_policy=cfg.host.threads_policy)
+                       threads_policy=cfg.host.threads_policy,
+                       spec_max_draft=cfg.model.spec_max_draft
+                       if cfg.model.speculative == "ngram" else 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmctl.common.errors import InternalError
 from llmctl.worker.engine import reusable_prefix
 from llmctl.worker.kvstore import KVStore, common_prefix
 
@@ -121,6 +122,11 @@ class SlotCache:
     def clear(self, slot: Slot) -> None:
         self._ll.llama_memory_seq_rm(self._mem, slot.id, -1, -1)
         slot.tokens, slot.hashes = [], ()
+
+    def truncate(self, slot: Slot, n: int) -> None:
+        """Drop ``slot``'s KV past its first ``n`` tokens (a draft's rejected rest)."""
+        if self._truncate(slot, n) != n:
+            raise InternalError("llama.cpp could not drop a rejected draft from the KV")
 
     def prefixes(self) -> list[int]:
         """Prefix hashes of the prompts whose KV the slots or the store hold (for routing)."""

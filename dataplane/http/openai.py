@@ -93,12 +93,12 @@ def _common(body: dict[str, Any]) -> tuple[bool, bool]:
 def to_request(body: dict[str, Any], gen: Any,
                chat: bool) -> tuple[GenRequest, bool, bool, ToolMode | None]:
     """(the request, stream?, include_usage?, tool calling) of an OpenAI request body;
-    the server's ``[generation]`` defaults fill in what it leaves out (``top_k`` and
-    ``deadline_ms`` are extensions to OpenAI's fields)."""
+    the server's ``[generation]`` defaults fill in what it leaves out (``top_k``,
+    ``deadline_ms`` and ``speculative`` are extensions to OpenAI's fields)."""
     stream, include_usage = _common(body)
     obj = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
                                     "deadline_ms", "response_format", "grammar", "model",
-                                    "priority")}
+                                    "priority", "speculative")}
     mode = None
     if chat:
         messages = body.get("messages")
