@@ -301,15 +301,17 @@ def make_engine(cfg: Config) -> Any:
                                model_name=os.path.basename(cfg.model.path).removesuffix(".gguf"))
     from llmctl.worker.batch import BatchEngine
     threads = cfg.worker_threads()
-    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d)", cfg.model.path,
-             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.host.threads_policy,
-             cfg.workers.slots)
+    m = cfg.model
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d, KV %s/%s, "
+             "flash_attn %s)", m.path, m.n_ctx, m.n_gpu_layers, threads, cfg.host.threads_policy,
+             cfg.workers.slots, m.cache_type_k, m.cache_type_v, m.flash_attn)
     return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                        cfg.model.n_batch, slots=cfg.workers.slots,
                        prompt_cache=cfg.workers.prompt_cache,
                        prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
                        embeddings=cfg.workers.embeddings,
-                       threads_policy=cfg.host.threads_policy)
+                       threads_policy=cfg.host.threads_policy, cache_type_k=m.cache_type_k,
+                       cache_type_v=m.cache_type_v, flash_attn=m.flash_attn)
 
 
 def main(argv: list[str] | None = None) -> int:
