@@ -37,6 +37,7 @@ from llmctl.common.errors import BadRequest, InternalError, LlmctlError
 from llmctl.common.messages import ComputeThreads, KvStoreStats
 from llmctl.common.request import GenRequest
 from llmctl.worker.embed import EmbedJob, Embedder
+from llmctl.worker.gpu_backend import offload_fallback
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
@@ -83,10 +84,9 @@ class BatchEngine(Prompting):
         _logger.set_verbose(False)
         self._ll = ll = llama_cpp
         self.gpu_offload = bool(ll.llama_supports_gpu_offload())
-        if n_gpu_layers != 0 and not self.gpu_offload:
-            log.warning("n_gpu_layers=%d but this llama-cpp-python build has no GPU offload: "
-                        "all layers run on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)",
-                        n_gpu_layers)
+        fallback = offload_fallback(ll, n_gpu_layers)
+        if fallback:
+            log.warning("%s", fallback)
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
         try:
