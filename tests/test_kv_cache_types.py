@@ -139,3 +139,24 @@ def test_llama_cpp_applies_the_types_and_refuses_what_the_config_refuses():
     assert q8 / f16 == pytest.approx(34 / 64, rel=0.05)
     with pytest.raises(ModelLoadError, match="cannot create a context"):
         BatchEngine(str(MODEL), 256, 0, 1, 63, slots=1, cache_type_v="q8_0", flash_attn="off")
+
+
+def test_measurement_reads_llama_cpp_and_the_plan_and_scores_agreement():
+    from llmctl.tools import kv_cache_measure as km
+    log = ("llama_kv_cache:        CPU KV buffer size =    23.91 MiB\n"
+           "llama_kv_cache: K (q8_0):   11.95 MiB, V (q8_0):   11.95 MiB\n")
+    assert [float(m) for m in km.KV_LINE.findall(log)] == [23.91]
+    check = ("  KV cache  n_ctx 2048 x slots 1 x layers 30 x kv_heads 3 x head_dim 64 x 2 ...\n"
+             "            =    25,067,520 B    23.9 MiB\n")
+    assert km.PLAN_KV.search(check).group(1) == "25,067,520"
+    # the same up to the 3rd token of the first prompt, identical second prompt
+    assert km.agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 3, 9], [5, 6]]) == (5 / 6, 1)
+    rows = km.summarise([
+        {"type": "f16", "n_ctx": 2048, "rss_mib": 200.0, "kv_mib": 45.0, "plan_kv_mib": 45.0,
+         "tok_s": 20.0, "tokens": [[1, 2]]},
+        {"type": "q8_0", "n_ctx": 2048, "rss_mib": 179.0, "kv_mib": 23.91, "plan_kv_mib": 23.91,
+         "tok_s": 21.0, "tokens": [[1, 3]]},
+        {"type": "q4_0", "n_ctx": 2048, "error": "exit 1"}])
+    assert (rows[1]["agreement"], rows[1]["identical_prompts"]) == (0.5, "0/1")
+    assert (rows[1]["rss_vs_f16_mib"], rows[1]["plan_vs_f16_mib"]) == (-21.0, -21.1)
+    assert "error: exit 1" in km.table(rows)

@@ -62,6 +62,14 @@ def child(args: argparse.Namespace) -> int:
                           n_threads=args.threads, n_threads_batch=args.threads,
                           n_gpu_layers=args.n_gpu_layers, type_k=t, type_v=t, flash_attn=True,
                           verbose=True)
+    import numpy as np
+
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> Any:         # llama.cpp's logits of the last token evaluated
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                     shape=(n_vocab,))
+
     outputs, decode_s, decoded = [], 0.0, 0
     eos = llm.token_eos()
     for prompt in PROMPTS:
@@ -70,7 +78,7 @@ def child(args: argparse.Namespace) -> int:
         out: list[int] = []
         t0 = time.perf_counter()
         while len(out) < args.max_tokens:
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())      # greedy
+            tok = int(last_logits().argmax())      # greedy
             if tok == eos:
                 break
             out.append(tok)
