@@ -41,7 +41,8 @@ CONFIG_ENV = "LLMCTL_CONFIG"
 # Keys of [model] / [workers] that a [[models]] entry sets for itself: with [[models]]
 # they may not be set in those sections too (which would win is not obvious).
 PER_MODEL_KEYS = {"model": ("path", "n_ctx", "n_gpu_layers", "threads", "sha256",
-                            "speculative", "spec_max_draft"),
+                            "speculative", "spec_max_draft", "cache_type_k", "cache_type_v",
+                            "flash_attn"),
                   "workers": ("count", "slots")}
 
 
@@ -133,7 +134,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                        model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
                                      n_gpu_layers=e.n_gpu_layers, threads=e.threads,
                                      speculative=e.speculative,
-                                     spec_max_draft=e.spec_max_draft),
+                                     spec_max_draft=e.spec_max_draft,
+                                     cache_type_k=e.cache_type_k, cache_type_v=e.cache_type_v,
+                                     flash_attn=e.flash_attn),
                        workers=replace(self.workers, count=e.workers, slots=e.slots))
 
     def worker_threads(self) -> int:
@@ -165,8 +168,10 @@ def served_models(cfg: Config) -> tuple[ModelEntry, ...]:
     m, w = cfg.model, cfg.workers
     return (ModelEntry(name=Path(m.path).name.removesuffix(".gguf") or "model", path=m.path,
                        n_ctx=m.n_ctx, n_gpu_layers=m.n_gpu_layers, workers=w.count,
-                       slots=w.slots, threads=m.threads, load="always", keep_alive_s=0.0,
-                       speculative=m.speculative, spec_max_draft=m.spec_max_draft),)
+                       slots=w.slots, threads=m.threads, cache_type_k=m.cache_type_k,
+                       cache_type_v=m.cache_type_v, flash_attn=m.flash_attn, load="always",
+                       keep_alive_s=0.0, speculative=m.speculative,
+                       spec_max_draft=m.spec_max_draft),)
 
 
 def _build(raw: Mapping[str, Any], source: str, base: Path | None) -> Config:
@@ -206,6 +211,7 @@ def _cross_checks(cfg: Config) -> None:
             and cfg.http.host == cfg.gateway.host:
         raise ConfigError(f"{src}: [http] port {cfg.http.port} is also [gateway] port")
     _check_cluster(cfg)
+    _check_cache_types(cfg)
     for array, entries in (("models", cfg.models), ("tenants", cfg.tenants)):
         seen: dict[str, int] = {}
         for i, e in enumerate(entries, 1):
@@ -223,6 +229,19 @@ def _cross_checks(cfg: Config) -> None:
                 raise ConfigError(f"{src}: [[tenants]] {t.name!r}: a key of "
                                   f"{owner[key]!r} too")
             owner[key] = t.name
+
+
+def _check_cache_types(cfg: Config) -> None:
+    """llama.cpp's own rule (src/llama-context.cpp, llama_init_from_model): a quantized V
+    cache needs flash attention, so with flash_attn = "off" it refuses to create the context."""
+    where = [(f"[[models]] entry {i} ({e.name!r})", e) for i, e in enumerate(cfg.models, 1)] \
+        or [("[model]", cfg.model)]
+    for name, e in where:
+        if KV_TYPES[e.cache_type_v][0] > 1 and e.flash_attn == "off":
+            raise ConfigError(
+                f"{cfg.source}: {name} cache_type_v = {e.cache_type_v!r} with flash_attn = "
+                "'off': llama.cpp needs flash attention for a quantized V cache; set "
+                "flash_attn = 'auto' or 'on', or cache_type_v = 'f16'")
 
 
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")

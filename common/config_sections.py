@@ -17,11 +17,15 @@ import msgspec
 from msgspec import Meta
 
 
-# The [gpu] section's vocabulary, shared with the estimator (control/gpu_estimate.py).
+# The vocabulary of [gpu] and of the KV cache keys, shared with control/gpu_estimate.py.
 DEFAULT_BUDGET_MB = 1024
 DEFAULT_CUDA_OVERHEAD_MB = 150     # see docs/gpu.md: calibrate on the real card
-KvType = Literal["f16", "q8_0", "f32"]
-KV_TYPES = {"f16": (1, 2), "q8_0": (32, 34), "f32": (1, 4)}   # (values per block, bytes per block)
+# The KV cache element types llama.cpp's flash attention supports on the CPU and in CUDA
+# (llama-server's -ctk/-ctv): (values per block, bytes per block), as ggml's type traits.
+CacheType = Literal["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+KV_TYPES = {"f16": (1, 2), "bf16": (1, 2), "f32": (1, 4), "q8_0": (32, 34), "q5_1": (32, 24),
+            "q5_0": (32, 22), "q4_1": (32, 20), "q4_0": (32, 18)}
+FlashAttn = Literal["auto", "on", "off"]
 OnBreach = Literal["alert", "restart_largest"]
 ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 
@@ -37,6 +41,15 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                                description="context length of every sequence (tokens)")] = 2048
     n_gpu_layers: Annotated[int, Meta(
         ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
+    cache_type_k: Annotated[CacheType, Meta(
+        description="element type of the KV cache's keys (llama.cpp's -ctk): f16, bf16, f32, "
+                    "or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (q8_0 halves the memory of f16)")] = "f16"
+    cache_type_v: Annotated[CacheType, Meta(
+        description="element type of the KV cache's values (-ctv); a quantized type needs "
+                    "flash_attn auto or on")] = "f16"
+    flash_attn: Annotated[FlashAttn, Meta(
+        description="llama.cpp's flash attention: auto = on where the device supports it "
+                    "(always with a quantized V cache), on, off")] = "auto"
     threads: Annotated[int, Meta(
         ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")] = 0
     n_batch: Annotated[int, Meta(
@@ -184,8 +197,6 @@ class GpuConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     fit: Annotated[bool, Meta(
         description="shrink workers.count, then model.n_ctx, then model.n_gpu_layers "
                     "until the estimate fits, instead of refusing to start")] = False
-    kv_type: Annotated[KvType, Meta(
-        description="KV cache element type the estimate assumes")] = "f16"
     compute_buffer_mb: Annotated[int, Meta(
         ge=-1, le=1 << 20,
         description="llama.cpp compute buffer per worker (MiB); -1 = derive from "
@@ -340,6 +351,15 @@ class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                                description="context length of every sequence (tokens)")] = 2048
     n_gpu_layers: Annotated[int, Meta(
         ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
+    cache_type_k: Annotated[CacheType, Meta(
+        description="element type of the KV cache's keys (llama.cpp's -ctk): f16, bf16, f32, "
+                    "or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (q8_0 halves the memory of f16)")] = "f16"
+    cache_type_v: Annotated[CacheType, Meta(
+        description="element type of the KV cache's values (-ctv); a quantized type needs "
+                    "flash_attn auto or on")] = "f16"
+    flash_attn: Annotated[FlashAttn, Meta(
+        description="llama.cpp's flash attention: auto = on where the device supports it "
+                    "(always with a quantized V cache), on, off")] = "auto"
     workers: Annotated[int, Meta(ge=1, le=64, description="worker processes of this model")] = 1
     slots: Annotated[int, Meta(
         ge=1, le=64, description="concurrent sequences per worker (= its dispatch credits)")] = 1

@@ -83,7 +83,8 @@ def check_models(cfg: Config) -> int:
     for e in cfg.served:
         n = needs.get(e.name)
         print(f"  {e.name:<24} {e.load:<9} {e.workers} worker(s) x {e.slots} slot(s), n_ctx "
-              f"{e.n_ctx}: " + (f"{n:,.1f} MiB" if n is not None else "unknown"))
+              f"{e.n_ctx}, KV {e.cache_type_k}/{e.cache_type_v}: "
+              + (f"{n:,.1f} MiB" if n is not None else "unknown"))
     why = check_plan(cfg, needs, budget, kind)
     if why:
         print(f"error: {why}", file=sys.stderr)

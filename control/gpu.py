@@ -49,7 +49,8 @@ def plan_for_config(cfg: Config, gpu: GpuConfig | None = None) -> Plan:
     return plan(read_model(cfg.model.path), workers=cfg.workers.count, n_ctx=cfg.model.n_ctx,
                 slots=cfg.workers.slots, n_gpu_layers=cfg.model.n_gpu_layers,
                 n_batch=cfg.model.n_batch, budget_mb=g.vram_budget_mb, fit=g.fit,
-                kv_type=g.kv_type, compute_buffer_mb=g.compute_buffer_mb,
+                cache_type_k=cfg.model.cache_type_k, cache_type_v=cfg.model.cache_type_v,
+                compute_buffer_mb=g.compute_buffer_mb,
                 cuda_overhead_mb=g.cuda_overhead_mb)
 
 
@@ -254,7 +255,8 @@ class GpuMonitor:
         try:
             est = estimate(read_model(cfg.model.path), n_ctx=cfg.model.n_ctx,
                            slots=cfg.workers.slots, n_gpu_layers=cfg.model.n_gpu_layers,
-                           n_batch=cfg.model.n_batch, kv_type=g.kv_type,
+                           n_batch=cfg.model.n_batch, cache_type_k=cfg.model.cache_type_k,
+                           cache_type_v=cfg.model.cache_type_v,
                            compute_buffer_mb=g.compute_buffer_mb,
                            cuda_overhead_mb=g.cuda_overhead_mb)
         except ModelInfoError as exc:

@@ -24,14 +24,17 @@ Terms per worker (each process has its own CUDA context and its own copy of ever
 
 * weights  = sum of ``n_bytes`` of the tensors of the offloaded blocks (``blk.N.*``)
              + the output layer's tensors when the output layer is offloaded;
-* KV cache = n_ctx x slots x offloaded blocks x n_kv_heads x (head_dim_k + head_dim_v)
-             x bytes per element of the cache type (f16 = 2, f32 = 4, q8_0 = 34/32);
-             with f16 and head_dim_k == head_dim_v this is the familiar
+* KV cache = n_ctx x slots x offloaded blocks x n_kv_heads
+             x (head_dim_k x bytes per K element + head_dim_v x bytes per V element),
+             the elements of ``cache_type_k`` / ``cache_type_v`` (f16 = 2, f32 = 4,
+             q8_0 = 34/32, q4_0 = 18/32: blocks of 32 values); with f16 and
+             head_dim_k == head_dim_v this is the familiar
              n_ctx x slots x layers x n_kv_heads x head_dim x 2 (K, V) x 2;
 * compute  = ``compute_buffer_mb`` if >= 0, else derived: the f32 logits of one ubatch
              (n_ubatch x n_vocab x 4, if the output layer is offloaded) + the f32 attention
              scores of one layer (n_ubatch x n_ctx x slots x n_head x 4, if a block is
-             offloaded; llama-cpp-python leaves flash attention off).  The two are never
+             offloaded; counted whatever ``flash_attn``, which does not materialise them
+             in full: an upper bound).  The two are never
              alive together, so their sum leaves room for the smaller activations.
              n_ubatch = min(n_batch, 512), llama-cpp-python's rule;
 * CUDA     = ``cuda_overhead_mb`` (context, cuBLAS workspace, pool slack), if anything
@@ -42,7 +45,6 @@ padding of n_ctx (none for multiples of 256), per-layer head counts (the maximum
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -62,6 +64,11 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 class ModelInfoError(ValueError):
     """The GGUF cannot be read, or lacks the metadata the estimate needs."""
+
+
+class CacheTypeError(ModelInfoError):
+    """The model's head size is not a whole number of the quantized cache type's blocks:
+    llama.cpp refuses to create the context."""
 
 
 class VramBudgetError(ValueError):
@@ -199,7 +206,8 @@ class Estimate:
     slots: int
     n_gpu_layers: int               # as configured
     n_batch: int
-    kv_type: str
+    cache_type_k: str
+    cache_type_v: str
     compute_buffer_mb: int          # -1 = derived
     cuda_overhead_mb: int
     blocks_on_gpu: int
@@ -239,14 +247,16 @@ class Estimate:
                   f" = {self.weights_blocks:,} B" if self.blocks_on_gpu else "0 blocks")
         out = (f" + output layer ({', '.join(m.output_tensors)}) = {self.weights_output:,} B"
                if self.output_on_gpu else " + output layer on CPU")
-        per, size = KV_TYPES[self.kv_type]
-        elem = f"{size} B" if per == 1 else f"{size}/{per} B"
-        if m.head_dim_k == m.head_dim_v:
-            dims = f"head_dim {m.head_dim_k} x 2 (K and V)"
+        def elem(t: str) -> str:
+            per, size = KV_TYPES[t]
+            return (f"{size} B" if per == 1 else f"{size}/{per} B") + f" ({t})"
+        k, v = self.cache_type_k, self.cache_type_v
+        if m.head_dim_k == m.head_dim_v and k == v:
+            dims = f"head_dim {m.head_dim_k} x 2 (K and V) x {elem(k)}"
         else:
-            dims = f"(k_dim {m.head_dim_k} + v_dim {m.head_dim_v})"
+            dims = f"(k_dim {m.head_dim_k} x {elem(k)} + v_dim {m.head_dim_v} x {elem(v)})"
         kv = (f"n_ctx {self.n_ctx} x slots {self.slots} x layers {self.blocks_on_gpu} x "
-              f"kv_heads {m.n_head_kv} x {dims} x {elem} ({self.kv_type})")
+              f"kv_heads {m.n_head_kv} x {dims}")
         if self.compute_buffer_mb >= 0:
             comp = f"compute_buffer_mb {self.compute_buffer_mb} x 1 MiB" if self.compute else "-"
         else:
@@ -278,18 +288,29 @@ class Estimate:
 
 
 def estimate(info: ModelInfo, *, n_ctx: int, slots: int = 1, n_gpu_layers: int = -1,
-             n_batch: int = N_UBATCH_MAX, kv_type: str = "f16", compute_buffer_mb: int = -1,
+             n_batch: int = N_UBATCH_MAX, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             compute_buffer_mb: int = -1,
              cuda_overhead_mb: int = DEFAULT_CUDA_OVERHEAD_MB) -> Estimate:
-    """The VRAM one worker needs; n_gpu_layers = 0 needs none."""
-    if kv_type not in KV_TYPES:
-        raise ValueError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    """The VRAM one worker needs; n_gpu_layers = 0 needs none.
+
+    Raises CacheTypeError for a quantized cache type whose blocks do not divide the
+    model's head size (llama.cpp would refuse the context)."""
+    for key, t, dim in (("cache_type_k", cache_type_k, info.head_dim_k),
+                        ("cache_type_v", cache_type_v, info.head_dim_v)):
+        if t not in KV_TYPES:
+            raise ValueError(f"{key} {t!r} is not one of {', '.join(KV_TYPES)}")
+        if dim % KV_TYPES[t][0]:
+            raise CacheTypeError(
+                f"{info.path}: {key} = {t!r} stores blocks of {KV_TYPES[t][0]} values, which do "
+                f"not divide this model's head size {dim}: llama.cpp refuses it; choose f16, "
+                "bf16 or f32")
     blocks, output = gpu_layout(n_gpu_layers, info.n_layer)
     first = info.n_layer - blocks
     w_blocks = sum(info.block_bytes[first:])
     w_out = info.output_bytes if output else 0
-    per, size = KV_TYPES[kv_type]
-    row = (math.ceil(info.n_head_kv * info.head_dim_k / per)
-           + math.ceil(info.n_head_kv * info.head_dim_v / per)) * size
+    (per_k, size_k), (per_v, size_v) = KV_TYPES[cache_type_k], KV_TYPES[cache_type_v]
+    row = (info.n_head_kv * info.head_dim_k // per_k * size_k
+           + info.n_head_kv * info.head_dim_v // per_v * size_v)
     kv = n_ctx * slots * blocks * row
     n_ubatch = min(n_batch, N_UBATCH_MAX)
     on_gpu = blocks > 0 or output
@@ -301,7 +322,8 @@ def estimate(info: ModelInfo, *, n_ctx: int, slots: int = 1, n_gpu_layers: int =
         scores = n_ubatch * n_ctx * slots * info.n_head * 4 if blocks else 0
         compute = logits + scores
     return Estimate(model=info, n_ctx=n_ctx, slots=slots, n_gpu_layers=n_gpu_layers,
-                    n_batch=n_batch, kv_type=kv_type, compute_buffer_mb=compute_buffer_mb,
+                    n_batch=n_batch, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                    compute_buffer_mb=compute_buffer_mb,
                     cuda_overhead_mb=cuda_overhead_mb, blocks_on_gpu=blocks, output_on_gpu=output,
                     weights_blocks=w_blocks, weights_output=w_out, kv=kv, compute_logits=logits,
                     compute_scores=scores, compute=compute,
@@ -368,7 +390,7 @@ def _shrink(start: int, candidates: Iterable[int], fits) -> int:
 
 def plan(info: ModelInfo, *, workers: int, n_ctx: int, slots: int = 1, n_gpu_layers: int = -1,
          n_batch: int = N_UBATCH_MAX, budget_mb: int = DEFAULT_BUDGET_MB, fit: bool = False,
-         kv_type: str = "f16", compute_buffer_mb: int = -1,
+         cache_type_k: str = "f16", cache_type_v: str = "f16", compute_buffer_mb: int = -1,
          cuda_overhead_mb: int = DEFAULT_CUDA_OVERHEAD_MB) -> Plan:
     """A plan that fits the budget, shrunk if ``fit``; raises VramBudgetError otherwise.
 
@@ -377,7 +399,8 @@ def plan(info: ModelInfo, *, workers: int, n_ctx: int, slots: int = 1, n_gpu_lay
     """
     def est(ctx: int, ngl: int) -> Estimate:
         return estimate(info, n_ctx=ctx, slots=slots, n_gpu_layers=ngl, n_batch=n_batch,
-                        kv_type=kv_type, compute_buffer_mb=compute_buffer_mb,
+                        cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                        compute_buffer_mb=compute_buffer_mb,
                         cuda_overhead_mb=cuda_overhead_mb)
 
     first = Plan(workers, est(n_ctx, n_gpu_layers), budget_mb)

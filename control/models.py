@@ -297,7 +297,8 @@ def _cache_key(e: ModelEntry, cfg: Config, on_gpu: bool) -> str | None:
         return None
     g = cfg.gpu
     return json.dumps([e.path, st.st_size, st.st_mtime_ns, on_gpu, e.n_ctx, e.slots, e.workers,
-                       e.n_gpu_layers, cfg.model.n_batch, g.kv_type, g.compute_buffer_mb,
+                       e.n_gpu_layers, cfg.model.n_batch, e.cache_type_k, e.cache_type_v,
+                       g.compute_buffer_mb,
                        g.cuda_overhead_mb, cfg.workers.prompt_cache_mib])
 
 
@@ -335,21 +336,17 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
             needs[e.name] = fresh[key] = float(cache[key])
             continue
         try:
-            info = read_model(e.path)
-        except ModelInfoError as exc:
+            per = estimate(read_model(e.path), n_ctx=e.n_ctx, slots=e.slots,
+                           n_gpu_layers=e.n_gpu_layers if on_gpu else -1,
+                           n_batch=cfg.model.n_batch, cache_type_k=e.cache_type_k,
+                           cache_type_v=e.cache_type_v, compute_buffer_mb=g.compute_buffer_mb,
+                           cuda_overhead_mb=g.cuda_overhead_mb if on_gpu else 0).total
+        except ModelInfoError as exc:       # an unreadable GGUF, a cache type it cannot take
             log.warning("model %s: no memory estimate: %s", e.name, exc)
             needs[e.name] = None
             continue
-        if on_gpu:
-            per = estimate(info, n_ctx=e.n_ctx, slots=e.slots, n_gpu_layers=e.n_gpu_layers,
-                           n_batch=cfg.model.n_batch, kv_type=g.kv_type,
-                           compute_buffer_mb=g.compute_buffer_mb,
-                           cuda_overhead_mb=g.cuda_overhead_mb).total
-        else:
-            per = estimate(info, n_ctx=e.n_ctx, slots=e.slots, n_gpu_layers=-1,
-                           n_batch=cfg.model.n_batch, kv_type=g.kv_type,
-                           compute_buffer_mb=g.compute_buffer_mb, cuda_overhead_mb=0).total \
-                + cfg.workers.prompt_cache_mib * MiB
+        if not on_gpu:
+            per += cfg.workers.prompt_cache_mib * MiB
         needs[e.name] = per * e.workers / MiB
         if key is not None:
             fresh[key] = needs[e.name]

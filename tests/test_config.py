@@ -127,8 +127,19 @@ def test_exact_messages(tmp_path):
             "[workers] heartbeat_interval_s: 100.0 is out of range [0.05, 60.0]",
         "[workers]\nheartbeat_interval_s = nan\n":
             "[workers] heartbeat_interval_s: nan is out of range [0.05, 60.0]",
-        "[gpu]\nkv_type = 'q4_0'\n": "[gpu] kv_type: 'q4_0' is not one of f16, q8_0, f32",
-        "[gpu]\nkv_type = 3\n": "[gpu] kv_type: expected a string, got 3",
+        "[model]\ncache_type_k = 'q3_K'\n": "[model] cache_type_k: 'q3_K' is not one of f16, "
+                                           "bf16, f32, q8_0, q5_1, q5_0, q4_1, q4_0",
+        "[model]\ncache_type_v = 3\n": "[model] cache_type_v: expected a string, got 3",
+        "[model]\nflash_attn = true\n": "[model] flash_attn: expected a string, got True",
+        "[model]\ncache_type_v = 'q8_0'\nflash_attn = 'off'\n":
+            "[model] cache_type_v = 'q8_0' with flash_attn = 'off': llama.cpp needs flash "
+            "attention for a quantized V cache; set flash_attn = 'auto' or 'on', or "
+            "cache_type_v = 'f16'",
+        "[[models]]\nname = 'a'\npath = 'a.gguf'\n[[models]]\nname = 'b'\npath = 'b.gguf'\n"
+        "cache_type_v = 'q4_0'\nflash_attn = 'off'\n":
+            "[[models]] entry 2 ('b') cache_type_v = 'q4_0' with flash_attn = 'off': llama.cpp "
+            "needs flash attention for a quantized V cache; set flash_attn = 'auto' or 'on', "
+            "or cache_type_v = 'f16'",
         "[gateway]\nport = 99999999999999999999\n":
             "[gateway] port: 99999999999999999999 is out of range [0, 65535]",
         "[[model]]\n": "[model] must be a table",
@@ -196,7 +207,7 @@ port = 0
 run_dir = "run"
 backoff_max_s = 60
 [gpu]
-kv_type = "q8_0"
+fit = true
 on_breach = "restart_largest"
 [synthetic]
 step_ms = 2.0
@@ -225,7 +236,8 @@ def test_from_json_errors_are_config_errors():
 
 def test_choices_are_the_estimators_vocabulary():
     assert config.ON_BREACH == ("alert", "restart_largest")
-    assert config_explain.keys(Config)["gpu"]["kv_type"].choices == tuple(config.KV_TYPES)
+    for key in ("cache_type_k", "cache_type_v"):
+        assert config_explain.keys(Config)["model"][key].choices == tuple(config.KV_TYPES)
     assert config_explain.keys(Config)["gpu"]["on_breach"].choices == config.ON_BREACH
 
 

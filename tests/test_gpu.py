@@ -62,11 +62,19 @@ def test_kv_term_is_the_hand_formula(info):
     # n_ctx x slots x n_layers x n_kv_heads x head_dim x 2 (K and V) x 2 bytes (f16)
     e = estimate(info, n_ctx=2048, slots=1, n_gpu_layers=-1, n_batch=256)
     assert e.kv == 2048 * 1 * 30 * 3 * 64 * 2 * 2 == 47_185_920
-    e = estimate(info, n_ctx=4096, slots=2, n_gpu_layers=-1, kv_type="f32")
+    e = estimate(info, n_ctx=4096, slots=2, n_gpu_layers=-1, cache_type_k="f32",
+                 cache_type_v="f32")
     assert e.kv == 4096 * 2 * 30 * 3 * 64 * 2 * 4
     # q8_0: blocks of 32 values stored in 34 bytes; a K (or V) row is 3 x 64 = 192 values
-    e = estimate(info, n_ctx=2048, slots=1, n_gpu_layers=-1, kv_type="q8_0")
+    e = estimate(info, n_ctx=2048, slots=1, n_gpu_layers=-1, cache_type_k="q8_0",
+                 cache_type_v="q8_0")
     assert e.kv == 2048 * 1 * 30 * (192 // 32 * 34) * 2
+    assert "head_dim 64 x 2 (K and V) x 34/32 B (q8_0)" in e.explain()
+    # K and V of different types: q8_0 keys, q4_0 values (18 bytes a block)
+    e = estimate(info, n_ctx=2048, slots=1, n_gpu_layers=-1, cache_type_k="q8_0",
+                 cache_type_v="q4_0")
+    assert e.kv == 2048 * 1 * 30 * (192 // 32 * 34 + 192 // 32 * 18)
+    assert "(k_dim 64 x 34/32 B (q8_0) + v_dim 64 x 18/32 B (q4_0))" in e.explain()
     # n_gpu_layers = 10: the output layer and the last 9 blocks
     assert estimate(info, n_ctx=2048, n_gpu_layers=10).kv == 2048 * 9 * 3 * 64 * 2 * 2
 
@@ -379,13 +387,12 @@ def test_gpu_config_follows_config_conventions():
         given_default = config.Config.from_json(json.dumps({"gpu": {key: default}}))
         assert getattr(given_default.gpu, key) == default
     for key, bad, fragment in [("on_breach", "reboot", "not one of alert, restart_largest"),
-                               ("kv_type", "q4_0", "not one of f16, q8_0, f32"),
                                ("vram_budget_mb", 0, "out of range")]:
         with pytest.raises(config.ConfigError, match=f"\\[gpu\\] {key}: .*{fragment}"):
             config.Config.from_json(json.dumps({"gpu": {key: bad}}))
     g = GpuConfig()
-    assert (g.vram_budget_mb, g.fit, g.kv_type, g.on_breach, g.sample_interval_s) == \
-        (1024, False, "f16", "alert", 2.0)
+    assert (g.vram_budget_mb, g.fit, g.on_breach, g.sample_interval_s) == \
+        (1024, False, "alert", 2.0)
     with pytest.raises(AttributeError):
         g.fit = True  # type: ignore[misc]
 

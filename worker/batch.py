@@ -41,6 +41,7 @@ from llmctl.common.errors import BadRequest, InternalError, LlmctlError
 from llmctl.common.messages import ComputeThreads, KvStoreStats
 from llmctl.common.request import GenRequest
 from llmctl.worker.embed import EmbedJob, Embedder
+from llmctl.worker.gpu_backend import offload_fallback
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
@@ -60,23 +61,40 @@ class Seq(Sequence):
     drafter: Drafter | None = None         # its n-gram drafts (None: no speculation)
 
 
+FLASH_ATTN = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED",
+              "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
+
+
+def context_kv_params(ll: Any, cache_type_k: str, cache_type_v: str, flash_attn: str) -> Any:
+    """A function that sets the KV cache's element types ("f16", "q8_0", ...: ggml's type
+    names) and flash attention on llama_context_params."""
+    type_k = getattr(ll, f"GGML_TYPE_{cache_type_k.upper()}")
+    type_v = getattr(ll, f"GGML_TYPE_{cache_type_v.upper()}")
+    fa = getattr(ll, FLASH_ATTN[flash_attn])
+
+    def apply(cp: Any) -> None:
+        cp.type_k, cp.type_v, cp.flash_attn_type = type_k, type_v, fa
+    return apply
+
+
 class BatchEngine(Prompting):
     seq_class = Seq
 
     def __init__(self, path: str, n_ctx: int, n_gpu_layers: int, threads: int, n_batch: int,
                  slots: int = 1, prompt_cache: bool = True, kv_unified: bool = False,
                  prompt_cache_bytes: int = 0, embeddings: bool = False,
-                 threads_policy: str = "adaptive", spec_max_draft: int = 0) -> None:
+                 threads_policy: str = "adaptive", spec_max_draft: int = 0,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16",
+                 flash_attn: str = "auto") -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
         _logger.set_verbose(False)
         self._ll = ll = llama_cpp
         self.gpu_offload = bool(ll.llama_supports_gpu_offload())
-        if n_gpu_layers != 0 and not self.gpu_offload:
-            log.warning("n_gpu_layers=%d but this llama-cpp-python build has no GPU offload: "
-                        "all layers run on the CPU (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)",
-                        n_gpu_layers)
+        fallback = offload_fallback(ll, n_gpu_layers)
+        if fallback:
+            log.warning("%s", fallback)
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
         try:
@@ -89,9 +107,10 @@ class BatchEngine(Prompting):
         cp.n_seq_max = slots
         cp.kv_unified = kv_unified
         cp.n_threads = cp.n_threads_batch = threads
-        # Flash attention, as llama-server: faster on this CPU. Engine (the reference of
-        # the determinism tests) uses it too, so that both compute the same.
-        cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # Flash attention: "auto" (llama.cpp's choice) is on wherever the device has the
+        # kernel, the CPU included, as in the reference engine of the determinism tests.
+        kv_params = context_kv_params(ll, cache_type_k, cache_type_v, flash_attn)
+        kv_params(cp)
         try:
             self._ctx = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
         except ValueError as exc:
@@ -110,7 +129,7 @@ class BatchEngine(Prompting):
         self._n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._formatter = chat_formatter(self._model, metadata)
         self.props = model_props(self._model, metadata, path)
-        self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads) \
+        self.embedder = Embedder(ll, self._model, n_ctx, max(n_batch, 2), threads, kv_params) \
             if embeddings else None
         adaptive = threads_policy == "adaptive"
         self.threads = ThreadGovernor(self._set_threads,

@@ -47,7 +47,8 @@ class EmbedJob:
 
 
 class Embedder:
-    def __init__(self, ll: Any, model: Any, n_ctx: int, n_batch: int, threads: int) -> None:
+    def __init__(self, ll: Any, model: Any, n_ctx: int, n_batch: int, threads: int,
+                 kv_params: Any = None) -> None:
         from llama_cpp import _internals
 
         from llmctl.worker import threadpool
@@ -60,6 +61,8 @@ class Embedder:
         cp.embeddings = True
         cp.pooling_type = ll.LLAMA_POOLING_TYPE_NONE   # every token's state; pooled here
         cp.n_threads = cp.n_threads_batch = threads
+        if kv_params is not None:               # the generating context's cache types
+            kv_params(cp)
         self._ctx = _internals.LlamaContext(model=model, params=cp, verbose=False)
         self._pool = threadpool.attach(self._ctx.ctx, threads)
         self._batch = _internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)

@@ -301,9 +301,10 @@ def make_engine(cfg: Config) -> Any:
                                model_name=os.path.basename(cfg.model.path).removesuffix(".gguf"))
     from llmctl.worker.batch import BatchEngine
     threads = cfg.worker_threads()
-    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d)", cfg.model.path,
-             cfg.model.n_ctx, cfg.model.n_gpu_layers, threads, cfg.host.threads_policy,
-             cfg.workers.slots)
+    m = cfg.model
+    log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d, KV %s/%s, "
+             "flash_attn %s)", m.path, m.n_ctx, m.n_gpu_layers, threads, cfg.host.threads_policy,
+             cfg.workers.slots, m.cache_type_k, m.cache_type_v, m.flash_attn)
     return BatchEngine(cfg.model.path, cfg.model.n_ctx, cfg.model.n_gpu_layers, threads,
                        cfg.model.n_batch, slots=cfg.workers.slots,
                        prompt_cache=cfg.workers.prompt_cache,
@@ -311,7 +312,9 @@ def make_engine(cfg: Config) -> Any:
                        embeddings=cfg.workers.embeddings,
                        threads_policy=cfg.host.threads_policy,
                        spec_max_draft=cfg.model.spec_max_draft
-                       if cfg.model.speculative == "ngram" else 0)
+                       if cfg.model.speculative == "ngram" else 0,
+                       cache_type_k=m.cache_type_k, cache_type_v=m.cache_type_v,
+                       flash_attn=m.flash_attn)
 
 
 def main(argv: list[str] | None = None) -> int:
