@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import msgspec
@@ -177,10 +178,11 @@ def test_every_range_bound_is_enforced_as_written():
         k, typ = config_explain.keys(Config)[section][key], type(getattr(cfg, section))
         if k.lo is None:
             continue
-        step = 1 if k.kind is int else 1e-9
         for inside in (k.lo, k.hi):
             assert getattr(msgspec.convert({key: inside}, typ), key) == inside
-        for outside in (k.lo - step, k.hi + step):
+        below, above = (k.lo - 1, k.hi + 1) if k.kind is int else \
+            (math.nextafter(k.lo, -math.inf), math.nextafter(k.hi, math.inf))
+        for outside in (below, above):
             with pytest.raises(ConfigError) as exc:
                 Config.from_json(json.dumps({section: {key: outside}}))
             assert str(exc.value) == f"<json>: [{section}] {key}: {outside!r} is out of range " \
