@@ -11,7 +11,7 @@ import pytest
 from llmctl.common import config
 from llmctl.common.config import Config, ConfigError
 from llmctl.control.gpu_estimate import CacheTypeError, ModelInfo, estimate
-from llmctl.worker.batch import context_kv_params
+from llmctl.worker.kv_params import context_kv_params
 from tests.service import MODEL
 
 needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="model not fetched (make setup)")

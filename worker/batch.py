@@ -45,6 +45,7 @@ from llmctl.worker.gpu_backend import offload_fallback
 from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
+from llmctl.worker.kv_params import context_kv_params
 from llmctl.worker.speculate import Drafter
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats, model_props, prefill_chunk, token_logprobs)
@@ -59,22 +60,6 @@ class Seq(Sequence):
                                            # each sampled (and sent) one
     last_slot: int = -1                    # the slot it ran in last
     drafter: Drafter | None = None         # its n-gram drafts (None: no speculation)
-
-
-FLASH_ATTN = {"auto": "LLAMA_FLASH_ATTN_TYPE_AUTO", "on": "LLAMA_FLASH_ATTN_TYPE_ENABLED",
-              "off": "LLAMA_FLASH_ATTN_TYPE_DISABLED"}
-
-
-def context_kv_params(ll: Any, cache_type_k: str, cache_type_v: str, flash_attn: str) -> Any:
-    """A function that sets the KV cache's element types ("f16", "q8_0", ...: ggml's type
-    names) and flash attention on llama_context_params."""
-    type_k = getattr(ll, f"GGML_TYPE_{cache_type_k.upper()}")
-    type_v = getattr(ll, f"GGML_TYPE_{cache_type_v.upper()}")
-    fa = getattr(ll, FLASH_ATTN[flash_attn])
-
-    def apply(cp: Any) -> None:
-        cp.type_k, cp.type_v, cp.flash_attn_type = type_k, type_v, fa
-    return apply
 
 
 class BatchEngine(Prompting):
