@@ -107,9 +107,9 @@ cuda_toolkit() {
   CUDA_BUILD_FLAGS="-DCMAKE_CUDA_COMPILER=$PWD/$CUDA_PREFIX/bin/nvcc -DCUDAToolkit_ROOT=$PWD/$CUDA_PREFIX"
 }
 
-# The CUDA build loads libcudart.so.12 and libcublas*.so.12 by name; the library's RPATH is
-# its own folder, so the PyPI copies are linked there.  The driver's libcuda.so.1 is the
-# GPU host's (the NVIDIA driver), never installed here.
+# The CUDA build loads libcudart.so.N and libcublas*.so.N (N = the CUDA major version) by
+# name; the library's RPATH is its own folder, so the toolkit's copies are linked there.
+# The driver's libcuda.so.1 is the GPU host's (the NVIDIA driver), never installed here.
 link_cuda_runtime() {
   local lib f
   [ -d "$CUDA_PREFIX/lib64" ] || return 0       # a system toolkit on the loader's path
