@@ -133,6 +133,14 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     body_timeout_s: Annotated[float, Meta(
         ge=0.1, le=3600.0,
         description="time a client has to send a request body; slower is 408")] = 10.0
+    responses_max_bytes: Annotated[int, Meta(
+        ge=0, le=1 << 40,
+        description="stored Responses API responses (`store`, `previous_response_id`): "
+                    "bytes kept in <run_dir>/responses.sqlite3, oldest evicted first; "
+                    "0 = none stored")] = 64 * 1024 * 1024
+    responses_ttl_s: Annotated[float, Meta(
+        ge=1.0, le=30 * 86_400.0,
+        description="a stored response is deleted this long after it was made")] = 7 * 86_400.0
 
 
 class ControlConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -117,6 +117,12 @@ class ModelNotFound(BadRequest):
     openai_code = "model_not_found"
 
 
+class NotFound(BadRequest):
+    """A request names something the server does not hold (a stored response): 404."""
+    status = 404
+    openai_code = "not_found"
+
+
 class TooManyStreams(LlmctlError):
     code = Code.TOO_MANY_STREAMS
 

@@ -32,7 +32,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def svc():
-    s = Service(model={"n_ctx": 2048}, workers={"slots": 2, "probe_interval_s": 0.0},
+    s = Service(model={"n_ctx": 2048}, workers={"slots": 2, "probe_interval_s": 0.0,
+                         "liveness": 20},   # a prompt with tools: a long prefill on a busy host
                 http={"enabled": True, "port": free_port()})
     with running(s):
         yield s

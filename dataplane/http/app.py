@@ -1,7 +1,7 @@
 """The HTTP server of the data plane: aiohttp on the gateway's own event loop.
 
 One application serves every HTTP dialect, a module each (``openai.py``,
-``anthropic.py``, ``embeddings.py``), ``GET /health``, ``GET /v1/models`` and ``/v1/models/{id}``, and
+``anthropic.py``, ``responses.py``, ``embeddings.py``), ``GET /health``, ``GET /v1/models`` and ``/v1/models/{id}``, and
 ``/metrics`` (``prom.py``), through one middleware (``base.py``).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from aiohttp import web
 
 from llmctl.common.errors import LlmctlError, ModelNotFound, NotReady, ShuttingDown
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.http import anthropic, embeddings, openai
+from llmctl.dataplane.http import anthropic, embeddings, openai, responses
 from llmctl.dataplane.http.anthropic_shapes import error_response as anthropic_error
 from llmctl.dataplane.http.base import GATEWAY_KEY, middleware
 from llmctl.dataplane.http.openai_shapes import dumps
@@ -75,6 +75,7 @@ def build_app(gw: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gw
     openai.add_routes(app)
     anthropic.add_routes(app)
+    responses.add_routes(app)
     embeddings.add_routes(app)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
