@@ -135,6 +135,7 @@ def test_errors_and_keys(svc, client):
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     r = requests.get(f"{svc.base}/v1/messages", timeout=60, headers={"x-api-key": KEY})
     assert r.status_code == 405 and r.json()["type"] == "error"
+    assert requests.head(f"{svc.base}/", timeout=60).status_code == 200   # Claude Code's probe
 
 
 # ---- pure ---------------------------------------------------------------------------------
@@ -167,6 +168,16 @@ def test_conversation_to_messages():
                                                  "disable_parallel_tool_use": True}},
                         GenerationConfig())[2]
     assert not forced.or_text and not forced.parallel
+    # what Claude Code sends: a system message between turns, thinking settings
+    agent = to_request({"max_tokens": 5, "thinking": {"type": "adaptive"},
+                        "context_management": {"edits": []},
+                        "output_config": {"effort": "high"},
+                        "messages": ASK + [{"role": "system", "content": "Agents: none."}]},
+                       GenerationConfig())[0]
+    assert [m.role for m in agent.messages] == ["user", "system"]
+    shaped = to_request({"max_tokens": 5, "messages": ASK, "output_config": {
+        "format": {"type": "json_schema", "schema": WEATHER}}}, GenerationConfig())[0]
+    assert json.loads(shaped.json_schema) == WEATHER
 
 
 def test_error_mapping():

@@ -213,3 +213,31 @@ def test_answer_words_and_cut_calls():
     assert [c.done for c in b.calls] == [False]
     forced = Answer(tool_mode({"tools": TOOLS, "tool_choice": "required"}))
     assert forced.calling and not any(isinstance(e, (Text, End)) for e in forced.feed('{"t'))
+
+
+def test_agent_sized_tools():
+    """An agent's tools (dozens, pages of description, annotation-only and huge-bound
+    schemas) are offered briefly and converted to a grammar of reasonable size."""
+    from llmctl.dataplane.http.tool_calls import MAX_BOUND, PROMPT_BUDGET, make_mode, tool
+    from llmctl.worker.constrain import grammar_text
+
+    params = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"script": {"type": "string", "maxLength": 100_000,
+                                        "description": "the script"},
+                             "args": {"description": "any JSON value"},
+                             "tags": {"type": "array", "items": {"type": "string"},
+                                      "maxItems": 1000}},
+              "required": ["script"]}
+    tools = [tool(f"T{i}", "Runs things. " + "More words. " * 300, params, "t", "tools")
+             for i in range(20)]
+    m = make_mode(tools, "auto")
+    schema = json.loads(m.schema)["properties"]["tool_calls"]["items"]["anyOf"][0]
+    args = schema["properties"]["arguments"]
+    assert "$schema" not in args and "maxLength" not in args["properties"]["script"]
+    assert "maxItems" not in args["properties"]["tags"] and MAX_BOUND < 1000
+    assert set(args["properties"]["args"]["type"]) >= {"string", "object", "null"}
+    assert len(m.prompt) < PROMPT_BUDGET + 20 * 400 and "More words" not in m.prompt
+    assert '"description":"Runs things"' in m.prompt
+    assert len(grammar_text(None, m.schema, m.or_text)) < 100_000
+    few = make_mode([tool("f", "Short.", params, "t", "tools")], "auto")
+    assert '"description": "the script"' in few.prompt            # in full when it fits

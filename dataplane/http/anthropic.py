@@ -6,7 +6,10 @@ A conversation's content blocks become messages for the model's chat template: `
 blocks are the turn's text, an assistant's ``tool_use`` blocks its calls and a user's
 ``tool_result`` blocks ``role: "tool"`` messages, whose ``tool_use_id`` must name an
 earlier call (``tool_calls.py``).  ``thinking`` blocks of earlier turns are dropped (this
-server does not think aloud); images and documents are refused with a 400, as are
+server does not think aloud), and so are ``thinking``, ``context_management`` and
+``output_config.effort``, which only steer thinking (``output_config.format``, a JSON
+schema, constrains the answer); a ``role: "system"`` message
+between turns is a system message.  Images and documents are refused with a 400, as are
 server tools.  Authentication is ``x-api-key`` (or a bearer token), as for every /v1
 route; ``anthropic-version`` and ``anthropic-beta`` are accepted and not needed.
 """
@@ -62,6 +65,10 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     ids: set[str] = set()
     for i, m in enumerate(msgs):
         role = m.get("role") if isinstance(m, dict) else None
+        if role == "system":                 # Claude Code's context between turns
+            out.append({"role": "system", "content": _text(m.get("content"),
+                                                           f"messages[{i}].content")})
+            continue
         if role not in ("user", "assistant"):
             raise BadRequest(f"messages[{i}].role must be \"user\" or \"assistant\"",
                              param="messages")
@@ -138,7 +145,15 @@ def to_request(body: dict[str, Any], gen: Any,
     if not counting and body.get("max_tokens") is None:
         raise BadRequest("max_tokens: field required", param="max_tokens")
     mode = _tool_mode(body)
+    oc = body.get("output_config")
+    fmt = oc.get("format") if isinstance(oc, dict) else None
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "json_schema"
+                            or mode is not None):
+        raise BadRequest('output_config.format must be {"type": "json_schema", "schema": '
+                         '...}, without tools', param="output_config")
     obj = {"messages": offer(_messages(body), mode),
+           "response_format": fmt and {"type": "json_schema",
+                                       "json_schema": {"schema": fmt.get("schema")}},
            "max_tokens": 1 if counting else body.get("max_tokens"),
            "stop": body.get("stop_sequences") or None,
            **{k: body.get(k) for k in ("temperature", "top_p", "top_k", "model")}}

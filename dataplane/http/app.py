@@ -1,8 +1,9 @@
 """The HTTP server of the data plane: aiohttp on the gateway's own event loop.
 
 One application serves every HTTP dialect, a module each (``openai.py``,
-``anthropic.py``, ``responses.py``, ``embeddings.py``), ``GET /health``, ``GET /v1/models`` and ``/v1/models/{id}``, and
-``/metrics`` (``prom.py``), through one middleware (``base.py``).
+``anthropic.py``, ``responses.py``, ``embeddings.py``), ``GET /health``,
+``GET /v1/models`` and ``/v1/models/{id}``, ``/metrics`` (``prom.py``) and ``/`` (what
+is served), through one middleware (``base.py``).
 """
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ async def health(request: web.Request) -> web.Response:
         "inflight": sched.inflight_count()}, dumps=dumps)
 
 
+async def root(request: web.Request) -> web.Response:
+    """``/``: what answers here (clients probe it, e.g. Claude Code's ``HEAD /``)."""
+    return web.json_response({"service": "llmctl", "health": "/health",
+                              "apis": ["/v1/chat/completions", "/v1/completions",
+                                       "/v1/embeddings", "/v1/messages", "/v1/responses",
+                                       "/v1/models"]}, dumps=dumps)
+
+
 def build_app(gw: Gateway) -> web.Application:
     """The HTTP application with every dialect's routes; add routes (e.g. /metrics)
     before serving it.  Routes under /v1/ need the API key when one is set."""
@@ -80,6 +89,7 @@ def build_app(gw: Gateway) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
+    app.router.add_get("/", root)
     return app
 
 

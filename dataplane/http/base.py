@@ -68,7 +68,7 @@ def presented_key(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-OPEN_PATHS = ("/health", "/metrics")     # served without a key
+OPEN_PATHS = ("/", "/health", "/metrics")     # served without a key
 
 
 Renderer = Callable[[LlmctlError], web.Response]

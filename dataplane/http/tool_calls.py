@@ -39,6 +39,9 @@ from llmctl.common.structured import schema_text
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_TOOLS = 128
 MAX_CALLS = 4            # calls in one answer
+PROMPT_BUDGET = 6000     # characters of tool descriptions offered in full; past it, brief
+BRIEF_DESCRIPTION = 160  # characters of a description, brief
+_BRIEF_DROP = ("description", "$schema", "title", "examples", "default", "$comment")
 NO_PARAMETERS = {"type": "object", "properties": {}}
 CHOICES = ("none", "auto", "required")
 
@@ -86,10 +89,37 @@ def check_tools(tools: list[Tool], param: str) -> list[Tool]:
     return tools
 
 
-def _json_schema(parameters: dict[str, Any]) -> dict[str, Any]:
-    """A tool's parameters as the converter takes them ($schema is a URL it does not
-    need)."""
-    return {k: v for k, v in parameters.items() if k != "$schema"}
+_TYPED = ("type", "enum", "const", "properties", "items", "anyOf", "oneOf", "allOf",
+          "$ref", "pattern", "format", "prefixItems", "additionalProperties")
+ANY_VALUE = {"type": ["string", "number", "boolean", "object", "array", "null"]}
+MAX_BOUND = 256          # a larger maxLength/maxItems is not held by the grammar
+
+
+def _json_schema(schema: Any) -> Any:
+    """A tool's parameters as the converter takes them: ``$schema`` (a URL) dropped, and
+    a subschema that says nothing of its value (``{"description": ...}``: any JSON
+    value, which the converter refuses) written as the union of every type.  A
+    ``maxLength`` or ``maxItems`` over ``MAX_BOUND`` is left out: the converter writes one
+    nested rule per unit of the bound (megabytes of grammar for an agent's
+    ``maxLength: 100000``)."""
+    if isinstance(schema, list):
+        return [_json_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "$schema" or (k in ("maxLength", "maxItems") and isinstance(v, int)
+                               and v > MAX_BOUND):
+            continue
+        if k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+            out[k] = {name: _json_schema(sub) for name, sub in v.items()}
+        elif k in ("items", "anyOf", "oneOf", "allOf", "additionalProperties", "prefixItems"):
+            out[k] = _json_schema(v)
+        else:
+            out[k] = v
+    if not any(k in out for k in _TYPED):
+        return {**out, **ANY_VALUE}
+    return out
 
 
 def make_mode(tools: list[Tool], choice: str, parallel: bool = True,
@@ -113,9 +143,7 @@ def make_mode(tools: list[Tool], choice: str, parallel: bool = True,
              "maxItems": MAX_CALLS if parallel else 1}
     schema = {"type": "object", "properties": {"tool_calls": calls},
               "required": ["tool_calls"], "additionalProperties": False}
-    lines = ["You can call these tools (functions):"]
-    lines += [json.dumps({"name": t.name, "description": t.description,
-                          "parameters": t.parameters}, ensure_ascii=False) for t in tools]
+    lines = ["You can call these tools (functions):"] + _offers(tools)
     lines.append('To call tools, reply with only a JSON object: {"tool_calls": [{"name": '
                  '<the tool\'s name>, "arguments": <an object of its parameters>}'
                  + (", ...]}" if parallel else "]} (one call)") + ".")
@@ -124,6 +152,35 @@ def make_mode(tools: list[Tool], choice: str, parallel: bool = True,
     return ToolMode(names=tuple(t.name for t in called),
                     schema=schema_text(schema, "the tools' parameters"),
                     or_text=choice == "auto", prompt="\n".join(lines), parallel=parallel)
+
+
+def _brief_schema(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _brief_schema(v) for k, v in schema.items() if k not in _BRIEF_DROP
+                or (k in ("description", "title") and isinstance(v, dict))}
+    if isinstance(schema, list):
+        return [_brief_schema(v) for v in schema]
+    return schema
+
+
+def _offers(tools: list[Tool]) -> list[str]:
+    """The tools as the system message describes them: in full, or, past
+    ``PROMPT_BUDGET`` (an agent's dozens of tools with pages of description each), each
+    one's first sentence and its parameters without their descriptions, so that the
+    offer fits the context.  The grammar holds the answer to the full schemas either way."""
+    full = [json.dumps({"name": t.name, "description": t.description,
+                        "parameters": t.parameters}, ensure_ascii=False) for t in tools]
+    if sum(map(len, full)) <= PROMPT_BUDGET:
+        return full
+    out = []
+    for t in tools:
+        first = t.description.strip().split("\n", 1)[0].split(". ", 1)[0]
+        if len(first) > BRIEF_DESCRIPTION:
+            first = first[:BRIEF_DESCRIPTION - 3] + "..."
+        out.append(json.dumps({"name": t.name, "description": first,
+                               "parameters": _brief_schema(t.parameters)},
+                              ensure_ascii=False, separators=(",", ":")))
+    return out
 
 
 # ---- OpenAI chat's shapes -------------------------------------------------------------
