@@ -151,8 +151,13 @@ def test_items_to_messages():
     assert gen.messages[0].content.startswith("Be brief.\n\nYou can call these tools")
     assert json.loads(gen.messages[2].content)["tool_calls"][0]["name"] == "get_weather"
     assert gen.max_tokens == 9 and items[:2] == chain and mode.or_text and not stream
+    codex = [{"type": "web_search", "external_web_access": False},
+             {"type": "namespace", "name": "multi_agent_v1", "tools": []}]
+    assert to_request({"input": "x", "tools": codex, "reasoning": {"summary": "auto"},
+                       "include": ["reasoning.encrypted_content"]},
+                      GenerationConfig(), [])[2] is None              # not offered
     with pytest.raises(BadRequest, match="only function tools"):
-        to_request({"input": "x", "tools": [{"type": "web_search"}]}, GenerationConfig(), [])
+        to_request({"input": "x", "tools": [{"type": "file_search"}]}, GenerationConfig(), [])
     with pytest.raises(BadRequest, match="call_id"):
         to_request({"input": [body["input"][1]]}, GenerationConfig(), [])
 

@@ -6,7 +6,9 @@ type and answered in its shapes (``responses_shapes.py``), streamed or not
 ``input`` is a string or items: messages (``input_text``/``output_text`` parts),
 ``function_call`` and ``function_call_output`` (whose ``call_id`` must name an earlier
 call), read into messages for the model's chat template (``tool_calls.py``);
-``reasoning`` items are dropped (this server does not reason aloud).  ``instructions``
+``reasoning`` items are dropped (this server does not reason aloud), and so are the
+``reasoning``, ``include``, ``prompt_cache_key`` and ``client_metadata`` settings.
+Hosted tools (``web_search``) and tool namespaces are not offered (``_NOT_OFFERED``).  ``instructions``
 is the system message of this request only.  ``text.format`` (JSON schema or object)
 constrains the answer as ``response_format`` does on the chat API.
 
@@ -37,6 +39,10 @@ STORE_KEY: web.AppKey[list[ResponseStore]] = web.AppKey("responses.store")  # op
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text")
 _UNSUPPORTED = ("background", "conversation", "prompt", "top_logprobs")
+# Tools this server cannot offer and leaves out of the offer, as a model without them
+# would: hosted search (it has no web access) and namespaces of sub-agent tools (Codex
+# CLI's multi_agent_v1, whose calls it routes by namespace).
+_NOT_OFFERED = ("web_search", "web_search_preview", "namespace")
 _ECHOED = ("instructions", "max_output_tokens", "parallel_tool_calls",
            "previous_response_id", "temperature", "top_p", "tool_choice", "tools",
            "text", "store", "metadata", "truncation")
@@ -133,12 +139,18 @@ def _tool_mode(body: dict[str, Any]) -> ToolMode | None:
         raise BadRequest("tools must be a list", param="tools")
     specs = []
     for i, t in enumerate(tools):
+        if isinstance(t, dict) and t.get("type") in _NOT_OFFERED:
+            continue
         if not isinstance(t, dict) or t.get("type") != "function":
             kind = t.get("type") if isinstance(t, dict) else None
             raise BadRequest(f"tools[{i}]: tools of type {kind!r} are not supported "
                              f"(only function tools)", param="tools")
         specs.append(tool(t.get("name"), t.get("description"), t.get("parameters"),
                           f"tools[{i}]", "tools"))
+    if not specs:
+        if choice in (None, "none", "auto"):
+            return None
+        raise BadRequest("tool_choice needs function tools", param="tool_choice")
     return make_mode(check_tools(specs, "tools"), choice or "auto", ptc is not False)
 
 
