@@ -162,7 +162,7 @@ class HttpConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     "bytes kept in <run_dir>/responses.sqlite3, oldest evicted first; "
                     "0 = none stored")] = 64 * 1024 * 1024
     responses_ttl_s: Annotated[float, Meta(
-        ge=1.0, le=365 * 86_400.0,
+        ge=1.0, le=30 * 86_400.0,
         description="a stored response is deleted this long after it was made")] = 7 * 86_400.0
 
 
