@@ -62,6 +62,23 @@ def test_plain_answer(client):
 
 
 @integration
+def test_a_stop_sequence_ends_with_its_reason(client):
+    full = client.messages.create(model="m", max_tokens=24, temperature=0.0, messages=ASK)
+    text = full.content[0].text
+    words = text.split()
+    assert len(words) >= 3, text
+    stop = " " + words[2]
+    r = client.messages.create(model="m", max_tokens=24, temperature=0.0, messages=ASK,
+                               stop_sequences=[stop])
+    assert r.stop_reason == "stop_sequence" and r.stop_sequence == stop
+    assert text.startswith(r.content[0].text) and stop not in r.content[0].text
+    with client.messages.stream(model="m", max_tokens=24, temperature=0.0, messages=ASK,
+                                stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+
+
+@integration
 def test_streamed_answer(client):
     with client.messages.stream(model="m", max_tokens=24, temperature=0.0,
                                 messages=ASK) as stream:

@@ -51,6 +51,8 @@ def _event(kind: str, obj: dict[str, Any]) -> bytes:
 def stop_reason(fin: Finished, called: bool) -> str:
     if called:
         return "tool_use"
+    if fin.stop_word:
+        return "stop_sequence"
     return "max_tokens" if fin.finish_reason == "length" else "end_turn"
 
 
@@ -84,9 +86,9 @@ class AnthropicDialect:
         self.blocks = 0                   # content blocks started
 
     def message(self, content: list[dict[str, Any]], reason: str | None,
-                use: dict[str, int]) -> dict[str, Any]:
+                use: dict[str, int], stop: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                "content": content, "stop_reason": reason, "stop_sequence": None,
+                "content": content, "stop_reason": reason, "stop_sequence": stop,
                 "usage": use}
 
     def head(self) -> bytes:
@@ -144,7 +146,8 @@ class AnthropicDialect:
             out.append(self._text(calls.text()))   # cut before a call began: as text
         out.append(self._close())
         out.append(_event("message_delta", {
-            "delta": {"stop_reason": stop_reason(fin, called), "stop_sequence": None},
+            "delta": {"stop_reason": stop_reason(fin, called),
+                      "stop_sequence": fin.stop_word if not called else None},
             "usage": usage(fin)}))
         out.append(_event("message_stop", {}))
         return b"".join(out)
@@ -161,4 +164,5 @@ class AnthropicDialect:
         else:
             content = [{"type": "text", "text": text}] if text else []
         return web.json_response(self.message(content, stop_reason(fin, bool(calls)),
-                                              usage(fin)), dumps=dumps)
+                                              usage(fin), None if calls else fin.stop_word),
+                                 dumps=dumps)
