@@ -12,11 +12,10 @@ from typing import Any
 from aiohttp import web
 
 from llmctl.common.config import GenerationConfig
-from llmctl.common.errors import BadRequest, LlmctlError
+from llmctl.common.errors import BadRequest
 from llmctl.common.messages import Finished
 from llmctl.common.request import GenRequest, is_text
-from llmctl.dataplane.http.exchange import exchange
-from llmctl.dataplane.http.openai_shapes import dumps
+from llmctl.dataplane.http.exchange import Collected, exchange
 from llmctl.dataplane.http.base import GATEWAY_KEY, read_body
 
 MAX_INPUTS = 256
@@ -58,36 +57,10 @@ def response(fin: Finished, fmt: str, model: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": p, "total_tokens": p}}
 
 
-class _Answer:
-    """The embeddings' one event is their end (``exchange.Dialect``, collected)."""
-    streaming = False
-
-    def __init__(self, fmt: str, model: str) -> None:
-        self.fmt, self.model = fmt, model
-
-    def head(self) -> bytes:
-        return b""
-
-    def token(self, text: str) -> None:
-        return None
-
-    def logprobs(self, content: list[dict[str, Any]]) -> None:
-        return None
-
-    def done(self, fin: Finished) -> bytes:
-        return b""
-
-    def error(self, err: LlmctlError) -> bytes:
-        return b""
-
-    def answer(self, fin: Finished) -> web.StreamResponse:
-        return web.json_response(response(fin, self.fmt, self.model), dumps=dumps)
-
-
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     gen, fmt = to_embed(await read_body(request), gw.generation)
-    return await exchange(gw, request, gen, _Answer(fmt, gw.model_name))
+    return await exchange(gw, request, gen, Collected(lambda fin: response(fin, fmt, gw.model_name)))
 
 
 def add_routes(app: web.Application) -> None:

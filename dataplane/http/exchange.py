@@ -120,9 +120,9 @@ class _Output:
         return b"".join(parts), tokens
 
 
-class _Utility:
+class Collected:
     """A request answered with one JSON object made of its end (``render(fin)``): a
-    ``tokenize`` request's count, say."""
+    ``tokenize`` request's count, an embeddings answer, llama-server's utility answers."""
     streaming = False
 
     def __init__(self, render: Callable[[Finished], dict[str, Any]]) -> None:
@@ -151,7 +151,7 @@ async def utility(gw: Gateway, request: web.Request, gen: GenRequest,
                   render: Callable[[Finished], dict[str, Any]],
                   sched: Scheduler | None = None) -> web.StreamResponse:
     """Run a utility request (``tokenize``, ...) and answer ``render`` of its end."""
-    return await exchange(gw, request, gen, _Utility(render), sched)
+    return await exchange(gw, request, gen, Collected(render), sched)
 
 
 def _chunk(data: bytes) -> bytes:

@@ -25,7 +25,7 @@ from llmctl.common.request import GenRequest, seed_field, validate
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.http import embeddings, openai
 from llmctl.dataplane.http.base import GATEWAY_KEY, read_body
-from llmctl.dataplane.http.exchange import exchange
+from llmctl.dataplane.http.exchange import Collected, exchange
 from llmctl.dataplane.http.llama_shapes import (error_body, prompt_parts, sampling_fields,
                                                 settings, timings)
 from llmctl.dataplane.http.openai_shapes import dumps
@@ -150,32 +150,6 @@ class CompletionDialect:
         return web.json_response(self.final(fin), dumps=dumps)
 
 
-class _Utility:
-    """A utility request's answer: its DONE rendered by ``render`` (collected)."""
-    streaming = False
-
-    def __init__(self, render: Any) -> None:
-        self.render = render
-
-    def head(self) -> bytes:
-        return b""
-
-    def token(self, text: str) -> None:
-        return None
-
-    def logprobs(self, content: list[dict[str, Any]]) -> None:
-        return None
-
-    def done(self, fin: Finished) -> bytes:
-        return b""
-
-    def error(self, err: LlmctlError) -> bytes:
-        return b""
-
-    def answer(self, fin: Finished) -> web.StreamResponse:
-        return web.json_response(self.render(fin), dumps=dumps)
-
-
 def _n_ctx(gw: Gateway, model: str | None) -> int:
     sched = gw.route(model, lenient=True)
     return next((w.n_ctx for w in sched.workers.values()), 0)
@@ -199,7 +173,7 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
 async def _utility(request: web.Request, gen: GenRequest, render: Any) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     gen = msgspec.structs.replace(gen, max_tokens=1, deadline_ms=gw.generation.deadline_ms)
-    return await exchange(gw, request, gen, _Utility(render), gw.route(gen.model, lenient=True))
+    return await exchange(gw, request, gen, Collected(render), gw.route(gen.model, lenient=True))
 
 
 async def tokenize(request: web.Request) -> web.StreamResponse:
@@ -258,7 +232,7 @@ async def embedding(request: web.Request) -> web.StreamResponse:
         body["input"] = body["content"]
     gw = request.app[GATEWAY_KEY]
     gen, _ = embeddings.to_embed(body, gw.generation)
-    return await exchange(gw, request, gen, _Utility(lambda fin: [
+    return await exchange(gw, request, gen, Collected(lambda fin: [
         {"index": i, "embedding": [embeddings.floats(v)]}
         for i, v in enumerate(fin.embeddings or [])]))
 
