@@ -93,8 +93,9 @@ def test_hung_worker_is_declared_dead_killed_and_replaced(make_service):
     pid = worker(s.status(), "w0")["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        # liveness x interval = 2 s, plus one second, plus the restart and the model load.
-        wait_until(lambda: worker(s.status(), "w0")["restarts"] == 1, 2.0 + 1.0 + 5.0,
+        # Declared dead after liveness x interval (2 s); how fast is a benchmark's
+        # question (tools/measure_failover.py), the budget only bounds a hang of the test.
+        wait_until(lambda: worker(s.status(), "w0")["restarts"] == 1, 60,
                    "the stopped worker to be declared dead and killed")
     finally:
         try:
