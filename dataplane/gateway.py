@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import msgspec
@@ -99,9 +99,8 @@ class Gateway(WorkerEvents):
         try:
             sched = sched or self.route(request.model)
             t = self.tenancy.get(tenant)
-            if t.entry.max_queued:
-                t.queued = sum(1 for q in self.sched for x in q.queue if x.tenant == t.name)
-            bill = self.tenancy.admit(tenant, s.t_admit)
+            queued = self.waiting()[t.name] if t.entry.max_queued else 0
+            bill = self.tenancy.admit(tenant, s.t_admit, queued)
             sched.admit(s)
         except LlmctlError as err:
             if bill is not None:
@@ -116,6 +115,10 @@ class Gateway(WorkerEvents):
             self._want(sched)
         self.wake.set()
         return s
+
+    def waiting(self) -> Counter[str]:
+        """Requests waiting for a slot, by tenant: queued, or parked to yield theirs."""
+        return Counter(s.tenant for sched in self.sched for s in sched.waiting())
 
     def reconfigure(self, generation: GenerationConfig, scheduling: SchedulingConfig,
                     tenants: tuple[TenantEntry, ...]) -> None:

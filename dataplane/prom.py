@@ -203,7 +203,7 @@ def _tenant_families(gw: Any) -> Any:
                                   "rate_limited, by the limit", labels=["tenant", "limit"])
     open_ = GaugeMetricFamily("llmctl_tenant_open", "A tenant's requests open now (queued "
                               "or running)", labels=["tenant"])
-    for name, t in gw.tenancy.snapshot().items():
+    for name, t in gw.tenancy.snapshot(gw.waiting()).items():
         admitted.add_metric([name], t["admitted"])
         tokens.add_metric([name], t["tokens"])
         open_.add_metric([name], t["open"])

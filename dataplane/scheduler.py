@@ -216,15 +216,19 @@ class Scheduler:
                 out.append((w, s, False))
             s.slice_start = s.pieces
 
+    def waiting(self) -> list[Stream]:
+        """Requests waiting for a slot: queued, or parked and ready to resume."""
+        return [s for s in self.queue if not s.finished] + [
+            s for w in self.workers.values() for s in w.resumes
+            if not s.finished and s.rid in w.parked]
+
     def preempt(self, now: float) -> list[tuple[WorkerState, Stream]]:
         """Running requests that yield their slots to waiting ones (``fairness.py``)."""
         fair = self.fairness
         if fair is None or not fair.fair or not self.queue and not any(
                 w.resumes for w in self.workers.values()):
             return []
-        waiting = [s for s in self.queue if not s.finished]
-        waiting += [s for w in self.workers.values() for s in w.resumes
-                    if not s.finished and s.rid in w.parked]
+        waiting = self.waiting()
         yielding = sum(1 for w in self.workers.values() for s in w.inflight.values()
                        if s.park_sent)
         free = sum(w.available for w in self.workers.values()) + yielding

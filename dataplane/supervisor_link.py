@@ -39,7 +39,7 @@ def status(gw: Gateway) -> dict[str, Any]:
         "metrics": gw.metrics.snapshot(now),
         "free_credits": sum(w.available for w in s.workers.values()),
         "models": models(gw),
-        "tenants": gw.tenancy.snapshot(),
+        "tenants": gw.tenancy.snapshot(gw.waiting()),
         "scheduling": gw.cfg.scheduling.policy,
     }
 

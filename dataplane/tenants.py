@@ -89,7 +89,6 @@ class Tenant:
     requests: Bucket
     tokens: Bucket
     open: int = 0                    # admitted, not ended
-    queued: int = 0                  # waiting for a slot (admitted or parked to yield)
     usage: float = 0.0               # tokens served, decayed
     fresh: int = 0                   # tokens served since the last fold (the hot path)
     served: int = 0                  # tokens served since start
@@ -166,8 +165,9 @@ class Tenancy:
     def get(self, name: str) -> Tenant:
         return self.by_name.get(name) or self.by_name[DEFAULT]
 
-    def admit(self, name: str, now: float) -> Tenant:
-        """Count a request in, or RateLimited (which limit, and when to come back)."""
+    def admit(self, name: str, now: float, queued: int = 0) -> Tenant:
+        """Count a request in, or RateLimited (which limit, and when to come back);
+        ``queued``: the tenant's requests waiting for a slot now."""
         t = self.get(name)
         e = t.entry
         t.requests.refill(now)
@@ -175,7 +175,7 @@ class Tenancy:
         limit = ""
         if e.max_streams and t.open >= e.max_streams:
             limit, why, wait = "max_streams", f"{e.max_streams} open requests", 1.0
-        elif e.max_queued and t.queued >= e.max_queued:
+        elif e.max_queued and queued >= e.max_queued:
             limit, why, wait = "max_queued", f"{e.max_queued} waiting requests", 1.0
         elif t.requests.wait_s():
             limit, why = "requests_per_min", f"{e.requests_per_min} requests a minute"
@@ -222,8 +222,10 @@ class Tenancy:
         t = self.get(name)
         return (t.usage + t.fresh) / t.share
 
-    def snapshot(self) -> dict[str, dict[str, object]]:
-        return {t.name: {"share": t.share, "open": t.open, "queued": t.queued,
+    def snapshot(self, queued: Counter[str] | None = None) -> dict[str, dict[str, object]]:
+        """Each tenant's figures; ``queued``: its requests waiting for a slot now."""
+        queued = queued or Counter()
+        return {t.name: {"share": t.share, "open": t.open, "queued": queued[t.name],
                          "admitted": t.admitted, "tokens": t.served + t.fresh,
                          "usage": round(t.usage, 1), "refused": dict(t.refused)}
                 for t in self.by_name.values()}
