@@ -139,6 +139,17 @@ def test_a_given_config_keeps_its_settings_with_absolute_paths_and_free_ports(tm
     assert raw["control"] == {"run_dir": str(tmp_path / "run")}
 
 
+def test_each_served_model_keeps_its_path_made_absolute(tmp_path):
+    (tmp_path / "conf.toml").write_text(
+        '[[models]]\nname = "a"\npath = "a.gguf"\n'
+        '[[models]]\nname = "b"\npath = "/abs/b.gguf"\nload = "on_demand"\n')
+    raw = request_path.service_config(str(tmp_path / "conf.toml"), tmp_path / "run")
+    assert raw["models"] == [{"name": "a", "path": str(tmp_path / "a.gguf")},
+                             {"name": "b", "path": "/abs/b.gguf", "load": "on_demand"}]
+    assert "model" not in raw        # [model] path may not be given beside [[models]]
+    assert tomllib.loads(request_path.toml_text(raw))["models"] == raw["models"]
+
+
 # ---- the tool on synthetic workers ------------------------------------------------------
 
 @pytest.mark.integration
