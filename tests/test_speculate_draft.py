@@ -209,3 +209,20 @@ def test_a_service_with_a_draft_model_reports_it(make_service):
     assert on.text == off.text and on.done and off.done
     assert 0 < on.done["accepted"] <= on.done["drafted"]
     assert "drafted" not in off.done
+
+
+def test_the_memory_plan_counts_the_draft_in_each_worker_of_the_target(tmp_path):
+    """The draft's weights, its KV (the target's n_ctx x slots at the draft's layers)
+    and compute buffers are in every worker of the target."""
+    from llmctl.control.models import memory_plan
+    entries = (f'[[models]]\nname = "a"\npath = "{MODEL}"\nn_ctx = 4096\nslots = 2\n'
+               f'workers = 2\nspeculative = "draft"\ndraft = "b"\n'
+               f'[[models]]\nname = "b"\npath = "{MODEL_B}"\nn_ctx = 4096\nslots = 2\n'
+               '[workers]\nprompt_cache_mib = 0\n')
+    with_draft, _, kind = memory_plan(load(tmp_path, entries))
+    alone, _, _ = memory_plan(load(tmp_path, entries.replace(
+        'speculative = "draft"\ndraft = "b"\n', '')))
+    assert kind == "ram" and with_draft["b"] == alone["b"]
+    assert with_draft["a"] - alone["a"] == pytest.approx(2 * alone["b"])   # b has a's shape
+    kv_b = 4096 * 2 * 30 * 3 * 64 * 2 * 2 / 2**20           # 30 layers x 3 KV heads x 64
+    assert alone["b"] > kv_b + MODEL_B.stat().st_size / 2**20 * 0.9
