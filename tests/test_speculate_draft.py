@@ -11,7 +11,7 @@ import pytest
 from llmctl.common import config
 from llmctl.common.config import ConfigError
 from llmctl.worker.draft_model import ModelDrafter, check_vocab
-from llmctl.worker.engine import ModelLoadError
+from llmctl.worker.engine import ModelRefused
 from llmctl.worker.speculate import PROBE
 from tests.service import MODEL, MODEL_B
 from tests.test_batching import assert_kv_consistent, drive
@@ -88,14 +88,14 @@ VOCAB = [f"t{i}" for i in range(5000)]
 
 def test_the_vocabulary_check():
     check_vocab(LL, "d", FakeModel(VOCAB), FakeModel(list(VOCAB)))
-    with pytest.raises(ModelLoadError, match="draft = 'd': its vocabulary has 4999 tokens, "
+    with pytest.raises(ModelRefused, match="draft = 'd': its vocabulary has 4999 tokens, "
                                              "the target's 5000"):
         check_vocab(LL, "d", FakeModel(VOCAB), FakeModel(VOCAB[:-1]))
-    with pytest.raises(ModelLoadError, match="its tokenizer is 'llama', the target's 'gpt2'"):
+    with pytest.raises(ModelRefused, match="its tokenizer is 'llama', the target's 'gpt2'"):
         check_vocab(LL, "d", FakeModel(VOCAB), FakeModel(VOCAB, "llama"))
     other = list(VOCAB)
     other[2] = "</s>"                                      # the target's EOS differs
-    with pytest.raises(ModelLoadError, match="token 2 is '</s>' there, 't2' in the target"):
+    with pytest.raises(ModelRefused, match="token 2 is '</s>' there, 't2' in the target"):
         check_vocab(LL, "d", FakeModel(VOCAB), FakeModel(other))
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from llmctl.worker.engine import ModelLoadError
+from llmctl.worker.engine import ModelLoadError, ModelRefused
 from llmctl.worker.kvstore import common_prefix
 from llmctl.worker.speculate import Adaptive
 
@@ -54,10 +54,10 @@ class ModelDrafter(Adaptive):
 
 
 def check_vocab(ll: Any, name: str, target: Any, draft: Any) -> None:
-    """ModelLoadError unless ``draft`` tokenizes as ``target`` does: the same tokenizer
+    """ModelRefused unless ``draft`` tokenizes as ``target`` does: the same tokenizer
     model, number of tokens, and texts of a sample of tokens (special ones included)."""
     def fail(what: str) -> None:
-        raise ModelLoadError(f"draft = {name!r}: {what}: a draft model must have the "
+        raise ModelRefused(f"draft = {name!r}: {what}: a draft model must have the "
                              "target's vocabulary (the same tokenizer)")
 
     kind = [m.metadata().get("tokenizer.ggml.model", "") for m in (target, draft)]

@@ -30,11 +30,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from llmctl.common import admin, keys
 from llmctl.common.config import Config
-from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
+from llmctl.common.procs import CONFIG_JSON_ENV, EXIT_CONFIG, setup_child_logging
 from llmctl.common import messages as m
 from llmctl.common.errors import InternalError, LlmctlError
 from llmctl.common.request import GenRequest
-from llmctl.worker.engine import Event, ModelLoadError
+from llmctl.worker.engine import Event, ModelLoadError, ModelRefused
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(cfg)
     except ModelLoadError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG if isinstance(exc, ModelRefused) else 2
     # Warm-up: one real token, so READY means "serves", not only "loaded".
     warm = engine.prepare(0, GenRequest(prompt="Hello", max_tokens=1))
     engine.start(warm)
