@@ -226,3 +226,31 @@ def test_the_memory_plan_counts_the_draft_in_each_worker_of_the_target(tmp_path)
     assert with_draft["a"] - alone["a"] == pytest.approx(2 * alone["b"])   # b has a's shape
     kv_b = 4096 * 2 * 30 * 3 * 64 * 2 * 2 / 2**20           # 30 layers x 3 KV heads x 64
     assert alone["b"] > kv_b + MODEL_B.stat().st_size / 2**20 * 0.9
+
+
+def other_vocabulary(src, dest, tok: int = 9600) -> None:
+    """A copy of the GGUF ``src`` whose token ``tok`` has another text (of its length)."""
+    from gguf import GGUFReader
+    field = GGUFReader(str(src)).fields["tokenizer.ggml.tokens"]
+    text = bytes(field.parts[field.data[tok]])
+    data = bytearray(src.read_bytes())
+    at = data.index(len(text).to_bytes(8, "little") + text, data.index(b"tokenizer.ggml.tokens"))
+    data[at + 8:at + 8 + len(text)] = b"#" * len(text)
+    dest.write_bytes(data)
+
+
+@pytest.mark.integration
+def test_a_draft_of_another_vocabulary_fails_the_start_at_once(make_service, tmp_path):
+    """The worker refuses the pair when it loads them: the start fails with the reason,
+    the worker FATAL after one try (no crash loop)."""
+    other = tmp_path / "other.gguf"
+    other_vocabulary(MODEL, other)
+    s = make_service(models=[
+        {"name": "a", "path": str(MODEL), "speculative": "draft", "draft": "b", "n_ctx": 512},
+        {"name": "b", "path": str(other), "load": "on_demand", "n_ctx": 512}],
+        control={"max_restarts": 5, "restart_window_s": 600.0})
+    r = s.start()
+    assert r.returncode != 0
+    assert "draft = 'b': token 9600 is '" in r.stderr, r.stderr
+    assert "a draft model must have the target's vocabulary" in r.stderr
+    assert "exit code 78: its configuration was refused" in r.stderr
