@@ -192,6 +192,49 @@ def test_seeded_sampling_is_the_same_with_a_draft_model(plain4, draft4):
     assert_draft_kv_consistent(draft4)
 
 
+class CountingLlama:
+    """llama_cpp, counting llama_decode calls."""
+
+    def __init__(self, ll) -> None:
+        self._ll, self.decodes = ll, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._ll, name)
+
+    def llama_decode(self, ctx, batch):
+        self.decodes += 1
+        return self._ll.llama_decode(ctx, batch)
+
+
+@pytest.mark.integration
+def test_a_draft_of_k_tokens_is_k_decodes_for_all_sequences(draft4):
+    """Four sequences drafting together: each step's drafts cost the draft model as many
+    llama_decode calls as the longest draft has tokens, however many sequences draft."""
+    dm = draft4.draft_model
+    counting, calls = CountingLlama(dm._ll), []
+    draft = dm.draft
+
+    def counted(asks):
+        before = counting.decodes
+        out = draft(asks)
+        calls.append((len(asks), max(k for _, _, k in asks), counting.decodes - before,
+                      min(map(len, out))))
+        return out
+
+    dm._ll, dm.draft = counting, counted
+    try:
+        got = drive(draft4, [(i, {"prompt": p, "max_tokens": 64, "temperature": 0.0}, 0)
+                             for i, p in enumerate(["1, 2, 3, 4, 5,", "10, 11, 12, 13,",
+                                                    "2, 4, 6, 8,", "100, 101, 102,"])])
+    finally:
+        dm._ll = counting._ll
+        del dm.draft
+    assert all(got[i][1]["drafted"] > 0 for i in got)
+    assert all(decodes <= k for _, k, decodes, _ in calls), calls
+    assert any(n == 4 and shortest >= 2 for n, _, _, shortest in calls), calls
+    assert_draft_kv_consistent(draft4)
+
+
 @pytest.mark.integration
 def test_a_service_with_a_draft_model_reports_it(make_service):
     """``speculative = "draft"`` on a [[models]] entry naming the Q8_0 one: a request
