@@ -127,12 +127,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def for_model(self, e: ModelEntry) -> "Config":
         """The config one worker of model ``e`` runs: its [model] and [workers] are the
         entry's, and ``models`` is that entry (the worker's name for itself), then its
-        draft model's entry when it has one (which drafts for nothing itself there).  The
+        draft model's name, file and ``n_gpu_layers`` when it has one.  The
         gateway's own sections (``[scheduling]``, ``[[tenants]]``) are left out: a reload
         that changes only them rolls no worker."""
         replace = msgspec.structs.replace
-        draft = self.entry(e.draft) if e.draft else None
-        models = (e,) if draft is None else (e, replace(draft, speculative="off", draft=""))
+        d = self.entry(e.draft) if e.draft else None     # what the worker loads of it
+        models = (e,) if d is None else (e, ModelEntry(name=d.name, path=d.path,
+                                                       n_gpu_layers=d.n_gpu_layers))
         return replace(self, models=models, scheduling=SchedulingConfig(), tenants=(),
                        model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
                                      n_gpu_layers=e.n_gpu_layers, threads=e.threads,

@@ -36,7 +36,9 @@ def test_a_worker_of_the_target_runs_with_its_draft_entry(tmp_path):
     assert (w.model.speculative, w.model.spec_max_draft) == ("draft", 6)
     assert w.default_model == big and w.entry(big.draft).path == small.path
     assert w.entry("small").n_gpu_layers == 0
-    assert w.entry("small").speculative == "off"         # it drafts for nothing there
+    # only what the worker loads of it: its own serving settings roll no worker of big's
+    assert cfg.for_model(big) == load(tmp_path, TWO.replace('load = "on_demand"', 'slots = 3')
+                                      ).for_model(big)
     assert config.Config.from_json(w.to_json()) == w      # what the worker parses
     assert cfg.for_model(small).served == (small,)         # its own workers: no draft
 
