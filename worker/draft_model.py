@@ -130,6 +130,7 @@ class DraftModel:
             n = min(common_prefix(held, d.tokens, len(d.tokens)), len(d.tokens) - 1)
             if n < len(held):                 # a rejected draft, or another sequence's
                 self._drop(sid, n)
+                n = len(held)                 # (0 if llama.cpp could only drop it all)
             toks = d.tokens[n:][:room]
             room -= len(toks)
             if toks:
