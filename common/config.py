@@ -126,11 +126,15 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     def for_model(self, e: ModelEntry) -> "Config":
         """The config one worker of model ``e`` runs: its [model] and [workers] are the
-        entry's, and ``models`` is that one entry (the worker's name for itself).  The
+        entry's, and ``models`` is that entry (the worker's name for itself), then its
+        draft model's name, file and ``n_gpu_layers`` when it has one.  The
         gateway's own sections (``[scheduling]``, ``[[tenants]]``) are left out: a reload
         that changes only them rolls no worker."""
         replace = msgspec.structs.replace
-        return replace(self, models=(e,), scheduling=SchedulingConfig(), tenants=(),
+        d = self.entry(e.draft) if e.draft else None     # what the worker loads of it
+        models = (e,) if d is None else (e, ModelEntry(name=d.name, path=d.path,
+                                                       n_gpu_layers=d.n_gpu_layers))
+        return replace(self, models=models, scheduling=SchedulingConfig(), tenants=(),
                        model=replace(self.model, path=e.path, n_ctx=e.n_ctx,
                                      n_gpu_layers=e.n_gpu_layers, threads=e.threads,
                                      speculative=e.speculative,
@@ -212,6 +216,7 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"{src}: [http] port {cfg.http.port} is also [gateway] port")
     _check_cluster(cfg)
     _check_cache_types(cfg)
+    _check_drafts(cfg)
     for array, entries in (("models", cfg.models), ("tenants", cfg.tenants)):
         seen: dict[str, int] = {}
         for i, e in enumerate(entries, 1):
@@ -242,6 +247,28 @@ def _check_cache_types(cfg: Config) -> None:
                 f"{cfg.source}: {name} cache_type_v = {e.cache_type_v!r} with flash_attn = "
                 "'off': llama.cpp needs flash attention for a quantized V cache; set "
                 "flash_attn = 'auto' or 'on', or cache_type_v = 'f16'")
+
+
+def _check_drafts(cfg: Config) -> None:
+    """``speculative = "draft"`` and ``draft`` go together, and ``draft`` names another entry."""
+    if cfg.model.speculative == "draft" and not cfg.models:
+        raise ConfigError(f"{cfg.source}: [model] speculative = 'draft': a draft model is "
+                          "another [[models]] entry; serve both as [[models]] and set draft")
+    names = {e.name for e in cfg.models}
+    for i, e in enumerate(cfg.models, 1):
+        where = f"{cfg.source}: [[models]] entry {i} ({e.name!r})"
+        if e.speculative == "draft" and not e.draft:
+            raise ConfigError(f"{where}: speculative = 'draft' needs draft = the name of "
+                              "another [[models]] entry")
+        if e.draft and e.speculative != "draft":
+            raise ConfigError(f"{where}: draft = {e.draft!r} needs speculative = 'draft' "
+                              f"(it is {e.speculative!r})")
+        if e.draft == e.name:
+            raise ConfigError(f"{where}: draft = {e.draft!r} names the entry itself: a draft "
+                              "is another, smaller model")
+        if e.draft and e.draft not in names:
+            raise ConfigError(f"{where}: draft = {e.draft!r} names no [[models]] entry "
+                              f"(there are {', '.join(repr(n) for n in sorted(names))})")
 
 
 LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")

@@ -30,7 +30,7 @@ OnBreach = Literal["alert", "restart_largest"]
 ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 
 
-Speculation = Literal["off", "ngram"]
+Speculation = Literal["off", "ngram", "draft"]
 
 
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -62,7 +62,8 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     speculative: Annotated[Speculation, Meta(
         description="ngram = every sequence drafts the tokens that followed the latest earlier "
                     "occurrence of its last 2-4 tokens (prompt and output) and verifies the draft "
-                    "in the step's one llama_decode; off = one token a step (a request's "
+                    "in the step's one llama_decode; draft = a draft model drafts them (needs "
+                    "[[models]]: see its `draft`); off = one token a step (a request's "
                     "`speculative: false` turns it off for that request)")] = "off"
     spec_max_draft: Annotated[int, Meta(
         ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8
@@ -376,7 +377,17 @@ class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     speculative: Annotated[Speculation, Meta(
         description="ngram = every sequence drafts the tokens that followed the latest earlier "
                     "occurrence of its last 2-4 tokens (prompt and output) and verifies the draft "
-                    "in the step's one llama_decode; off = one token a step (a request's "
-                    "`speculative: false` turns it off for that request)")] = "off"
+                    "in the step's one llama_decode; draft = the model of entry `draft` drafts "
+                    "them, greedy, and the step's llama_decode verifies them alike; off = one "
+                    "token a step (a request's `speculative: false` turns it off for that "
+                    "request)")] = "off"
     spec_max_draft: Annotated[int, Meta(
         ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8
+    draft: Annotated[str, Meta(
+        max_length=128,
+        description="with speculative = \"draft\": the name of another [[models]] entry whose "
+                    "model drafts for this one, loaded in this model's workers beside it (its "
+                    "weights and KV count in this model's memory plan); it must have the same "
+                    "vocabulary and should be much smaller: a draft pays when its token costs a "
+                    "small fraction of this model's. The entry is served under its own name too "
+                    "(load = \"on_demand\" keeps its own workers off until asked for)")] = ""

@@ -24,6 +24,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CONFIG_JSON_ENV = "LLMCTL_RESOLVED_CONFIG"
+# A child's exit status when it refuses its configuration (sysexits' EX_CONFIG): starting
+# it again cannot help, so the supervisor does not.
+EXIT_CONFIG = 78
 _PR_SET_PDEATHSIG = 1
 
 
@@ -131,4 +134,6 @@ def describe_exit(code: int | None) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if code == EXIT_CONFIG:
+        return f"exit code {code}: its configuration was refused"
     return f"exit code {code}"

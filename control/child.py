@@ -10,7 +10,8 @@ stdout+stderr into ``run_dir/logs/NAME.log`` (rotated) and keeps the tail for
   backoff: an OOM killer or an operator's kill never makes a service give up;
 * only a process that keeps dying before it was ever ready (a model that cannot
   load, a port taken) is FATAL: more than ``max_restarts`` such failures within
-  ``restart_window_s``.
+  ``restart_window_s``, or at once when it exits ``EXIT_CONFIG`` (it refused its
+  configuration, e.g. a draft model of another vocabulary).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Any
 import psutil
 
 from llmctl.common.config import Config
-from llmctl.common.procs import CONFIG_JSON_ENV, describe_exit, die_with_parent, terminate
+from llmctl.common.procs import (CONFIG_JSON_ENV, EXIT_CONFIG, describe_exit, die_with_parent,
+                                 terminate)
 from llmctl.control.states import ProcessState, move
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ class ChildProcess:
             self.crashes.append(now)
             while self.crashes and now - self.crashes[0] > c.restart_window_s:
                 self.crashes.popleft()
-            if len(self.crashes) > c.max_restarts:
+            if len(self.crashes) > c.max_restarts or self.last_exit == EXIT_CONFIG:
                 self.to(ProcessState.FATAL)
                 log.error("%s is FATAL: failed %d times before it was ever ready, within "
                           "%.0fs; last: %s", self.name, len(self.crashes), c.restart_window_s,

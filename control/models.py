@@ -11,7 +11,8 @@ supervisor also calls the moment a worker gets ready: a model whose workers serv
 
 The plan: each model needs ``need_mib`` (the GGUF-based estimate of
 ``control/gpu_estimate.py``, times its workers: VRAM with a GPU, host memory on a CPU,
-where the host KV store ``prompt_cache_mib`` counts too).  A model starts only when the
+where the host KV store ``prompt_cache_mib`` counts too; a model with a draft model
+counts the draft's weights, KV and compute buffers in each of its workers too).  A model starts only when the
 models not unloaded, itself included, fit the budget.  A model that is asked for (a
 request waits, ``llmctl load``) and does not fit has the least recently used idle
 on-demand models unloaded first, and starts once their processes are gone; if nothing
@@ -291,15 +292,22 @@ PLAN_CACHE = "plan-cache.json"      # in run_dir: figures by their inputs (llmct
 
 def _cache_key(e: ModelEntry, cfg: Config, on_gpu: bool) -> str | None:
     """Every input of a model's figure, the GGUF's size and mtime included."""
+    d = cfg.entry(e.draft) if e.speculative == "draft" else None
     try:
         st = os.stat(e.path)
+        draft = [] if d is None else [d.path, *_stamp(os.stat(d.path)), d.n_gpu_layers,
+                                      e.spec_max_draft]
     except OSError:
         return None
     g = cfg.gpu
-    return json.dumps([e.path, st.st_size, st.st_mtime_ns, on_gpu, e.n_ctx, e.slots, e.workers,
+    return json.dumps([e.path, *_stamp(st), on_gpu, e.n_ctx, e.slots, e.workers,
                        e.n_gpu_layers, cfg.model.n_batch, e.cache_type_k, e.cache_type_v,
                        g.compute_buffer_mb,
-                       g.cuda_overhead_mb, cfg.workers.prompt_cache_mib])
+                       g.cuda_overhead_mb, cfg.workers.prompt_cache_mib, *draft])
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
 
 
 def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None], float, str]:
@@ -341,6 +349,13 @@ def memory_plan(cfg: Config, reader: Any = None) -> tuple[dict[str, float | None
                            n_batch=cfg.model.n_batch, cache_type_k=e.cache_type_k,
                            cache_type_v=e.cache_type_v, compute_buffer_mb=g.compute_buffer_mb,
                            cuda_overhead_mb=g.cuda_overhead_mb if on_gpu else 0).total
+            d = cfg.entry(e.draft) if e.speculative == "draft" else None
+            if d is not None:       # in the same worker: its weights, its KV of e's shape
+                per += estimate(read_model(d.path), n_ctx=e.n_ctx, slots=e.slots,
+                                n_gpu_layers=d.n_gpu_layers if on_gpu else -1,
+                                n_batch=max(cfg.model.n_batch, e.slots * (e.spec_max_draft + 1)),
+                                cache_type_k=e.cache_type_k, cache_type_v=e.cache_type_v,
+                                compute_buffer_mb=g.compute_buffer_mb, cuda_overhead_mb=0).total
         except ModelInfoError as exc:       # an unreadable GGUF, a cache type it cannot take
             log.warning("model %s: no memory estimate: %s", e.name, exc)
             needs[e.name] = None

@@ -68,7 +68,7 @@ def test_models_entries_normalised_and_resolved(tmp_path):
     (TWO.replace('slots = 4', 'slot = 4'),
      "[[models]] entry 1 ('chat'): unknown key slot (known: name, path, n_ctx, n_gpu_layers, "
      "cache_type_k, cache_type_v, flash_attn, workers, slots, threads, load, keep_alive_s, "
-     "speculative, spec_max_draft)"),
+     "speculative, spec_max_draft, draft)"),
     (TWO.replace('name = "chat"', 'name = "a chat"'),
      "[[models]] entry 1 ('a chat') name: 'a chat' is not a valid name (letters, digits and "
      "._:/- ; it starts with a letter or digit)"),
@@ -101,6 +101,6 @@ def test_reference_documents_the_entry_keys():
             if sec == "[models]"}
     assert list(keys) == ["name", "path", "n_ctx", "n_gpu_layers", "cache_type_k",
                           "cache_type_v", "flash_attn", "workers", "slots", "threads", "load",
-                          "keep_alive_s", "speculative", "spec_max_draft"]
+                          "keep_alive_s", "speculative", "spec_max_draft", "draft"]
     assert keys["name"][0] is None and keys["path"][0] is None      # required
     assert all(doc for _, doc in keys.values())

@@ -9,6 +9,7 @@ from msgspec.structs import replace
 from llmctl.control.child import ChildProcess
 from llmctl.control.states import ProcessState
 from llmctl.common.config import Config
+from llmctl.common.procs import EXIT_CONFIG
 
 
 def child(tmp_path, **control) -> ChildProcess:
@@ -18,9 +19,9 @@ def child(tmp_path, **control) -> ChildProcess:
     return ChildProcess("w0", cfg)
 
 
-def crash(c: ChildProcess, ready: bool) -> bool:
+def crash(c: ChildProcess, ready: bool, code: int = -9) -> bool:
     """A spawn that dies at once (after READY if ``ready``); True if it was noticed."""
-    c.proc = types.SimpleNamespace(returncode=-9, pid=1)
+    c.proc = types.SimpleNamespace(returncode=code, pid=1)
     c.to(ProcessState.RUNNING)              # a spawn (the gateway's kind: running at once)
     c.was_ready = False
     c._started_mono = time.monotonic()       # it had just started
@@ -52,3 +53,11 @@ def test_only_failures_before_ready_make_a_process_fatal(tmp_path):
     assert crash(c, ready=False) and c.state == "fatal"     # the third load failure in a row
     c.reset()                                               # `llmctl restart`
     assert c.state == "backoff" and not c.crashes
+
+
+def test_a_process_that_refuses_its_configuration_is_fatal_at_once(tmp_path):
+    c = child(tmp_path, max_restarts=5, restart_window_s=3600.0)
+    assert crash(c, ready=False, code=EXIT_CONFIG) and c.state == "fatal"
+    assert "configuration was refused" in c.snapshot()["last_exit"]
+    c.reset()
+    assert crash(c, ready=True, code=EXIT_CONFIG) and c.state == "backoff"   # it had served

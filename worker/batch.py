@@ -11,8 +11,9 @@ copies the whole stream buffer.
 (cells are shared between sequences), any mix of sequences goes in one micro-batch,
 but every token's attention spans all used cells, interleaved with the others', and
 the attention of k decoding sequences is one k-column product.  On the CPU build both
-layouts are as fast (docs/benchmarks.md, "Where the time goes"), but greedy output drifts from the single-slot path (4 of 6 test prompts differ within 48
-tokens; see worker/slots.py, "Exactness"), so streams are the default.
+layouts are as fast (docs/benchmarks.md, "Where the time goes"), but greedy output
+drifts from the single-slot path (4 of 6 test prompts differ within 48 tokens;
+worker/slots.py, "Exactness"), so streams are the default.
 
 A ``step()`` is one ``llama_decode`` of one token for each decoding sequence that
 has token credit (``window``), then one ``llama_decode`` of at most ``n_batch``
@@ -23,10 +24,10 @@ The slots, their KV and the prompt cache behind them are ``worker/slots.py``'s
 (``SlotCache``); which token of a prompt is prefilled when is explained there
 ("Exactness").
 
-Speculation (``spec_max_draft`` > 0): a sequence's pending token and its draft go in the
-step's batch, all with logits, and ``_take`` keeps the draft's verified prefix; why that
-yields exactly the tokens decoding one at a time yields, and where the kernels allow it,
-is ``worker/speculate.py``'s docstring.
+Speculation (``spec_max_draft`` > 0): a sequence's pending token and its draft (n-gram
+lookup, or a draft model's: ``worker/draft_model.py``) go in the step's batch, all with
+logits, and ``_take`` keeps the draft's verified prefix; why that yields exactly the
+tokens decoding one at a time yields is ``worker/speculate.py``'s docstring.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ from llmctl.worker import threadpool
 from llmctl.worker.compute_threads import ThreadGovernor, usable_cpus
 from llmctl.worker.slots import Slot, SlotCache
 from llmctl.worker.kv_params import context_kv_params
-from llmctl.worker.speculate import Drafter
+from llmctl.worker.speculate import Adaptive, Drafter
+from llmctl.worker.draft_model import DraftModel
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
                            done_stats, model_props, prefill_chunk, token_logprobs)
 
@@ -59,7 +61,7 @@ class Seq(Sequence):
     pending: int | None = None             # next to decode: the last prompt token, then
                                            # each sampled (and sent) one
     last_slot: int = -1                    # the slot it ran in last
-    drafter: Drafter | None = None         # its n-gram drafts (None: no speculation)
+    drafter: Adaptive | None = None        # its drafts (None: no speculation)
 
 
 class BatchEngine(Prompting):
@@ -70,7 +72,7 @@ class BatchEngine(Prompting):
                  prompt_cache_bytes: int = 0, embeddings: bool = False,
                  threads_policy: str = "adaptive", spec_max_draft: int = 0,
                  cache_type_k: str = "f16", cache_type_v: str = "f16",
-                 flash_attn: str = "auto") -> None:
+                 flash_attn: str = "auto", draft: tuple[str, str, int] | None = None) -> None:
         import llama_cpp  # heavy import, only in worker processes
         from llama_cpp import _internals, _logger
 
@@ -105,6 +107,9 @@ class BatchEngine(Prompting):
         self._rows = cp.n_batch
         self.spec_max_draft = spec_max_draft       # 0: no speculation
         self.cache = SlotCache(ll, self._ctx, slots, kv_unified, prompt_cache, prompt_cache_bytes)
+        self.draft_model = None if draft is None else DraftModel(
+            ll, *draft, self._model, n_ctx, slots, max(n_batch, slots * (spec_max_draft + 1)),
+            threads, kv_params)
         self.device = "gpu" if self.gpu_offload and n_gpu_layers != 0 else "cpu"
         self.n_ctx = ll.llama_n_ctx_seq(self._ctx.ctx) if not kv_unified else n_ctx
         self.n_batch = n_batch
@@ -156,7 +161,8 @@ class BatchEngine(Prompting):
         if req.embed is None:
             seq = super().prepare(rid, req)
             if self.spec_max_draft and req.speculative:
-                seq.drafter = Drafter(seq.tokens, self.spec_max_draft)
+                seq.drafter = Drafter(seq.tokens, self.spec_max_draft) if not self.draft_model \
+                    else self.draft_model.drafter(seq.tokens, self.spec_max_draft)
             return seq
         if self.embedder is None:
             raise BadRequest("this service serves no embeddings: set [workers] embeddings = true")
@@ -233,13 +239,7 @@ class BatchEngine(Prompting):
         decoding = [s.seq for s in self.cache.slots if s.seq is not None
                     and s.seq.pending is not None and s.seq.window > 0]
         if decoding:
-            spare = self._rows - len(decoding)
-            work = []
-            for seq in decoding:
-                draft = self._draft(seq, spare, len(decoding))
-                spare -= len(draft)
-                work.append((seq, [seq.pending, *draft], 1 + len(draft)))
-            events += self._decode(work)
+            events += self._decode(self._drafts(decoding))
         seq = next((s for s in self.running.values() if s.prefilled < len(s.tokens) - 1), None)
         if seq is not None:
             k = prefill_chunk(len(seq.tokens) - 1 - seq.prefilled, self.n_batch)
@@ -253,8 +253,8 @@ class BatchEngine(Prompting):
     def _set_threads(self, n: int) -> None:
         """Compute with ``n`` threads from the next graph on (compute_threads.py)."""
         self._ll.llama_set_n_threads(self._ctx.ctx, n, n)
-        if self.embedder is not None:
-            self.embedder.set_threads(n)
+        for other in filter(None, (self.embedder, self.draft_model)):
+            other.set_threads(n)
 
     def _embed(self) -> list[Event]:
         """One chunk of the embedding requests' inputs; the DONEs of those it finished."""
@@ -275,14 +275,24 @@ class BatchEngine(Prompting):
                 done_stats(job, "stop"), embeddings=job.vectors)))
         return events
 
-    def _draft(self, seq: Seq, spare: int, decoding: int) -> list[int]:
-        """``seq``'s draft for this step (``decoding`` sequences in it): at most ``spare``
-        tokens, and no more than its token credit and ``max_tokens`` let it send after
-        the pending token's."""
-        if seq.drafter is None:
-            return []
-        return seq.drafter.draft(min(spare, seq.window - 1,
-                                     seq.max_tokens - seq.generated - 1), decoding)
+    def _drafts(self, decoding: list[Seq]) -> list[tuple[Seq, list[int], int]]:
+        """Each decoding sequence's pending token and draft: at most the batch's free
+        rows in all, and no more than its token credit and ``max_tokens`` let it send
+        after the pending token's; n-gram lookups, or the draft model's for all at once."""
+        spare, model = self._rows - len(decoding), self.draft_model
+        drafts: list[list[int]] = []
+        asks: list[tuple[int, Any]] = []           # (index, (slot id, drafter, k))
+        for seq in decoding:
+            d: Any = seq.drafter
+            k = d.length(min(spare, seq.window - 1, seq.max_tokens - seq.generated - 1),
+                         len(decoding)) if d is not None else 0
+            if k and model is not None:
+                asks.append((len(drafts), (seq.slot.id, d, k)))
+            drafts.append(d.lookup(k) if k and model is None else [])
+            spare -= len(drafts[-1]) if model is None else k
+        for (i, _), draft in zip(asks, model.draft([a for _, a in asks]) if asks else ()):
+            drafts[i] = draft
+        return [(s, [s.pending, *d], 1 + len(d)) for s, d in zip(decoding, drafts)]
 
     def _decode(self, work: list[tuple[Seq, list[int], int]]) -> list[Event]:
         """One llama_decode of ``(sequence, tokens, rows with logits)``: a prefill chunk

@@ -80,6 +80,11 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+class ModelRefused(ModelLoadError):
+    """The models load but do not go together as configured (a draft model of another
+    vocabulary): loading them again cannot help."""
+
+
 class Prompting:
     """Prompt preparation shared by the engines: needs ``_model`` (a LlamaModel),
     ``_formatter`` (``chat_formatter``), ``n_ctx`` (per sequence) and ``seq_class``."""

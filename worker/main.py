@@ -30,11 +30,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from llmctl.common import admin, keys
 from llmctl.common.config import Config
-from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
+from llmctl.common.procs import CONFIG_JSON_ENV, EXIT_CONFIG, setup_child_logging
 from llmctl.common import messages as m
 from llmctl.common.errors import InternalError, LlmctlError
 from llmctl.common.request import GenRequest
-from llmctl.worker.engine import Event, ModelLoadError
+from llmctl.worker.engine import Event, ModelLoadError, ModelRefused
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def make_engine(cfg: Config) -> Any:
     from llmctl.worker.batch import BatchEngine
     threads = cfg.worker_threads()
     m = cfg.model
+    d = cfg.entry(cfg.default_model.draft) if m.speculative == "draft" else None
     log.info("loading %s (n_ctx=%d, n_gpu_layers=%d, threads=%d %s, slots=%d, KV %s/%s, "
              "flash_attn %s)", m.path, m.n_ctx, m.n_gpu_layers, threads, cfg.host.threads_policy,
              cfg.workers.slots, m.cache_type_k, m.cache_type_v, m.flash_attn)
@@ -311,10 +312,10 @@ def make_engine(cfg: Config) -> Any:
                        prompt_cache_bytes=cfg.workers.prompt_cache_mib << 20,
                        embeddings=cfg.workers.embeddings,
                        threads_policy=cfg.host.threads_policy,
-                       spec_max_draft=cfg.model.spec_max_draft
-                       if cfg.model.speculative == "ngram" else 0,
+                       spec_max_draft=m.spec_max_draft if m.speculative != "off" else 0,
                        cache_type_k=m.cache_type_k, cache_type_v=m.cache_type_v,
-                       flash_attn=m.flash_attn)
+                       flash_attn=m.flash_attn,
+                       draft=(d.name, d.path, d.n_gpu_layers) if d is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(cfg)
     except ModelLoadError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_CONFIG if isinstance(exc, ModelRefused) else 2
     # Warm-up: one real token, so READY means "serves", not only "loaded".
     warm = engine.prepare(0, GenRequest(prompt="Hello", max_tokens=1))
     engine.start(warm)

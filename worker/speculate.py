@@ -39,7 +39,9 @@ sequence's extra row costs half a token, at 8 sequences nine tenths, so speculat
 drafts long for a text it copies, short for one it paraphrases, and under load only
 for near-verbatim copies.  When no draft pays the sequence stops drafting for ``pause``
 generated tokens (doubling each time, up to ``MAX_PAUSE``), then probes with a
-``PROBE``-token draft: free text that repeats nothing costs almost no rows.
+``PROBE``-token draft: free text that repeats nothing costs almost no rows.  ``Adaptive``
+is this rule, whatever drafts: a draft model's drafts (``worker/draft_model.py``) follow
+it with the draft model's own time per token added to a draft token's cost.
 """
 from __future__ import annotations
 
@@ -67,11 +69,15 @@ def draft_length(p: float, cost: float, most: int) -> int:
     return min(most, int(math.log(cost) / math.log(p)))
 
 
-class Drafter:
-    """The n-gram drafts of one sequence (see the module docstring)."""
+class Adaptive:
+    """The adaptation of one sequence's drafts (see the module docstring), whatever
+    drafts them: ``extra_cost`` is what a draft token costs besides its row in the
+    target's batch, as a fraction of a target token's time (0 for n-gram lookup; a
+    draft model's own decoding for ``worker/draft_model.py``)."""
 
-    def __init__(self, tokens: list[int], max_draft: int) -> None:
+    def __init__(self, max_draft: int, extra_cost: float = 0.0) -> None:
         self.max_draft = max_draft
+        self.extra_cost = extra_cost
         self.kept = 0.0                     # draft tokens kept, decayed
         self.missed = 0.0                   # drafts cut short by a rejection, decayed
         self.probe = True                   # the next draft is a probe
@@ -79,10 +85,6 @@ class Drafter:
         self.paused = 0                     # generated tokens left before drafting again
         self.drafted = 0                    # draft tokens verified, in all
         self.accepted = 0                   # draft tokens kept, in all
-        self._tokens: list[int] = []
-        self._next: dict[tuple[int, ...], int] = {}   # n-gram -> where it last continued
-        for t in tokens:
-            self.push(t)
 
     @property
     def p(self) -> float:
@@ -91,36 +93,23 @@ class Drafter:
 
     def push(self, tok: int) -> None:
         """The sequence took ``tok`` (a prompt token, or a generated one)."""
-        toks = self._tokens
-        end = len(toks)                     # ``tok``'s index: the continuation of the
-        for n in range(N_MIN, N_MAX + 1):   # n-grams that end just before it
-            if end >= n:
-                self._next[tuple(toks[end - n:end])] = end
-        toks.append(tok)
         if self.paused:
             self.paused -= 1
             self.probe = not self.paused
 
-    def draft(self, limit: int, decoding: int = 1) -> list[int]:
-        """The tokens likely to follow the tokens so far that are worth verifying with
-        ``decoding`` sequences in the step, at most ``limit`` ([] if none)."""
+    def length(self, limit: int, decoding: int = 1) -> int:
+        """How many draft tokens are worth verifying with ``decoding`` sequences in the
+        step, at most ``limit`` (0: none; a pause may start)."""
         if self.paused or limit <= 0:
-            return []
+            return 0
         if self.probe:
             k = PROBE
         else:
-            k = draft_length(self.p, row_cost(decoding), self.max_draft)
+            k = draft_length(self.p, row_cost(decoding) + self.extra_cost, self.max_draft)
             if not k:
                 self.paused, self.pause = self.pause, min(MAX_PAUSE, 2 * self.pause)
-                return []
-        k = min(k, limit)
-        toks = self._tokens
-        for n in range(min(N_MAX, len(toks)), N_MIN - 1, -1):
-            at = self._next.get(tuple(toks[len(toks) - n:]))
-            if at is not None:       # past the end, the repeat goes on: period len - at
-                period = len(toks) - at
-                return [toks[at + i % period] for i in range(k)]
-        return []
+                return 0
+        return min(k, limit)
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A draft of ``drafted`` tokens was verified; its first ``accepted`` were kept."""
@@ -131,3 +120,38 @@ class Drafter:
         self.probe = False
         self.kept = DECAY * self.kept + accepted
         self.missed = DECAY * self.missed + (accepted < drafted)
+
+
+class Drafter(Adaptive):
+    """The n-gram drafts of one sequence (see the module docstring)."""
+
+    def __init__(self, tokens: list[int], max_draft: int) -> None:
+        super().__init__(max_draft)
+        self._tokens: list[int] = []
+        self._next: dict[tuple[int, ...], int] = {}   # n-gram -> where it last continued
+        for t in tokens:
+            self.push(t)
+
+    def push(self, tok: int) -> None:
+        toks = self._tokens
+        end = len(toks)                     # ``tok``'s index: the continuation of the
+        for n in range(N_MIN, N_MAX + 1):   # n-grams that end just before it
+            if end >= n:
+                self._next[tuple(toks[end - n:end])] = end
+        toks.append(tok)
+        super().push(tok)
+
+    def draft(self, limit: int, decoding: int = 1) -> list[int]:
+        """The tokens likely to follow the tokens so far that are worth verifying with
+        ``decoding`` sequences in the step, at most ``limit`` ([] if none)."""
+        return self.lookup(self.length(limit, decoding))
+
+    def lookup(self, k: int) -> list[int]:
+        """The up to ``k`` tokens that followed the longest n-gram ending the tokens."""
+        toks = self._tokens
+        for n in range(min(N_MAX, len(toks)), N_MIN - 1, -1) if k > 0 else ():
+            at = self._next.get(tuple(toks[len(toks) - n:]))
+            if at is not None:       # past the end, the repeat goes on: period len - at
+                period = len(toks) - at
+                return [toks[at + i % period] for i in range(k)]
+        return []
