@@ -187,9 +187,10 @@ def _pair_done(cl: Cluster, tag: str) -> Streams:
 
 
 def _pair_under(cl: Cluster, tag: str, command: str, wait_s: float) -> Streams:
-    """``_pair`` of 96 tokens; once both stream, ``llmctl COMMAND`` on the node, which must
-    succeed within ``wait_s``; returns when both streams have ended."""
-    s = _pair(cl, tag, 96)
+    """``_pair`` of 320 tokens (of a count to 500: no early end); once both stream,
+    ``llmctl COMMAND`` on the node, which must succeed within ``wait_s``; returns when both
+    streams have ended.  320 tokens outlast the command's start on a busy machine."""
+    s = _pair(cl, tag, 320)
     try:
         s.pump_until(lambda: all(s.results[i].pieces for i in (1, 2)), 120, "tokens on both")
         proc = subprocess.Popen([*cl.net.prefix, sys.executable, "-m", "llmctl.control",

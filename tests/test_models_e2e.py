@@ -216,7 +216,9 @@ def test_a_flood_on_one_model_is_overloaded_for_that_model_only(make_service):
 @integration
 def test_cli_models_load_unload_and_keep_alive(make_service):
     svc = two_models(make_service)
-    svc_cfg = svc.config.read_text().replace('name = "b"', 'name = "b"\nkeep_alive_s = 1.0')
+    # b's keep_alive_s is long enough for the two CLI calls between its load and the
+    # status read below on a busy machine, short enough to wait for once.
+    svc_cfg = svc.config.read_text().replace('name = "b"', 'name = "b"\nkeep_alive_s = 15.0')
     svc.config.write_text(svc_cfg)
     assert svc.start().returncode == 0
     r = svc.llmctl("models")
@@ -229,9 +231,9 @@ def test_cli_models_load_unload_and_keep_alive(make_service):
     assert rows["a"]["state"] == "unloaded" and rows["a"]["evictions"] == 1
     st = svc.status()
     assert {w["model"] for w in st["workers"]} == {"b"}
-    # keep_alive_s = 1: b, idle, unloads by itself
+    # keep_alive_s: b, idle, unloads by itself
     wait_until(lambda: {m["name"]: m["state"] for m in svc.status()["models"]}["b"]
-               == "unloaded", 30, "b to unload after keep_alive_s")
+               == "unloaded", 60, "b to unload after keep_alive_s")
     r = svc.llmctl("load", "zz")
     assert r.returncode == 1 and "no such model: zz" in r.stderr
     r = svc.llmctl("load", "a")

@@ -154,18 +154,20 @@ def test_bad_requests_keep_the_connection(svc):
 
 
 def test_duplicate_stream_and_too_many_streams(svc):
+    count = "Count from 1 to 500, one number per line:\n1\n2\n3\n"
     with svc.client() as c:
-        # Stream 1 stays open (long) until the refusals have come back.
-        c.generate(1, prompt="Tell me a long story.", max_tokens=1000)
-        for s in (2, 3, 4):
-            c.generate(s, prompt="Tell me a story.", max_tokens=8)
+        # Streams 1-4 are long answers, open until the refusals have come back (then
+        # cancelled): however slow this client is, four streams are open when 9 arrives.
+        for s in (1, 2, 3, 4):
+            c.generate(s, prompt=count, max_tokens=1000, temperature=0.0)
         c.generate(1, prompt="dup", max_tokens=8)       # stream 1 is open
         c.generate(9, prompt="fifth", max_tokens=8)     # max_streams = 4
         ends: dict[int, list[str]] = {}
         cancelled = False
         while sorted(ends) != [1, 2, 3, 4, 9] or len(ends[1]) < 2:
             if not cancelled and 9 in ends and ends.get(1) == ["bad_request"]:
-                c.send(p.cancel(1))
+                for s in (1, 2, 3, 4):
+                    c.send(p.cancel(s))
                 cancelled = True
             f = c.recv_frame()
             if f.type is FrameType.DONE:
