@@ -6,7 +6,10 @@ order:
 1. a starving request (the oldest first): one that has waited ``starvation_s`` for its
    first token, or a started one parked for three times that: nothing waits for ever,
    whatever arrives meanwhile (a started request parked in the round of time slices is
-   not starving: it has been served, and comes back by rule 4);
+   not starving: it has been served, and comes back by rule 4).  Starving requests take
+   at most half of the model's slots (at least one) at a time (``starving_room``): the
+   rest keep the order below, so a crowd of old requests (clients that never read, say)
+   cannot take every slot from the requests behind it;
 2. the tenant with the least tokens served lately, per unit of its share (``usage`` /
    ``share``, decayed with ``usage_half_life_s``): weighted fair queuing by tokens;
 3. within a tenant, the request's ``priority`` (lower first, vLLM's convention);
@@ -50,9 +53,16 @@ class Fairness:
         limit = self.cfg.starvation_s if s.pieces == 0 else 3 * self.cfg.starvation_s
         return now - s.t_wait >= limit
 
-    def key(self, s: "Stream", now: float) -> tuple:
-        """Waiting work's order: the smallest key goes first."""
-        if self.starving(s, now):
+    @staticmethod
+    def starving_room(slots: int, running: Iterable["Stream"]) -> int:
+        """How many more starving requests may go first: half the slots (at least one)
+        less those running because they starved."""
+        return max(1, slots // 2) - sum(1 for r in running if r.starved)
+
+    def key(self, s: "Stream", now: float, room: bool = True) -> tuple:
+        """Waiting work's order: the smallest key goes first (a starving request first
+        while there is ``room`` for one)."""
+        if room and self.starving(s, now):
             return (0, 0.0, 0, 0, 0, s.t_wait)
         return (1, self.usage(s.tenant), s.request.priority, s.pieces,
                 s.request.max_tokens - s.pieces, s.t_wait)
@@ -61,10 +71,10 @@ class Fairness:
         """How far ahead a running request is: the largest yields first."""
         return (self.usage(s.tenant), s.request.priority, s.pieces)
 
-    def deserves(self, w: "Stream", r: "Stream", now: float) -> bool:
+    def deserves(self, w: "Stream", r: "Stream", now: float, room: bool = True) -> bool:
         """Should running ``r`` yield its slot to waiting ``w``?"""
         q = self.cfg.quantum_tokens
-        if self.starving(w, now):               # a whole slice, then the starving one
+        if room and self.starving(w, now):      # a whole slice, then the starving one
             return r.pieces - r.slice_start >= q
         if w.tenant != r.tenant:
             return self.usage(r.tenant) - self.usage(w.tenant) >= q
@@ -80,16 +90,23 @@ class Fairness:
             and r.pieces - r.slice_start >= self.cfg.min_run_tokens
 
     def yields(self, waiting: Iterable["Stream"], running: Iterable["Stream"], free: int,
-               now: float) -> list["Stream"]:
-        """The running requests that yield to the waiting ones beyond ``free`` slots."""
+               now: float, room: int = 1 << 30) -> list["Stream"]:
+        """The running requests that yield to the waiting ones beyond ``free`` slots;
+        ``room`` starving ones may go first (``starving_room``)."""
         if not self.fair:
             return []
-        queue = sorted(waiting, key=lambda s: self.key(s, now))[free:]
+        running = list(running)
+        waiting = list(waiting)
+        starving = sorted((s for s in waiting if self.starving(s, now)),
+                          key=lambda s: s.t_wait)[:max(0, room)]
+        first = {id(s) for s in starving}
+        queue = sorted(waiting, key=lambda s: self.key(s, now, id(s) in first))[free:]
         candidates = sorted((r for r in running if self.can_yield(r)), key=self.ahead,
                             reverse=True)
         out = []
         for w in queue:
-            victim = next((r for r in candidates if self.deserves(w, r, now)), None)
+            victim = next((r for r in candidates
+                           if self.deserves(w, r, now, id(w) in first)), None)
             if victim is None:
                 continue
             candidates.remove(victim)

@@ -203,7 +203,9 @@ class Scheduler:
                         if not s.finished and s.rid in w.parked]
             if not waiting:
                 return out
-            s = min(waiting, key=lambda x: fair.key(x, now))
+            room = fair.starving_room(self.slots(), self.running()) > 0
+            s = min(waiting, key=lambda x: fair.key(x, now, room))
+            s.starved = room and fair.starving(s, now)
             if s.parked:
                 w = self.workers[s.worker or ""]
                 w.resumes.remove(s)
@@ -215,6 +217,13 @@ class Scheduler:
                 self.assign(w, s)
                 out.append((w, s, False))
             s.slice_start = s.pieces
+
+    def slots(self) -> int:
+        return sum(w.slots for w in self.workers.values())
+
+    def running(self) -> list[Stream]:
+        """Requests in a slot now."""
+        return [s for w in self.workers.values() for s in w.inflight.values()]
 
     def waiting(self) -> list[Stream]:
         """Requests waiting for a slot: queued, or parked and ready to resume."""
@@ -234,8 +243,9 @@ class Scheduler:
         free = sum(w.available for w in self.workers.values()) + yielding
         running = [s for w in self.workers.values() if not w.draining
                    for s in w.inflight.values()]
+        room = fair.starving_room(self.slots(), self.running())
         out = []
-        for s in fair.yields(waiting, running, free, now):
+        for s in fair.yields(waiting, running, free, now, room):
             s.park_sent = True
             s.yield_at = s.pieces
             out.append((self.workers[s.worker or ""], s))

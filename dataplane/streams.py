@@ -62,6 +62,7 @@ class Stream:
     t_wait: float = 0.0             # it waits for a slot since (admitted, or parked)
     slice_start: int = 0            # pieces when it last got a slot (fairness.py)
     yield_at: int = -1              # pieces when it was asked to yield its slot
+    starved: bool = False           # runs now because it starved (fairness.py's room)
     bill: Any = None                # its tenant's accounts (tenants.Tenant)
     # at its worker
     worker: str | None = None       # the worker holding it, while it holds it

@@ -126,6 +126,28 @@ def test_the_fair_scheduler_resumes_a_yielded_request_when_it_comes_first():
     assert s is long_ and resumed and not long_.parked and not long_.park_sent
 
 
+def test_starving_requests_take_at_most_half_the_slots():
+    """A crowd of old requests (clients that never read, say) starves all at once: half
+    the slots go to them, oldest first; the rest keep the fair order, so the fresh short
+    requests behind them are served at once, and nobody waits for ever."""
+    sched = Scheduler(20, fairness=fairness(starvation_s=10.0))
+    sched.add_worker(WorkerState("w0", slots=4))
+    old = [stream(0, max_tokens=1500, waited=20.0 + i) for i in range(6)]
+    fresh = [stream(0, max_tokens=64, waited=0.5) for _ in range(2)]
+    for s in [*old, *fresh]:
+        sched.admit(s)
+    got = [s for _, s, _ in sched.dispatch(NOW)]
+    assert len(got) == 4 and set(fresh) <= set(got)
+    assert [s for s in got if s in old] == [old[5], old[4]]     # the two oldest
+    assert [s.starved for s in got] == [s in old for s in got]
+    sched.complete("w0", fresh[0].rid)              # a fresh one ends: no room for a third
+    [(_, s, _)] = sched.dispatch(NOW)               # starving one: the fair order instead
+    assert s in old and not s.starved
+    sched.complete("w0", old[5].rid)                # a starved one ends: room again
+    [(_, s, _)] = sched.dispatch(NOW)
+    assert s in old and s.starved
+
+
 # ---- tenants ------------------------------------------------------------------------------
 
 def config(*tenants: TenantEntry, **scheduling) -> Config:
