@@ -1,6 +1,6 @@
 """What n-gram speculation can gain on a prompt set, and what a verification row costs here.
 
-    python -m llmctl.tools.spec_ceiling [--model M.gguf] [--prompts docs/prompts/grounded.jsonl]
+    python -m llmctl.worker.spec_ceiling [--model M.gguf] [--prompts docs/prompts/grounded.jsonl]
         [--max-tokens 128] [--drafts 2 4 8] [--threads 2] [--rows 9] [--json PATH]
 
 Two figures bound what ``speculative = "ngram"`` can do, apart from the engine around it:
@@ -107,7 +107,7 @@ def load_prompts(path: Path) -> list[list[dict[str, str]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmctl.tools.spec_ceiling",
+    ap = argparse.ArgumentParser(prog="python -m llmctl.worker.spec_ceiling",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct.Q4_1.gguf")
     ap.add_argument("--prompts", nargs="+", type=Path,
