@@ -17,7 +17,7 @@ from llmctl.common.request import GenRequest, as_request, validate
 from llmctl.worker.speculate import (FIRST_PAUSE, N_MAX, N_MIN, PROBE, Drafter,
                                      draft_length, row_cost)
 from tests.service import MODEL
-from tests.test_batching import PROMPTS, SYSTEM, assert_kv_consistent, drive
+from tests.test_batching import PROMPTS, assert_kv_consistent, drive
 
 
 def drafter(tokens: list[int], max_draft: int) -> Drafter:
@@ -221,18 +221,18 @@ def summary(evs: list) -> tuple[str, list, dict]:
     return "".join(ev.text for ev in evs), lps, done
 
 
-@pytest.mark.integration
-def test_speculation_changes_no_greedy_output(plain4, spec4):
-    """Grounded and free prompts on four slots, joining as slots free up; every third
-    request opts out (``speculative: false``) and is batched with drafting ones."""
+def compare_opting_out(plain, spec, what: str) -> tuple[int, int]:
+    """The prompt set on ``plain`` and on ``spec`` (every third request opting out with
+    ``speculative: false``, batched with drafting ones): the same text, tokens, logprobs,
+    lengths and ends; returns the draft tokens (verified, kept) over all requests."""
     reqs = requests()
-    want = drive_events(plain4, list(enumerate(reqs)))
-    got = drive_events(spec4, [(i, {**f, "speculative": False} if i % 3 == 2 else f)
-                               for i, f in enumerate(reqs)])
+    want = drive_events(plain, list(enumerate(reqs)))
+    got = drive_events(spec, [(i, {**f, "speculative": False} if i % 3 == 2 else f)
+                              for i, f in enumerate(reqs)])
     drafted = accepted = 0
     for i, f in enumerate(reqs):
         (text, lps, done), (text2, lps2, done2) = summary(want[i]), summary(got[i])
-        assert text2 == text, f"request {i} ({f}) differs with speculation"
+        assert text2 == text, f"request {i} ({f}) differs with {what}"
         assert [e["token"] for e in lps2] == [e["token"] for e in lps]
         assert [e["logprob"] for e in lps2] == pytest.approx([e["logprob"] for e in lps],
                                                              abs=1e-3)
@@ -244,9 +244,17 @@ def test_speculation_changes_no_greedy_output(plain4, spec4):
         assert done2.get("accepted", 0) <= done2.get("drafted", 0)
         drafted += done2.get("drafted", 0)
         accepted += done2.get("accepted", 0)
+    assert spec.free_slots == 4
+    assert_kv_consistent(spec)
+    return drafted, accepted
+
+
+@pytest.mark.integration
+def test_speculation_changes_no_greedy_output(plain4, spec4):
+    """Grounded and free prompts on four slots, joining as slots free up; every third
+    request opts out (``speculative: false``) and is batched with drafting ones."""
+    drafted, accepted = compare_opting_out(plain4, spec4, "speculation")
     assert accepted >= 0.3 * drafted > 0, (accepted, drafted)
-    assert spec4.free_slots == 4
-    assert_kv_consistent(spec4)
 
 
 @pytest.mark.integration
@@ -286,6 +294,20 @@ def test_a_draft_never_outruns_the_token_credit(spec4):
     assert msgspec.structs.asdict(done)["accepted"] > 0
 
 
+def on_and_off(s):
+    """One grounded request drafting and one with ``speculative: false`` on service ``s``
+    (started here): the same text, drafts in the first's DONE only; their DONEs."""
+    assert s.start().returncode == 0
+    fields = {**GROUNDED[0], "max_tokens": 24, "temperature": 0.0}
+    with s.client() as c:
+        on = c.complete(1, **fields)
+        off = c.complete(2, **fields, speculative=False)
+    assert on.text == off.text and on.done and off.done
+    assert 0 < on.done["accepted"] <= on.done["drafted"]
+    assert "drafted" not in off.done and "accepted" not in off.done
+    return on, off
+
+
 @pytest.mark.integration
 def test_a_service_with_speculation_reports_it(make_service):
     """``speculative = "ngram"`` on the model: a request drafts and says so in its DONE,
@@ -296,14 +318,7 @@ def test_a_service_with_speculation_reports_it(make_service):
     from prometheus_client.parser import text_string_to_metric_families
 
     s = make_service(model={"speculative": "ngram"})
-    assert s.start().returncode == 0
-    fields = {**GROUNDED[0], "max_tokens": 24, "temperature": 0.0}
-    with s.client() as c:
-        on = c.complete(1, **fields)
-        off = c.complete(2, **fields, speculative=False)
-    assert on.text == off.text and on.done and off.done
-    assert 0 < on.done["accepted"] <= on.done["drafted"]
-    assert "drafted" not in off.done and "accepted" not in off.done
+    on, off = on_and_off(s)
     text = urllib.request.urlopen(f"http://127.0.0.1:{s.http_port}/metrics", timeout=10).read()
     fams = {f.name: f for f in text_string_to_metric_families(text.decode())}
     value = {name: fams[name].samples[0].value for name in (

@@ -14,9 +14,9 @@ from llmctl.worker.draft_model import ModelDrafter, check_vocab
 from llmctl.worker.engine import ModelRefused
 from llmctl.worker.speculate import PROBE
 from tests.service import MODEL, MODEL_B
-from tests.test_batching import assert_kv_consistent, drive
-from tests.test_speculate import (FREE, GROUNDED, N_BATCH, N_CTX, drive_events, requests,
-                                  summary)
+from tests.test_batching import drive
+from tests.test_speculate import (FREE, GROUNDED, N_BATCH, N_CTX, compare_opting_out,
+                                  on_and_off, plain4)  # noqa: F401 (plain4: a fixture)
 
 TWO = ('[[models]]\nname = "big"\npath = "a.gguf"\nspeculative = "draft"\ndraft = "small"\n'
        'spec_max_draft = 6\n[[models]]\nname = "small"\npath = "b.gguf"\nn_gpu_layers = 0\n'
@@ -134,12 +134,6 @@ def eager(engine):
 
 
 @pytest.fixture(scope="module")
-def plain4():
-    from llmctl.worker.batch import BatchEngine
-    return BatchEngine(str(MODEL), N_CTX, 0, 1, N_BATCH, slots=4, prompt_cache=False)
-
-
-@pytest.fixture(scope="module")
 def draft4():
     from llmctl.worker.batch import BatchEngine
     assert MODEL_B.is_file(), "the Q8_0 model is missing: run `make setup`"
@@ -158,28 +152,9 @@ def assert_draft_kv_consistent(engine) -> None:
 def test_a_draft_model_changes_no_greedy_output(plain4, draft4):
     """Grounded and free prompts on four slots, with stop strings, a JSON schema and
     logprobs; every third request opts out and is batched with drafting ones."""
-    reqs = requests()
-    want = drive_events(plain4, list(enumerate(reqs)))
-    got = drive_events(draft4, [(i, {**f, "speculative": False} if i % 3 == 2 else f)
-                                for i, f in enumerate(reqs)])
-    drafted = accepted = 0
-    for i, f in enumerate(reqs):
-        (text, lps, done), (text2, lps2, done2) = summary(want[i]), summary(got[i])
-        assert text2 == text, f"request {i} ({f}) differs with the draft model"
-        assert [e["token"] for e in lps2] == [e["token"] for e in lps]
-        assert [e["logprob"] for e in lps2] == pytest.approx([e["logprob"] for e in lps],
-                                                             abs=1e-3)
-        for key in ("completion_tokens", "finish_reason"):
-            assert done2[key] == done[key], (i, key)
-        if i % 3 == 2:
-            assert done2.get("drafted", 0) == 0, "a request that opted out drafted"
-        assert done2.get("accepted", 0) <= done2.get("drafted", 0)
-        drafted += done2.get("drafted", 0)
-        accepted += done2.get("accepted", 0)
+    drafted, accepted = compare_opting_out(plain4, draft4, "the draft model")
     # two quantizations of one model agree on most tokens
     assert accepted >= 0.5 * drafted > 0, (accepted, drafted)
-    assert draft4.free_slots == 4
-    assert_kv_consistent(draft4)
     assert_draft_kv_consistent(draft4)
 
 
@@ -246,14 +221,7 @@ def test_a_service_with_a_draft_model_reports_it(make_service):
         {"name": "a", "path": str(MODEL), "speculative": "draft", "draft": "b", **common},
         {"name": "b", "path": str(MODEL_B), "load": "on_demand", **common}],
         workers={"prompt_cache_mib": 0})
-    assert s.start().returncode == 0
-    fields = {**GROUNDED[0], "max_tokens": 24, "temperature": 0.0}
-    with s.client() as c:
-        on = c.complete(1, **fields)
-        off = c.complete(2, **fields, speculative=False)
-    assert on.text == off.text and on.done and off.done
-    assert 0 < on.done["accepted"] <= on.done["drafted"]
-    assert "drafted" not in off.done
+    on_and_off(s)
 
 
 def test_the_memory_plan_counts_the_draft_in_each_worker_of_the_target(tmp_path):
