@@ -23,7 +23,9 @@ from llmctl.dataplane.http.openai_shapes import dumps
 log = logging.getLogger(__name__)
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
-TENANT_KEY = "llmctl.tenant"          # the request's tenant, set by the middleware
+# the request's tenant, set by the middleware (a typed key where aiohttp has them)
+TENANT_KEY: Any = web.RequestKey("tenant", str) if hasattr(web, "RequestKey") \
+    else "llmctl.tenant"
 
 
 def error_body(err: LlmctlError) -> dict[str, Any]:
