@@ -206,6 +206,16 @@ def running(s: Service) -> Iterator[Service]:
         s.stop()
 
 
+def http_service(n_ctx: int, **workers: Any) -> Iterator[Service]:
+    """A running service with its HTTP front, two slots and no deep probes (a fixture's
+    body: ``yield from``); ``workers`` adds to its [workers] section."""
+    s = Service(model={"n_ctx": n_ctx},
+                workers={"slots": 2, "probe_interval_s": 0.0, **workers},
+                http={"enabled": True, "port": free_port()})
+    with running(s):
+        yield s
+
+
 def openai_client(svc: Service, timeout: float) -> Iterator[Any]:
     """An ``openai.OpenAI`` client of ``svc`` (a fixture's body: ``yield from``); when the
     test is done, every request it made has ended."""

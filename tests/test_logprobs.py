@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.service import Service, free_port, openai_client, running
+from tests.service import http_service, openai_client
 
 integration = pytest.mark.integration
 MSGS = [{"role": "user", "content": "Name three rivers."}]
@@ -20,10 +20,7 @@ MSGS = [{"role": "user", "content": "Name three rivers."}]
 
 @pytest.fixture(scope="module")
 def svc():
-    s = Service(model={"n_ctx": 1024}, workers={"slots": 2, "probe_interval_s": 0.0},
-                http={"enabled": True, "port": free_port()})
-    with running(s):
-        yield s
+    yield from http_service(1024)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from llmctl.common.errors import BadRequest
 from llmctl.dataplane.http.response_store import ResponseStore
 from llmctl.dataplane.http.responses import to_request
 
-from tests.service import Service, free_port, openai_client, running
+from tests.service import http_service, openai_client
 
 integration = pytest.mark.integration
 WEATHER = {"type": "object", "properties": {
@@ -29,11 +29,7 @@ TOOLS = [{"type": "function", "name": "get_weather", "parameters": WEATHER,
 
 @pytest.fixture(scope="module")
 def svc():
-    s = Service(model={"n_ctx": 2048}, workers={"slots": 2, "probe_interval_s": 0.0,
-                         "liveness": 20},   # a prompt with tools: a long prefill on a busy host
-                http={"enabled": True, "port": free_port()})
-    with running(s):
-        yield s
+    yield from http_service(2048, liveness=20)   # a prompt with tools: a long prefill
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from llmctl.common.errors import BadRequest
 from llmctl.dataplane.http.tool_calls import MAX_CALLS, render_messages, tool_mode
 from llmctl.dataplane.http.tool_stream import Answer, Args, End, Start, Text, read_whole
 
-from tests.service import Service, free_port, openai_client, running
+from tests.service import http_service, openai_client
 
 integration = pytest.mark.integration
 WEATHER = {"type": "object", "properties": {
@@ -32,11 +32,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def svc():
-    s = Service(model={"n_ctx": 2048}, workers={"slots": 2, "probe_interval_s": 0.0,
-                         "liveness": 20},   # a prompt with tools: a long prefill on a busy host
-                http={"enabled": True, "port": free_port()})
-    with running(s):
-        yield s
+    yield from http_service(2048, liveness=20)   # a prompt with tools: a long prefill
 
 
 @pytest.fixture
