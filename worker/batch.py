@@ -50,7 +50,8 @@ from llmctl.worker.kv_params import context_kv_params
 from llmctl.worker.speculate import Adaptive, Drafter
 from llmctl.worker.draft_model import DraftModel
 from llmctl.worker.engine import (Event, ModelLoadError, Prompting, Sequence, chat_formatter,
-                           done_stats, model_props, prefill_chunk, token_logprobs)
+                                  done_stats, load_model, model_props, prefill_chunk,
+                                  token_logprobs)
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,7 @@ class BatchEngine(Prompting):
         fallback = offload_fallback(ll, n_gpu_layers)
         if fallback:
             log.warning("%s", fallback)
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-        try:
-            self._model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+        self._model = load_model(ll, path, n_gpu_layers, f"cannot load model {path}")
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx * slots
         cp.n_batch = cp.n_ubatch = max(n_batch, slots)   # a prefill chunk, or a token per slot

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from llmctl.worker.engine import ModelLoadError, ModelRefused
+from llmctl.worker.engine import ModelLoadError, ModelRefused, load_model
 from llmctl.worker.kvstore import common_prefix
 from llmctl.worker.speculate import Adaptive
 
@@ -83,12 +83,8 @@ class DraftModel:
 
         from llmctl.worker import threadpool
         self._ll = ll
-        mp = ll.llama_model_default_params()
-        mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
-        try:
-            self._model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"draft = {name!r}: cannot load {path}: {exc}") from exc
+        self._model = load_model(ll, path, n_gpu_layers,
+                                 f"draft = {name!r}: cannot load {path}")
         check_vocab(ll, name, target, self._model)
         cp = ll.llama_context_default_params()
         cp.n_ctx = n_ctx * slots

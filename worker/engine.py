@@ -80,6 +80,19 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+def load_model(ll: Any, path: str, n_gpu_layers: int, failure: str) -> Any:
+    """A GGUF's llama model with ``n_gpu_layers`` offloaded (-1: all); ModelLoadError
+    ``failure: why`` if llama.cpp cannot load it."""
+    from llama_cpp import _internals
+
+    mp = ll.llama_model_default_params()
+    mp.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers
+    try:
+        return _internals.LlamaModel(path_model=path, params=mp, verbose=False)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"{failure}: {exc}") from exc
+
+
 class ModelRefused(ModelLoadError):
     """The models load but do not go together as configured (a draft model of another
     vocabulary): loading them again cannot help."""
