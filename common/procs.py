@@ -65,6 +65,22 @@ def setup_child_logging(name: str, level: int = logging.INFO) -> None:
         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
 
 
+def terminate_popen(proc: Any, timeout: float) -> int:
+    """``terminate`` for a ``subprocess.Popen`` (tools and tests outside an event loop):
+    SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.  Returns the exit code."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d ignored SIGTERM for %.1fs: SIGKILL", proc.pid, timeout)
+        proc.kill()
+        return proc.wait()
+
+
 async def terminate(proc: asyncio.subprocess.Process, timeout: float) -> int:
     """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL.  Returns the exit code."""
     if proc.returncode is not None:

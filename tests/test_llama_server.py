@@ -19,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 
+from llmctl.common.procs import terminate_popen
 from tests.service import MODEL, Service, free_port, wait_until
 
 KEY = "sk-llama-test"
@@ -114,12 +115,7 @@ def _llama_server():
         assert proc.poll() is None, "llama-server exited"
         yield t
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate_popen(proc, 10)
 
 
 @pytest.fixture(scope="module", params=["llmctl", pytest.param("llama-server",

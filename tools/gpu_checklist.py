@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from llmctl.common.procs import terminate_popen
 from llmctl.tools.service_status import gateway_address, serving, status
 
 MODEL = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -297,12 +298,7 @@ def step_bench(model: str, server: str, out_dir: str) -> dict[str, Any]:
             return {"rc": r.returncode, "report": r.stdout[-4000:],
                     "json": json.loads(Path(path).read_text()) if r.returncode == 0 else None}
     finally:
-        srv.terminate()
-        try:
-            srv.wait(10)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        terminate_popen(srv, 10)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
