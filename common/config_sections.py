@@ -33,25 +33,36 @@ ON_BREACH: tuple[str, ...] = get_args(OnBreach)
 Speculation = Literal["off", "ngram", "draft"]
 
 
+# The keys a [model] section and a [[models]] entry share, typed and described once.
+GgufPath = Annotated[str, Meta(
+    description="GGUF file; relative paths are relative to the config file")]
+NCtx = Annotated[int, Meta(ge=64, le=1 << 20,
+                           description="context length of every sequence (tokens)")]
+NGpuLayers = Annotated[int, Meta(
+    ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")]
+CacheTypeK = Annotated[CacheType, Meta(
+    description="element type of the KV cache's keys (llama.cpp's -ctk): f16, bf16, f32, "
+                "or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (q8_0 halves the memory of f16)")]
+CacheTypeV = Annotated[CacheType, Meta(
+    description="element type of the KV cache's values (-ctv); a quantized type needs "
+                "flash_attn auto or on")]
+FlashAttnKey = Annotated[FlashAttn, Meta(
+    description="llama.cpp's flash attention: auto = on where the device supports it "
+                "(always with a quantized V cache), on, off")]
+Threads = Annotated[int, Meta(
+    ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")]
+SpecMaxDraft = Annotated[int, Meta(
+    ge=1, le=32, description="the most draft tokens a sequence verifies in one step")]
+
+
 class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    path: Annotated[str, Meta(
-        description="GGUF file; relative paths are relative to the config file")] \
-        = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    n_ctx: Annotated[int, Meta(ge=64, le=1 << 20,
-                               description="context length of every sequence (tokens)")] = 2048
-    n_gpu_layers: Annotated[int, Meta(
-        ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
-    cache_type_k: Annotated[CacheType, Meta(
-        description="element type of the KV cache's keys (llama.cpp's -ctk): f16, bf16, f32, "
-                    "or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (q8_0 halves the memory of f16)")] = "f16"
-    cache_type_v: Annotated[CacheType, Meta(
-        description="element type of the KV cache's values (-ctv); a quantized type needs "
-                    "flash_attn auto or on")] = "f16"
-    flash_attn: Annotated[FlashAttn, Meta(
-        description="llama.cpp's flash attention: auto = on where the device supports it "
-                    "(always with a quantized V cache), on, off")] = "auto"
-    threads: Annotated[int, Meta(
-        ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")] = 0
+    path: GgufPath = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    n_ctx: NCtx = 2048
+    n_gpu_layers: NGpuLayers = -1
+    cache_type_k: CacheTypeK = "f16"
+    cache_type_v: CacheTypeV = "f16"
+    flash_attn: FlashAttnKey = "auto"
+    threads: Threads = 0
     n_batch: Annotated[int, Meta(
         ge=1, le=8192,
         description="prefill chunk size (tokens); cancellation is checked between chunks. "
@@ -65,8 +76,7 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                     "in the step's one llama_decode; draft = a draft model drafts them (needs "
                     "[[models]]: see its `draft`); off = one token a step (a request's "
                     "`speculative: false` turns it off for that request)")] = "off"
-    spec_max_draft: Annotated[int, Meta(
-        ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8
+    spec_max_draft: SpecMaxDraft = 8
     engine: Annotated[Literal["llama", "synthetic"], Meta(
         description="llama = the GGUF through llama.cpp; synthetic = no model: tokens at "
                     "[synthetic]'s pace, for benchmarks and tests of the data plane")] = "llama"
@@ -346,26 +356,16 @@ class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
         min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
         description="the model's name: the `model` of a request (OpenAI's and GENERATE's); "
                     "the first entry is the default model")]
-    path: Annotated[str, Meta(
-        description="GGUF file; relative paths are relative to the config file")]
-    n_ctx: Annotated[int, Meta(ge=64, le=1 << 20,
-                               description="context length of every sequence (tokens)")] = 2048
-    n_gpu_layers: Annotated[int, Meta(
-        ge=-1, le=10_000, description="layers offloaded to the GPU; -1 = all, 0 = CPU")] = -1
-    cache_type_k: Annotated[CacheType, Meta(
-        description="element type of the KV cache's keys (llama.cpp's -ctk): f16, bf16, f32, "
-                    "or quantized q8_0, q5_1, q5_0, q4_1, q4_0 (q8_0 halves the memory of f16)")] = "f16"
-    cache_type_v: Annotated[CacheType, Meta(
-        description="element type of the KV cache's values (-ctv); a quantized type needs "
-                    "flash_attn auto or on")] = "f16"
-    flash_attn: Annotated[FlashAttn, Meta(
-        description="llama.cpp's flash attention: auto = on where the device supports it "
-                    "(always with a quantized V cache), on, off")] = "auto"
+    path: GgufPath
+    n_ctx: NCtx = 2048
+    n_gpu_layers: NGpuLayers = -1
+    cache_type_k: CacheTypeK = "f16"
+    cache_type_v: CacheTypeV = "f16"
+    flash_attn: FlashAttnKey = "auto"
     workers: Annotated[int, Meta(ge=1, le=64, description="worker processes of this model")] = 1
     slots: Annotated[int, Meta(
         ge=1, le=64, description="concurrent sequences per worker (= its dispatch credits)")] = 1
-    threads: Annotated[int, Meta(
-        ge=0, le=256, description="CPU threads per worker; 0 = cores / workers")] = 0
+    threads: Threads = 0
     load: Annotated[LoadPolicy, Meta(
         description="always = loaded at start and never evicted; on_demand = loaded by the "
                     "first request for it (or `llmctl load`), unloaded after keep_alive_s idle "
@@ -381,8 +381,7 @@ class ModelEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
                     "them, greedy, and the step's llama_decode verifies them alike; off = one "
                     "token a step (a request's `speculative: false` turns it off for that "
                     "request)")] = "off"
-    spec_max_draft: Annotated[int, Meta(
-        ge=1, le=32, description="the most draft tokens a sequence verifies in one step")] = 8
+    spec_max_draft: SpecMaxDraft = 8
     draft: Annotated[str, Meta(
         max_length=128,
         description="with speculative = \"draft\": the name of another [[models]] entry whose "
