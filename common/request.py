@@ -5,21 +5,35 @@ with ``validate`` (or builds one after checks of its own), with the server's gen
 defaults (``[generation]``) filled in for whatever the client left out; the gateway admits
 it, routes it on ``model`` and times it by ``deadline_ms``; the worker receives the same
 struct (msgspec JSON) and runs it.  Nothing is copied into another request type on the way.
+
+Structured output: a request may constrain its output in one of two ways (never both):
+OpenAI's ``response_format`` (``{"type": "text"}``: no constraint; ``{"type":
+"json_object"}``: any JSON object; ``{"type": "json_schema", "json_schema": {"name": ...,
+"schema": {...}}}``) or ``grammar``, a GBNF grammar (llama.cpp's format, root rule
+``root``).  The gateway checks their shapes and sizes here; it does not load llama.cpp, so
+the worker converts a schema and compiles a grammar (``worker/constrain.py``) before the
+request takes a slot, and a schema or grammar llama.cpp refuses is a ``bad_request``
+naming the problem.  What travels is ``grammar`` (GBNF text) or ``json_schema`` (the
+schema as canonical JSON text).  Logprobs: ``logprobs`` (a boolean) and ``top_logprobs``
+(0..20) as in OpenAI's chat API.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
 
 from llmctl.common.config import GenerationConfig
 from llmctl.common.errors import BadRequest, LlmctlError
-from llmctl.common.structured import constraint, logprobs_fields
 
 MAX_STOP = 16
 MAX_MESSAGES = 4096
 MAX_OUTPUT = 1 << 20        # max_tokens' upper bound (the worker caps it at the context)
 MAX_PRIORITY = 1000         # priority is in [-MAX_PRIORITY, MAX_PRIORITY], 0 by default
+MAX_GRAMMAR = 64 * 1024          # characters of GBNF or of a schema's JSON text
+MAX_TOP_LOGPROBS = 20
+ANY_OBJECT = {"type": "object"}  # json_object: the converter's generic JSON object
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -165,6 +179,72 @@ def _stop(v: Any) -> tuple[str, ...]:
     if not all(isinstance(s, str) and s for s in v):
         raise BadRequest("stop entries must be non-empty strings")
     return tuple(text_field(s, f"stop[{i}]") for i, s in enumerate(v))
+
+
+# ---- structured output and logprobs ---------------------------------------------------
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, sort_keys=False)
+
+
+def schema_text(schema: Any, where: str) -> str:
+    """A JSON schema as the text the worker converts; shape and size checked."""
+    if not isinstance(schema, dict):
+        raise BadRequest(f"{where} must be a JSON object (a JSON schema)")
+    text = text_field(_dumps(schema), where)
+    if len(text) > MAX_GRAMMAR:
+        raise BadRequest(f"{where} is {len(text)} characters; at most {MAX_GRAMMAR}")
+    return text
+
+
+def constraint(obj: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(grammar, json_schema text) of a request's ``response_format`` / ``grammar``."""
+    grammar = obj.get("grammar")
+    rf = obj.get("response_format")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise BadRequest("grammar must be a non-empty string (GBNF)")
+        if len(grammar) > MAX_GRAMMAR:
+            raise BadRequest(f"grammar is {len(grammar)} characters; at most {MAX_GRAMMAR}")
+        text_field(grammar, "grammar")
+    if rf is None:
+        return grammar, None
+    if not isinstance(rf, dict):
+        raise BadRequest("response_format must be an object")
+    kind = rf.get("type")
+    if kind == "text":
+        return grammar, None
+    if grammar is not None:
+        raise BadRequest("give either grammar or a JSON response_format, not both")
+    if kind == "json_object":
+        # llama-server and vLLM accept a schema here too; so do we.
+        schema = rf.get("schema")
+        return None, schema_text(ANY_OBJECT if schema is None else schema,
+                                 "response_format.schema")
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise BadRequest("response_format.json_schema must be an object with a 'schema'")
+        schema = js.get("schema")
+        if schema is None:
+            raise BadRequest("response_format.json_schema.schema is required")
+        return None, schema_text(schema, "response_format.json_schema.schema")
+    raise BadRequest(f"response_format.type must be text, json_object or json_schema, "
+                     f"got {kind!r}")
+
+
+def logprobs_fields(obj: dict[str, Any]) -> tuple[bool, int]:
+    """(logprobs?, top_logprobs) of a request (OpenAI chat semantics)."""
+    lp, top = obj.get("logprobs"), obj.get("top_logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise BadRequest("logprobs must be a boolean")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) \
+                or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise BadRequest(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if not lp:
+            raise BadRequest("top_logprobs needs logprobs: true")
+    return bool(lp), int(top or 0)
 
 
 def seed_field(obj: dict[str, Any]) -> int | None:

@@ -10,7 +10,7 @@ from llmctl.common.errors import BadRequest
 from llmctl.common import messages as m
 from llmctl.common.config import GenerationConfig
 from llmctl.common.request import validate
-from llmctl.common.structured import constraint, logprobs_fields
+from llmctl.common.request import constraint, logprobs_fields
 from llmctl.worker.constrain import grammar_text, strict_json_chars
 from llmctl.worker.engine import token_logprobs
 

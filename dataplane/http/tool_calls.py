@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.common.errors import BadRequest
-from llmctl.common.structured import schema_text
+from llmctl.common.request import schema_text
 
 NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_TOOLS = 128
