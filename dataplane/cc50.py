@@ -1,7 +1,7 @@
 """The CC50 front: the framing of the seed ``waqasm86/cuda-tcp-llama.cpp`` on the binary
 protocol's port, an adapter on the stream core (docs/protocol.md, "CC50").
 
-A connection whose first bytes are the CC50 magic (``listener.py``) speaks this framing
+A connection whose first bytes are the CC50 magic (``main.serve_binary``) speaks this framing
 to its end.  Each ``REQ_INFER`` is a prompt (a text completion) with ``max_tokens`` (0: the
 server's default) and ``credit_bytes`` (0: 256 KiB): its text goes out as ``RESP_CHUNK``s,
 each a whole UTF-8 piece, until the stream ends (``RESP_DONE``: the tokens that went out,
@@ -24,9 +24,8 @@ from llmctl.common.errors import (BadRequest, LlmctlError, ProtocolError, TooMan
 from llmctl.common.messages import Finished
 from llmctl.common.request import MAX_OUTPUT, GenRequest
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.streams import Channel, Stream
+from llmctl.dataplane.streams import Channel, Stream, hard_limit, limit_output
 from llmctl.dataplane.tenants import BINARY
-from llmctl.dataplane.transport import hard_limit, limit_output
 
 log = logging.getLogger(__name__)
 

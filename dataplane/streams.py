@@ -14,6 +14,7 @@ What happens between is here, once, for every dialect:
   credit back in batches of a quarter window, else credit waits until the connection
   drains. A stream whose client takes nothing is parked, then ended ``slow_client``
   (``clock.py``); a connection that leaves more than ``hard_limit`` bytes unread is closed.
+  Every front bounds its connections' output with ``limit_output`` when it opens them.
 * A stream without a channel (an answer collected in memory, or an SSE response not
   yet started) is taken at once: its credit comes back as its tokens are rendered.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Protocol
@@ -34,6 +36,35 @@ from llmctl.common.request import GenRequest
 log = logging.getLogger(__name__)
 
 _rids = itertools.count(1)
+
+# Linux: the kernel takes a write only while none of the bytes before it is waiting for
+# the peer's window (TCP_NOTSENT_LOWAT), so bytes a client does not read stay in this
+# process's buffer, where the token credit sees them, instead of megabytes of kernel
+# send buffer.
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+NOTSENT_LOWAT_BYTES = 1
+
+
+def limit_output(transport: asyncio.BaseTransport, limit: int) -> None:
+    """Bound what a client connection may hold: the kernel keeps only what the peer's
+    window takes, this process at most ``limit`` bytes of unsent frames.  ``drain()``
+    then waits until every byte has gone to the kernel (high = low = 0), which is
+    when a front gives token credit back."""
+    transport.set_write_buffer_limits(high=0, low=0)   # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+    except OSError as exc:       # not Linux, or not TCP: the write buffer still bounds it
+        log.debug("cannot limit the kernel's send buffer: %s", exc)
+
+
+def hard_limit(limit: int) -> int:
+    """Bytes a connection may leave unread before it is dropped: token frames stop at
+    the window, so only frames without credit (PONGs, errors) can pile up past this."""
+    return 4 * limit + 64 + 1024
 
 
 class Output(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from importlib.metadata import PackageNotFoundError, version as dist_version
 from typing import Any
 
 from llmctl.common import protocol as p
@@ -19,11 +20,18 @@ from llmctl.common.messages import Finished
 from llmctl.common.protocol import Frame, FrameType
 from llmctl.common.request import validate
 from llmctl.dataplane.gateway import Gateway
-from llmctl.dataplane.streams import Channel, Stream
+from llmctl.dataplane.streams import Channel, Stream, hard_limit, limit_output
 from llmctl.dataplane.tenants import BINARY
-from llmctl.dataplane.transport import hard_limit, limit_output, version
 
 log = logging.getLogger(__name__)
+
+
+def version() -> str:
+    """The server's version, as a WELCOME names it."""
+    try:
+        return dist_version("llmctl")
+    except PackageNotFoundError:
+        return "0"
 
 
 class _Closed(Exception):
@@ -76,7 +84,7 @@ class Connection:
         return p.decode_body(body)
 
     async def run(self, first: bytes = b"") -> None:
-        """Serve the connection; ``first``: its bytes already read (``listener.py``)."""
+        """Serve the connection; ``first``: its bytes already read (``main.serve_binary``)."""
         self.gw.counters.connections += 1
         try:
             await self._serve(first)

@@ -32,8 +32,7 @@ from llmctl.dataplane.http.base import TENANT_KEY
 from llmctl.dataplane.http.openai_shapes import dumps
 from llmctl.dataplane.tenants import DEFAULT
 from llmctl.dataplane.scheduler import Scheduler
-from llmctl.dataplane.streams import Channel, Stream
-from llmctl.dataplane.transport import hard_limit, limit_output
+from llmctl.dataplane.streams import Channel, Stream, hard_limit, limit_output
 
 log = logging.getLogger(__name__)
 
