@@ -3,9 +3,14 @@ wires the core (``gateway.py``) to its links and fronts:
 
 * ``link.WorkerRouter``: the ROUTER to the workers;
 * ``supervisor_link.SupervisorLink``: the DEALER to the supervisor (events, commands);
-* the fronts: ``listener`` (the binary port: the binary protocol, ``tcp``, and the seed's
-  CC50 framing, ``cc50``) and ``http`` (the HTTP dialects, when ``[http] enabled``) on one
-  aiohttp server that serves ``/metrics`` (``prom``) always.
+* the fronts: the binary port (``serve_binary``: the binary protocol, ``tcp``, and the
+  seed's CC50 framing, ``cc50``) and ``http`` (the HTTP dialects, when ``[http] enabled``)
+  on one aiohttp server that serves ``/metrics`` (``prom``) always.
+
+The binary port ([gateway] host:port) is one listener with a dialect per connection: a
+connection's first four bytes say which framing it speaks, the CC50 magic (the seed's
+``cc50_llm_client``) or else the length field of the binary protocol's HELLO.  A
+connection that sends nothing within ``[gateway] handshake_timeout_s`` is closed.
 """
 from __future__ import annotations
 
@@ -18,16 +23,43 @@ import sys
 import zmq.asyncio
 from aiohttp import web
 
+from llmctl.common import cc50
 from llmctl.common.config import Config
 from llmctl.common.procs import CONFIG_JSON_ENV, setup_child_logging
 from llmctl.dataplane import prom
-from llmctl.dataplane.listener import serve_binary
+from llmctl.dataplane.cc50 import Cc50Connection
 from llmctl.dataplane.http import app as http
 from llmctl.dataplane.gateway import Gateway
 from llmctl.dataplane.link import WorkerRouter
 from llmctl.dataplane.supervisor_link import SupervisorLink
+from llmctl.dataplane.tcp import Connection
 
 log = logging.getLogger(__name__)
+
+
+async def serve_binary(gw: Gateway) -> asyncio.AbstractServer:
+    cfg = gw.cfg.gateway
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            first = await asyncio.wait_for(reader.readexactly(4), cfg.handshake_timeout_s)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            log.info("%s: nothing within %.1fs: closing", writer.get_extra_info("peername"),
+                     cfg.handshake_timeout_s)
+            writer.close()
+            return
+        try:
+            if first == cc50.MAGIC_BYTES:
+                await Cc50Connection(gw, reader, writer).run(first)
+            else:
+                await Connection(gw, reader, writer).run(first)
+        except asyncio.CancelledError:      # the gateway stops with the client connected
+            writer.transport.abort()
+
+    server = await asyncio.start_server(handle, cfg.host, cfg.port, reuse_address=True)
+    log.info("binary protocol (and CC50) listening on %s",
+             ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in server.sockets))
+    return server
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:

@@ -177,7 +177,8 @@ def test_a_tcp_generate_passes_through_the_tcp_front_and_the_worker_loop(capsys)
         shutil.rmtree(short, ignore_errors=True)
     tcp = doc["kinds"]["tcp"]
     dp, worker = tcp["processes"]["dataplane"], tcp["processes"]["worker"]
-    assert "dataplane/tcp.py" in dp["request"] and "dataplane/listener.py" in dp["request"]
+    assert "dataplane/tcp.py" in dp["request"]
+    assert "serve_binary.<locals>.handle" in dp["new_functions"]["dataplane/main.py"]
     # The worker's loop runs idle too (heartbeats): its file is in both windows, and the
     # request calls functions of it that idle does not.
     assert "worker/main.py" in worker["raw"]
