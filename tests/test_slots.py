@@ -1,10 +1,10 @@
-"""The host-memory KV store's bookkeeping (worker/kvstore.py), without llama.cpp."""
+"""The KV slots' host-memory store and prefix arithmetic (worker/slots.py), without llama.cpp."""
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmctl.worker.kvstore import KVStore, common_prefix
+from llmctl.worker.slots import KVStore, common_prefix
 
 tokens = st.lists(st.integers(0, 3), max_size=40)
 

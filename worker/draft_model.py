@@ -33,7 +33,7 @@ import logging
 from typing import Any
 
 from llmctl.worker.engine import ModelLoadError, ModelRefused, load_model
-from llmctl.worker.kvstore import common_prefix
+from llmctl.worker.slots import common_prefix
 from llmctl.worker.speculate import Adaptive
 
 log = logging.getLogger(__name__)
