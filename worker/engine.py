@@ -227,6 +227,8 @@ def model_props(model: Any, metadata: dict[str, str], path: str) -> dict[str, An
 def make_grammar(req: GenRequest, vocab: Any) -> Any:
     """The request's compiled grammar (``constrain.Grammar``), or None if it is free.
     Raises BadRequest for a schema or grammar that does not convert or compile."""
+    if req.grammar is None and req.json_schema is None:
+        return None
     import llama_cpp
 
     from llmctl.worker.constrain import Grammar, grammar_sampler, grammar_text
