@@ -1,18 +1,17 @@
-"""End to end on the real model: llmctl start -> TCP -> gateway -> ZeroMQ -> workers."""
+"""The binary protocol's front (dataplane/tcp.py) on the real model, end to end through the
+gateway and two workers: the handshake, interleaved streams, stop strings and seeds,
+PING, bad requests, stream limits, a token, and a closed connection freeing its worker."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import struct
-import time
 
 import pytest
 
 from llmctl.common import protocol as p
 from llmctl.common.protocol import FrameType
-from tests.service import Service, pid_gone, port_is_free, wait_until
+from tests.service import Service, wait_until
 from llmctl.common.client import ServerError
 
 pytestmark = pytest.mark.integration
@@ -34,64 +33,6 @@ def expect_close_with_error(c, code: str) -> None:
     with pytest.raises(ConnectionError):
         c.recv_frame()
 
-
-# ---- lifecycle ---------------------------------------------------------------------------
-
-def test_start_status_stop_lifecycle(make_service):
-    s = make_service()
-    r = s.start()
-    assert r.returncode == 0, r.stderr
-    assert "started" in r.stdout
-    again = s.llmctl("start")
-    assert again.returncode == 0 and "already running" in again.stdout
-
-    st = s.status()
-    assert st["exit_code"] == 0 and st["running"] is True
-    pids = [st["pid"], st["gateway"]["pid"], *(w["pid"] for w in st["workers"])]
-    assert all(isinstance(x, int) and not pid_gone(x) for x in pids)
-    assert st["gateway"]["listening"] == [f"127.0.0.1:{s.port}"]
-    [w] = st["workers"]
-    assert w["id"] == "w0" and w["state"] == "ready" and w["inflight"] == 0
-    assert w["restarts"] == 0
-    table = s.llmctl("status")
-    assert table.returncode == 0 and "w0" in table.stdout and str(w["pid"]) in table.stdout
-
-    r = s.llmctl("stop")
-    assert r.returncode == 0 and "stopped" in r.stdout
-    for pid in pids:
-        assert pid_gone(pid), f"pid {pid} still alive after stop"
-    assert port_is_free(s.port)
-    assert not (s.dir / "run" / "supervisor.pid").exists()
-    assert not (s.dir / "run" / "control.sock").exists()
-    assert s.llmctl("status").returncode == 3
-    again = s.llmctl("stop")
-    assert again.returncode == 0 and "not running" in again.stdout
-
-
-def test_no_orphans_when_supervisor_is_killed(make_service):
-    s = make_service()
-    assert s.start().returncode == 0
-    st = s.status()
-    children = [st["gateway"]["pid"], *(w["pid"] for w in st["workers"])]
-    os.kill(st["pid"], signal.SIGKILL)
-    wait_until(lambda: all(pid_gone(x) for x in children), 5.0, "children to exit")
-
-
-def test_start_fails_clearly_when_the_model_does_not_load(make_service, tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"this is not a gguf file" * 100)
-    s = make_service(model={"path": str(bad)},
-                     control={"backoff_initial_s": 0.05, "backoff_max_s": 0.1, "max_restarts": 1,
-                              "start_timeout_s": 60.0})
-    r = s.start()
-    assert r.returncode != 0
-    assert "did not start" in r.stderr
-    assert "w0" in r.stderr and "cannot load model" in r.stderr   # the worker's own stderr
-    assert s.llmctl("status").returncode == 3                       # cleaned up
-    assert port_is_free(s.port)
-
-
-# ---- the wire protocol on the real model ---------------------------------------------------
 
 def test_welcome(svc):
     with svc.client(hello=False) as c:
@@ -205,11 +146,9 @@ def test_bad_input_is_refused_while_others_are_served(svc):
         with svc.client() as c:                 # a payload that does not parse
             c.send(p.encode_frame(FrameType.HELLO, 0, b"{}"))
             expect_close_with_error(c, "protocol")
-        with svc.client(hello=False, timeout=10) as c:   # no HELLO: disconnected
-            t0 = time.monotonic()
-            with pytest.raises(ConnectionError):
-                c.recv_frame()
-            assert time.monotonic() - t0 < 9
+        with svc.client(hello=False, timeout=30) as c:   # no HELLO: the server closes it
+            with pytest.raises(ConnectionError):         # (the client's timeout would be a
+                c.recv_frame()                           # TimeoutError)
 
         r = good.collect({1})[1]
         assert r.error is None and r.done["completion_tokens"] == 48
