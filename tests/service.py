@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmctl.common.sync_client import Client
+from llmctl.tools.service_status import free_port, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,12 +43,6 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,14 +51,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
 
 
 # What a server log must never hold: an exception escaped somewhere (a request made the
@@ -100,11 +87,7 @@ class Service:
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)
         self.config = self.dir / "config.toml"
-        self.config.write_text("".join(
-            f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) + "\n"
-            for name, values in base.items()) + "".join(
-            f"[[{array}]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in e.items()) + "\n"
-            for array, entries in (("models", models), ("tenants", tenants)) for e in entries))
+        self.config.write_text(toml_text({**base, "models": models, "tenants": tenants}))
         self.pids: set[int] = set()
 
     def llmctl(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

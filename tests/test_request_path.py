@@ -15,6 +15,7 @@ import pytest
 
 from llmctl.tools import call_trace, request_path
 from llmctl.tools.request_path_report import compare, report_json
+from llmctl.tools.service_status import toml_text
 from tests.service import LOG_PROBLEMS, MODEL, ROOT
 
 
@@ -125,7 +126,7 @@ def test_toml_text_reads_back_as_the_same_tree():
            "gateway": {"token": 'a "quoted" tøken\\', "uvloop": False, "park_after_s": 1.5},
            "tenants": [{"name": "a", "keys": ["k1", "k2"]}, {"name": "b", "weight": 2}],
            "scheduling": {"classes": {"x": 1}}}
-    assert tomllib.loads(request_path.toml_text(raw)) == raw
+    assert tomllib.loads(toml_text(raw)) == raw
 
 
 def test_a_given_config_keeps_its_settings_with_absolute_paths_and_free_ports(tmp_path):
@@ -147,7 +148,7 @@ def test_each_served_model_keeps_its_path_made_absolute(tmp_path):
     assert raw["models"] == [{"name": "a", "path": str(tmp_path / "a.gguf")},
                              {"name": "b", "path": "/abs/b.gguf", "load": "on_demand"}]
     assert "model" not in raw        # [model] path may not be given beside [[models]]
-    assert tomllib.loads(request_path.toml_text(raw))["models"] == raw["models"]
+    assert tomllib.loads(toml_text(raw))["models"] == raw["models"]
 
 
 # ---- the tool on synthetic workers ------------------------------------------------------

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmctl.common.procs import terminate_popen
-from llmctl.tools.service_status import gateway_address, serving, status
+from llmctl.tools.service_status import free_port, gateway_address, serving, status
 
 MODEL = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 RECALIBRATE_PCT = 10.0
@@ -270,12 +269,6 @@ def step_kv(model: str, out_dir: str) -> dict[str, Any]:
             "saved_mib": round(rows["f16"]["measured_mib"] - rows["q8_0"]["measured_mib"], 1),
             "kv_cache_measure": json.loads(Path(path).read_text()) if r.returncode == 0
             else r.stderr[-2000:]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_bench(model: str, server: str, out_dir: str) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from llmctl.common.config import ConfigError, load
 from llmctl.common.sync_client import Client
 from llmctl.tools import call_trace
 from llmctl.tools.request_path_report import Fn, compare, print_report, report_json
-from llmctl.tools.service_status import gateway_address, status
+from llmctl.tools.service_status import free_port, gateway_address, status, toml_text
 
 ROOT = Path(__file__).resolve().parent.parent      # common/, control/, ... are below it
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -126,41 +125,6 @@ KINDS: dict[str, tuple[str, Callable[[Target], None]]] = {
 
 
 # ---- the service's config ---------------------------------------------------------------
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    return v.isoformat()                        # TOML's dates and times
-
-
-def toml_text(raw: dict[str, Any]) -> str:
-    """A config tree (sections, arrays of tables such as ``[[models]]``) as TOML."""
-    out = []
-    for name, value in raw.items():
-        if isinstance(value, dict):
-            out.append(f"[{name}]\n" + "".join(f"{json.dumps(k)} = {_toml_value(v)}\n"
-                                               for k, v in value.items()))
-        elif isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
-            out.extend(f"[[{name}]]\n" + "".join(f"{json.dumps(k)} = {_toml_value(v)}\n"
-                                                 for k, v in e.items()) for e in value)
-        else:
-            out.insert(0, f"{json.dumps(name)} = {_toml_value(value)}\n")
-    return "\n".join(out)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def service_config(path: str | None, run_dir: Path) -> dict[str, Any]:
     """The tree of ``path`` (its relative paths made absolute) or the default model's,
