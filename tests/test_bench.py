@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from tests.service import ROOT
 from llmctl.common.client import now
-from llmctl.tools.bench import collector_paused, load_prompts
+from llmctl.common.prompts import load_prompts
+from llmctl.tools.bench import collector_paused
 from llmctl.tools.bench_load import Workload, closed_loop
 from llmctl.tools.bench_stats import RequestRecord, compare, percentile, summarize, wall_time
 

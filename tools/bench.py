@@ -41,7 +41,8 @@ from urllib.parse import urlsplit
 from llmctl.common.client import now
 from llmctl.tools.bare_llama import BareLlamaTarget
 from llmctl.tools.bench_engine import EngineTarget
-from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, load_prompts, open_loop
+from llmctl.common.prompts import load_prompts
+from llmctl.tools.bench_load import BUILTIN_PROMPTS, Workload, closed_loop, open_loop
 from llmctl.tools.bench_embed import run_embeddings
 from llmctl.tools.bench_fairness import non_readers, print_fairness, short_behind_long, tenants
 from llmctl.tools.bench_neighbours import print_neighbours, run_neighbours

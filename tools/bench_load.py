@@ -1,7 +1,7 @@
 """The workload of the load generator (tools/bench.py) and the two ways of offering it.
 
 * ``Workload``: request i is prompt i mod len(prompts) (the built-in ten, or a JSONL file
-  read by ``load_prompts``) with the run's generation settings.
+  read by ``common/prompts.py``) with the run's generation settings.
 * ``closed_loop``: N clients, each sending its next request when its last one ended.
 * ``open_loop``: Poisson arrivals at a rate, each sent at its time whatever is in flight.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import random
-from pathlib import Path
 from typing import Any, Callable
 
 from llmctl.common.client import now
@@ -36,35 +34,6 @@ BUILTIN_PROMPTS: list[dict[str, Any]] = [
 
 
 # ---- workload ------------------------------------------------------------------------------
-
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """JSONL: one ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}...]}`` a line.
-
-    Blank lines and lines starting with ``#`` are skipped; other keys are kept and sent.
-    """
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"{path}:{n}: not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        has_p, has_m = isinstance(obj.get("prompt"), str), obj.get("messages") is not None
-        if has_p == has_m:
-            raise ValueError(f"{path}:{n}: needs exactly one of a string \"prompt\" and \"messages\"")
-        if has_m and not (isinstance(obj["messages"], list) and obj["messages"] and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in obj["messages"])):
-            raise ValueError(f"{path}:{n}: messages must be a non-empty list of "
-                             "{\"role\": str, \"content\": str}")
-        out.append(obj)
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
-
 
 class Workload:
     """Request i of a point: prompt i mod len(prompts), with the run's generation settings."""

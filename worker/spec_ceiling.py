@@ -33,21 +33,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmctl.common.prompts import load_prompts
 from llmctl.worker.engine import chat_formatter
 from llmctl.worker.speculate import Drafter
 
 
-def answers(llm: Any, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """Each prompt's tokens (after the chat template) and its greedy answer's tokens."""
+def answers(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """Each prompt's tokens (chat messages after the chat template, as the worker renders
+    them) and its greedy answer's tokens."""
     import llama_cpp
 
     fmt = chat_formatter(llm._model, llm.metadata)
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     out = []
-    for messages in prompts:
-        rendered = fmt(messages=messages)
-        ptoks = llm.tokenize(rendered.prompt.encode("utf-8"),
-                             add_bos=not getattr(rendered, "added_special", False), special=True)
+    for p in prompts:
+        if p.get("messages") is None:
+            ptoks = llm.tokenize(p["prompt"].encode("utf-8"), add_bos=True, special=False)
+        else:
+            rendered = fmt(messages=p["messages"])
+            ptoks = llm.tokenize(rendered.prompt.encode("utf-8"),
+                                 add_bos=not getattr(rendered, "added_special", False),
+                                 special=True)
         toks: list[int] = []
         llm.reset()
         for t in llm.generate(ptoks, temp=0.0, top_k=1):
@@ -99,11 +105,6 @@ def line(ms: list[float]) -> tuple[float, float]:
     mx, my = statistics.fmean(xs), statistics.fmean(ms)
     per = sum((x - mx) * (y - my) for x, y in zip(xs, ms)) / sum((x - mx) ** 2 for x in xs)
     return my - per * mx, per
-
-
-def load_prompts(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(s)["messages"] for s in path.read_text().splitlines()
-            if s.strip() and not s.startswith("#")]
 
 
 def main(argv: list[str] | None = None) -> int:
