@@ -95,7 +95,6 @@ class Fairness:
         ``room`` starving ones may go first (``starving_room``)."""
         if not self.fair:
             return []
-        running = list(running)
         waiting = list(waiting)
         starving = sorted((s for s in waiting if self.starving(s, now)),
                           key=lambda s: s.t_wait)[:max(0, room)]

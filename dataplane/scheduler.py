@@ -237,13 +237,12 @@ class Scheduler:
         if fair is None or not fair.fair or not self.queue and not any(
                 w.resumes for w in self.workers.values()):
             return []
-        waiting = self.waiting()
-        yielding = sum(1 for w in self.workers.values() for s in w.inflight.values()
-                       if s.park_sent)
-        free = sum(w.available for w in self.workers.values()) + yielding
+        waiting, everyone = self.waiting(), self.running()
+        free = sum(w.available for w in self.workers.values()) + \
+            sum(1 for s in everyone if s.park_sent)
         running = [s for w in self.workers.values() if not w.draining
                    for s in w.inflight.values()]
-        room = fair.starving_room(self.slots(), self.running())
+        room = fair.starving_room(self.slots(), everyone)
         out = []
         for s in fair.yields(waiting, running, free, now, room):
             s.park_sent = True
