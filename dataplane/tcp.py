@@ -9,6 +9,7 @@ credit, slow clients).  A closed connection closes its streams.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from typing import Any
@@ -26,8 +27,9 @@ from llmctl.dataplane.tenants import BINARY
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def version() -> str:
-    """The server's version, as a WELCOME names it."""
+    """The server's version, as a WELCOME names it (read from the package's metadata once)."""
     try:
         return dist_version("llmctl")
     except PackageNotFoundError:
